@@ -1,0 +1,47 @@
+"""keras_mixer: MLP-Mixer (Tolstikhin et al. 2021) for Keras 3.
+
+    import keras_mixer
+    model = keras_mixer.MixerB16(classes=10)            # images in [0, 255], [B, 224, 224, 3]
+    features = keras_mixer.token_feature_model(model)   # every block's [B, S, C] tokens
+"""
+
+from keras_mixer.layers import DropPath, MixerBlock, MlpBlock, PatchStem
+from keras_mixer.models import (
+    VARIANTS,
+    MixerB16,
+    MixerB32,
+    MixerH14,
+    MixerL16,
+    MixerL32,
+    MixerS8,
+    MixerS16,
+    MixerS32,
+    MlpMixer,
+    create_model,
+    drop_path_schedule,
+    preprocess_input,
+    token_feature_model,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "VARIANTS",
+    "DropPath",
+    "MixerB16",
+    "MixerB32",
+    "MixerBlock",
+    "MixerH14",
+    "MixerL16",
+    "MixerL32",
+    "MixerS8",
+    "MixerS16",
+    "MixerS32",
+    "MlpBlock",
+    "MlpMixer",
+    "PatchStem",
+    "create_model",
+    "drop_path_schedule",
+    "preprocess_input",
+    "token_feature_model",
+]

@@ -1,0 +1,306 @@
+"""The Mixer's own Keras layers.
+
+Shapes use B batch, H x W image, P patch, S = HW / P^2 tokens, C channels (hidden width).
+Only `keras.layers` and `keras.ops` are used, so every layer runs on any Keras backend.
+
+Sub-layer names follow the official Flax parameter tree, so a variable's Keras path reads like the
+official checkpoint key: `MixerBlock_3/token_mixing/Dense_0/kernel`.
+"""
+
+import keras
+from keras import layers, ops
+
+GELU_FORMS = ("tanh", "exact")
+_REGISTER = keras.saving.register_keras_serializable(package="keras_mixer")
+
+
+def check_positive_int(name, value):
+    """Returns `value` as int, or raises ValueError naming it when it is not a positive integer."""
+    if isinstance(value, bool) or not isinstance(value, int) and not hasattr(value, "__index__"):
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if int(value) <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def check_rate(name, value):
+    """Returns `value` as float, or raises ValueError when it is not a probability in [0, 1)."""
+    try:
+        rate = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number in [0, 1), got {value!r}") from None
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+    return rate
+
+
+def check_gelu(value):
+    if value not in GELU_FORMS:
+        raise ValueError(f"gelu must be one of {GELU_FORMS}, got {value!r}")
+    return value
+
+
+def to_pair(name, value):
+    """An int or a pair of ints -> a (height, width) tuple of positive ints."""
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise ValueError(f"{name} must be an int or a (height, width) pair, got {value!r}")
+        return (check_positive_int(name, value[0]), check_positive_int(name, value[1]))
+    size = check_positive_int(name, value)
+    return (size, size)
+
+
+def float32_if_mixed(policy):
+    """The dtype for numerically sensitive layers (LayerNorm, pooling, head).
+
+    Under a mixed policy (`mixed_bfloat16`, `mixed_float16`) they run in float32, as is usual for
+    normalisation and logits; otherwise they follow `policy`.
+    """
+    policy = keras.dtype_policies.get(policy) if policy is not None else keras.config.dtype_policy()
+    if policy.compute_dtype != policy.variable_dtype:
+        return "float32"
+    return policy
+
+
+@_REGISTER
+class PatchStem(layers.Layer):
+    """Cuts the image into non-overlapping P x P patches and projects each to C channels.
+
+    A convolution with kernel = stride = patch, then the (H/P, W/P) grid flattened row-major into
+    tokens, exactly as the official `n h w c -> n (h w) c`.
+
+    Input: [B, H, W, channels] with H and W multiples of the patch. Output: [B, S, C].
+    The variables are `kernel` [Ph, Pw, channels, C] (HWIO, as Flax) and `bias` [C].
+    """
+
+    def __init__(self, hidden_dim, patch_size, kernel_initializer="lecun_normal", **kwargs):
+        super().__init__(**kwargs)
+        self.hidden_dim = check_positive_int("hidden_dim", hidden_dim)
+        self.patch_size = to_pair("patch_size", patch_size)
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+
+    def build(self, input_shape):
+        if len(input_shape) != 4:
+            raise ValueError(
+                f"{self.name} expects images [batch, height, width, channels], got shape {input_shape}"
+            )
+        _, height, width, channels = input_shape
+        check_image_size((height, width), self.patch_size)
+        if channels is None or channels <= 0:
+            raise ValueError(f"{self.name} needs a known positive channel count, got shape {input_shape}")
+        self.grid_size = (height // self.patch_size[0], width // self.patch_size[1])
+        self.kernel = self.add_weight(
+            name="kernel",
+            shape=(*self.patch_size, channels, self.hidden_dim),
+            initializer=self.kernel_initializer,
+        )
+        self.bias = self.add_weight(name="bias", shape=(self.hidden_dim,), initializer="zeros")
+        # A wrong channel count in a later call fails here, naming the expected and received value.
+        self.input_spec = layers.InputSpec(ndim=4, axes={1: height, 2: width, 3: channels})
+
+    def call(self, images):
+        patches = ops.conv(images, self.kernel, strides=self.patch_size, padding="valid")
+        patches = patches + self.bias
+        batch = ops.shape(patches)[0]
+        return ops.reshape(patches, (batch, self.grid_size[0] * self.grid_size[1], self.hidden_dim))
+
+    def compute_output_shape(self, input_shape):
+        _, height, width, _ = input_shape
+        return (input_shape[0], (height // self.patch_size[0]) * (width // self.patch_size[1]), self.hidden_dim)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            hidden_dim=self.hidden_dim,
+            patch_size=self.patch_size,
+            kernel_initializer=keras.initializers.serialize(self.kernel_initializer),
+        )
+        return config
+
+
+def check_image_size(image_size, patch_size):
+    """Raises ValueError unless both image sides are known multiples of the patch sides."""
+    for side, size, patch in zip(("height", "width"), image_size, patch_size):
+        if size is None:
+            raise ValueError(
+                f"The image {side} must be fixed (got None): the token-mixing weights depend on the "
+                f"number of patches. Give input_shape=(height, width, channels)."
+            )
+        if size <= 0 or size % patch:
+            lower, upper = max(patch, size // patch * patch), (size // patch + 1) * patch
+            raise ValueError(
+                f"Image {side} {size} is not a positive multiple of the patch size {patch}; "
+                f"the nearest valid {side}s are {lower} and {upper}."
+            )
+
+
+@_REGISTER
+class MlpBlock(layers.Layer):
+    """Dense(hidden_dim) -> GELU -> Dense(back to the input width), dropout after each stage.
+
+    Input: [..., D]. Output: [..., D]. Sub-layers `Dense_0` [D, hidden_dim] and `Dense_1`
+    [hidden_dim, D], named as the official code names them.
+
+    Args:
+        hidden_dim: width of the hidden layer (D_S for token mixing, D_C for channel mixing).
+        dropout_rate: dropout after the GELU and after `Dense_1` (0 in every paper recipe).
+        gelu: "tanh" (the approximation the official Flax weights were trained with) or "exact"
+            (the erf form timm uses).
+    """
+
+    def __init__(self, hidden_dim, dropout_rate=0.0, gelu="tanh", kernel_initializer="lecun_normal", **kwargs):
+        super().__init__(**kwargs)
+        self.hidden_dim = check_positive_int("hidden_dim", hidden_dim)
+        self.dropout_rate = check_rate("dropout_rate", dropout_rate)
+        self.gelu = check_gelu(gelu)
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.dense_0 = layers.Dense(
+            self.hidden_dim, kernel_initializer=self.kernel_initializer, dtype=self.dtype_policy, name="Dense_0"
+        )
+        self.dropout = layers.Dropout(self.dropout_rate, dtype=self.dtype_policy) if self.dropout_rate else None
+
+    def build(self, input_shape):
+        # The output width is the input width, known only now.
+        self.dense_1 = layers.Dense(
+            input_shape[-1], kernel_initializer=self.kernel_initializer, dtype=self.dtype_policy, name="Dense_1"
+        )
+        self.dense_0.build(input_shape)
+        self.dense_1.build((*input_shape[:-1], self.hidden_dim))
+
+    def call(self, inputs, training=None):
+        hidden = keras.activations.gelu(self.dense_0(inputs), approximate=self.gelu == "tanh")
+        if self.dropout is not None:
+            hidden = self.dropout(hidden, training=training)
+        outputs = self.dense_1(hidden)
+        if self.dropout is not None:
+            outputs = self.dropout(outputs, training=training)
+        return outputs
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            hidden_dim=self.hidden_dim,
+            dropout_rate=self.dropout_rate,
+            gelu=self.gelu,
+            kernel_initializer=keras.initializers.serialize(self.kernel_initializer),
+        )
+        return config
+
+
+@_REGISTER
+class DropPath(layers.Layer):
+    """Stochastic depth: drops a whole residual branch for some samples of the batch.
+
+    In training each sample keeps the branch with probability 1 - rate; kept branches are scaled by
+    1 / (1 - rate) so the expected output equals the inference output (big_vision and timm do the
+    same). At inference it is the identity.
+
+    Input: [B, ...]. Output: same shape; one mask value per sample, shared by all its elements.
+    """
+
+    def __init__(self, rate, seed=None, **kwargs):
+        super().__init__(**kwargs)
+        self.rate = check_rate("drop_path_rate", rate)
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed) if self.rate else None
+
+    def call(self, inputs, training=None):
+        if not training or not self.rate:
+            return inputs
+        keep = 1.0 - self.rate
+        mask_shape = (ops.shape(inputs)[0],) + (1,) * (len(inputs.shape) - 1)
+        noise = keras.random.uniform(mask_shape, dtype="float32", seed=self.seed_generator)
+        mask = ops.cast(noise < keep, inputs.dtype)
+        return inputs * mask / ops.cast(keep, inputs.dtype)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(rate=self.rate, seed=self.seed)
+        return config
+
+
+@_REGISTER
+class MixerBlock(layers.Layer):
+    """One Mixer layer: token mixing, then channel mixing, each a pre-norm residual branch.
+
+        x = x + DropPath(Permute(TokenMLP(Permute(LayerNorm_0(x)))))   # mixes across the S tokens
+        x = x + DropPath(ChannelMLP(LayerNorm_1(x)))                    # mixes across the C channels
+
+    Input and output: [B, S, C]. The token MLP's weights are [S, D_S] and [D_S, S], so a built block
+    is tied to one token count S (one input size).
+
+    Args:
+        tokens_mlp_dim: D_S, hidden width of the token MLP.
+        channels_mlp_dim: D_C, hidden width of the channel MLP.
+        dropout_rate: dropout inside both MLPs.
+        drop_path_rate: stochastic-depth drop probability of each residual branch of this block.
+        gelu: "tanh" or "exact"; see `MlpBlock`.
+    """
+
+    def __init__(
+        self,
+        tokens_mlp_dim,
+        channels_mlp_dim,
+        dropout_rate=0.0,
+        drop_path_rate=0.0,
+        gelu="tanh",
+        kernel_initializer="lecun_normal",
+        seed=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.tokens_mlp_dim = check_positive_int("tokens_mlp_dim", tokens_mlp_dim)
+        self.channels_mlp_dim = check_positive_int("channels_mlp_dim", channels_mlp_dim)
+        self.dropout_rate = check_rate("dropout_rate", dropout_rate)
+        self.drop_path_rate = check_rate("drop_path_rate", drop_path_rate)
+        self.gelu = check_gelu(gelu)
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.seed = seed
+        norm_dtype = float32_if_mixed(self.dtype_policy)
+        mlp_args = dict(dropout_rate=self.dropout_rate, gelu=self.gelu, kernel_initializer=self.kernel_initializer)
+        self.layer_norm_0 = layers.LayerNormalization(epsilon=1e-6, dtype=norm_dtype, name="LayerNorm_0")
+        self.token_mixing = MlpBlock(self.tokens_mlp_dim, dtype=self.dtype_policy, name="token_mixing", **mlp_args)
+        self.layer_norm_1 = layers.LayerNormalization(epsilon=1e-6, dtype=norm_dtype, name="LayerNorm_1")
+        self.channel_mixing = MlpBlock(
+            self.channels_mlp_dim, dtype=self.dtype_policy, name="channel_mixing", **mlp_args
+        )
+        # [B, S, C] <-> [B, C, S]: the token MLP's Dense layers act on the last axis.
+        self.transpose = layers.Permute((2, 1), dtype=self.dtype_policy, name="transpose")
+        self.drop_path = DropPath(self.drop_path_rate, seed=seed, dtype=self.dtype_policy, name="drop_path")
+
+    def build(self, input_shape):
+        if len(input_shape) != 3:
+            raise ValueError(f"{self.name} expects tokens [batch, tokens, channels], got shape {input_shape}")
+        batch, tokens, channels = input_shape
+        self.layer_norm_0.build(input_shape)
+        self.token_mixing.build((batch, channels, tokens))
+        self.layer_norm_1.build(input_shape)
+        self.channel_mixing.build(input_shape)
+
+    def call(self, tokens, training=None):
+        mixed = self.transpose(self.token_mixing(self.transpose(self.layer_norm_0(tokens)), training=training))
+        tokens = tokens + ops.cast(self.drop_path(mixed, training=training), tokens.dtype)
+        mixed = self.channel_mixing(self.layer_norm_1(tokens), training=training)
+        return tokens + ops.cast(self.drop_path(mixed, training=training), tokens.dtype)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            tokens_mlp_dim=self.tokens_mlp_dim,
+            channels_mlp_dim=self.channels_mlp_dim,
+            dropout_rate=self.dropout_rate,
+            drop_path_rate=self.drop_path_rate,
+            gelu=self.gelu,
+            kernel_initializer=keras.initializers.serialize(self.kernel_initializer),
+            seed=self.seed,
+        )
+        return config

@@ -1,0 +1,31 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="keras_mixer",
+    version="0.1.0",
+    description="MLP-Mixer (Tolstikhin et al. 2021) for Keras 3 and TensorFlow",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["keras_mixer", "keras_mixer.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "tensorflow>=2.21,<2.22",
+        "keras>=3.8,<4",
+        "tensorflow-datasets>=4.9",
+        "absl-py>=2.0",
+        "numpy>=1.26",
+        "scikit-learn>=1.3",  # the embedded digits data set of the main job
+    ],
+    extras_require={
+        # Peers used only by tests and benchmarks: timm (PyTorch) and Flax/JAX models to compare against.
+        "test": [
+            "pytest>=8",
+            "torch==2.14.1",
+            "torchvision==0.29.1",
+            "timm>=1.0",
+            "jax>=0.4.30",
+            "flax>=0.10",
+            "safetensors>=0.4",
+        ],
+    },
+)

@@ -1,0 +1,43 @@
+"""Shared test helpers: tiny Mixer configs so the suite stays fast on 2 CPU cores."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+import keras_mixer  # noqa: E402
+
+# patch 4 on 16x16 images: a 4x4 grid of S=16 tokens, C=24, D_S=12, D_C=48.
+TINY = dict(patch_size=4, hidden_dim=24, num_blocks=2, tokens_mlp_dim=12, channels_mlp_dim=48)
+
+
+def tiny_mixer(**kwargs):
+    kwargs.setdefault("input_shape", (16, 16, 3))
+    kwargs.setdefault("classes", 7)
+    kwargs.setdefault("classifier_activation", None)
+    return keras_mixer.MlpMixer(**{**TINY, **kwargs})
+
+
+def randomize(model, seed=0):
+    """Random weights everywhere, including the zero-initialised head and biases.
+
+    With the official zero head every logit is the bias, so comparisons of logits would be vacuous.
+    """
+    rng = np.random.default_rng(seed)
+    model.set_weights([rng.normal(0, 0.2, w.shape).astype(w.dtype) for w in model.get_weights()])
+    return model
+
+
+@pytest.fixture
+def images():
+    return np.random.default_rng(1).uniform(0, 255, (3, 16, 16, 3)).astype("float32")
+
+
+@pytest.fixture(autouse=True)
+def _float32_policy():
+    # A test that sets a mixed policy must not leak it into the next one.
+    yield
+    keras.config.set_dtype_policy("float32")

@@ -15,6 +15,7 @@ setup(
         "absl-py>=2.0",
         "numpy>=1.26",
         "scikit-learn>=1.3",  # the embedded digits data set of the main job
+        "safetensors>=0.4",  # timm checkpoints
     ],
     extras_require={
         # Peers used only by tests and benchmarks: timm (PyTorch) and Flax/JAX models to compare against.
@@ -25,7 +26,6 @@ setup(
             "timm>=1.0",
             "jax>=0.4.30",
             "flax>=0.10",
-            "safetensors>=0.4",
         ],
     },
 )

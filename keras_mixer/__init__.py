@@ -5,6 +5,7 @@
     features = keras_mixer.token_feature_model(model)   # every block's [B, S, C] tokens
 """
 
+from keras_mixer.checkpoints import CheckpointError
 from keras_mixer.layers import DropPath, MixerBlock, MlpBlock, PatchStem
 from keras_mixer.models import (
     VARIANTS,
@@ -22,11 +23,15 @@ from keras_mixer.models import (
     preprocess_input,
     token_feature_model,
 )
+from keras_mixer.presets import PRESETS
+from keras_mixer.weights import load_weights, save_npz, save_timm
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "PRESETS",
     "VARIANTS",
+    "CheckpointError",
     "DropPath",
     "MixerB16",
     "MixerB32",
@@ -41,7 +46,10 @@ __all__ = [
     "MlpMixer",
     "PatchStem",
     "create_model",
+    "load_weights",
     "drop_path_schedule",
     "preprocess_input",
+    "save_npz",
+    "save_timm",
     "token_feature_model",
 ]

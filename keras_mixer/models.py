@@ -20,6 +20,8 @@ from keras_mixer.layers import (
     float32_if_mixed,
     to_pair,
 )
+from keras_mixer.presets import fetch_preset, is_preset_name, preset_url
+from keras_mixer.weights import Checkpoint, load_weights
 
 # Table 1 of the paper (S/8 from the released gsam checkpoints). D_S = C/2 and D_C = 4C throughout.
 VARIANTS = {
@@ -77,14 +79,33 @@ def _image_input(input_tensor, input_shape):
     return input_tensor, shape
 
 
-def _load_weights_file(model, weights):
-    """Loads a Keras weights file into `model` (the weights module extends this to other formats)."""
+def variant_of(patch_size, hidden_dim, num_blocks, tokens_mlp_dim, channels_mlp_dim):
+    """The VARIANTS name ("B/16") of an architecture, or None for a custom one."""
+    config = dict(
+        patch_size=to_pair("patch_size", patch_size),
+        hidden_dim=hidden_dim,
+        num_blocks=num_blocks,
+        tokens_mlp_dim=tokens_mlp_dim,
+        channels_mlp_dim=channels_mlp_dim,
+    )
+    for name, variant in VARIANTS.items():
+        if {**variant, "patch_size": to_pair("patch_size", variant["patch_size"])} == config:
+            return name
+    return None
+
+
+def _open_weights(weights, variant):
+    """`weights` (a path or a preset name) -> a `Checkpoint` read into memory."""
+    if isinstance(weights, Checkpoint):
+        return weights
+    if is_preset_name(weights) and not os.path.exists(weights):
+        return Checkpoint(fetch_preset(weights, variant))
     path = os.fspath(weights)
     if not os.path.exists(path):
+        if os.sep not in path and "." not in path:
+            preset_url(path, variant)  # raises, listing the presets
         raise FileNotFoundError(f"weights file {path!r} does not exist")
-    if not path.endswith((".keras", ".weights.h5")):
-        raise ValueError(f"weights must be None or a path to a '.keras' or '.weights.h5' file, got {path!r}")
-    model.load_weights(path)
+    return Checkpoint(path)
 
 
 def MlpMixer(
@@ -98,7 +119,7 @@ def MlpMixer(
     input_tensor=None,
     input_shape=None,
     pooling=None,
-    classes=1000,
+    classes=None,
     classifier_activation="softmax",
     name="mlp_mixer",
     include_preprocessing=True,
@@ -114,17 +135,22 @@ def MlpMixer(
         hidden_dim: C, the token width. num_blocks: N, the number of Mixer blocks.
         tokens_mlp_dim: D_S. channels_mlp_dim: D_C.
         include_top: end with the classification head ([B, classes]).
-        weights: None (random init) or a path to a weights file.
+        weights: None (random init), a preset name ("imagenet1k", "imagenet21k", "sam", "gsam";
+            see `keras_mixer.presets`) or a path to an official `.npz`, a timm `.pth` /
+            `.safetensors`, a `.keras` or a `.weights.h5` file (told apart by content).
         input_tensor: optional Keras tensor (or tensor) to use as the image input.
         input_shape: (H, W, channels), default (224, 224, 3); any H, W that are multiples of P.
         pooling: only with `include_top=False`: None gives the token sequence [B, S, C] after the
             pre-head LayerNorm, "avg" the mean over tokens [B, C], "max" the maximum [B, C].
-        classes: head width. classifier_activation: head activation (None for logits).
+        classes: head width; default the checkpoint's class count when `weights` has a head, else
+            1000. A count different from the checkpoint's gives a fresh zero head (logged).
+        classifier_activation: head activation (None for logits).
         include_preprocessing: inputs are pixels in [0, 255], scaled to [-1, 1] inside the model.
             False: inputs must already be in [-1, 1] (see `preprocess_input`).
         dropout_rate: dropout inside every MLP.
         drop_path_rate: stochastic depth of the last block; block i gets i / (N - 1) of it.
-        gelu: "tanh" (approximation, matches official weights; the default) or "exact" (timm).
+        gelu: "tanh" (approximation, the official weights') or "exact" (timm's). Default: the
+            form the `weights` were trained with, else "tanh".
         seed: seed for dropout and stochastic-depth masks.
 
     Returns:
@@ -136,7 +162,8 @@ def MlpMixer(
     num_blocks = check_positive_int("num_blocks", num_blocks)
     dropout_rate = check_rate("dropout_rate", dropout_rate)
     drop_path_rate = check_rate("drop_path_rate", drop_path_rate)
-    gelu = check_gelu("tanh" if gelu is None else gelu)
+    if gelu is not None:
+        check_gelu(gelu)
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
     if include_top and pooling is not None:
@@ -144,10 +171,16 @@ def MlpMixer(
             f"pooling={pooling!r} applies only with include_top=False; with include_top=True the "
             f"model always averages over tokens before the head."
         )
+    checkpoint = None
+    if weights is not None:
+        variant = variant_of(patch, hidden_dim, num_blocks, tokens_mlp_dim, channels_mlp_dim)
+        checkpoint = _open_weights(weights, variant)
+        # The GELU form and class count the weights were trained with, unless the caller says.
+        gelu = check_gelu(gelu or checkpoint.gelu or "tanh")
+        classes = checkpoint.classes if classes is None else classes
+    classes = 1000 if classes is None else classes
     if include_top:
         classes = check_positive_int("classes", classes)
-    if weights is not None and not os.path.exists(os.fspath(weights)):
-        raise FileNotFoundError(f"weights file {os.fspath(weights)!r} does not exist")
 
     images, shape = _image_input(input_tensor, input_shape)
     # Fails early, naming the size and the valid neighbours, before any layer is built.
@@ -163,7 +196,7 @@ def MlpMixer(
             channels_mlp_dim,
             dropout_rate=dropout_rate,
             drop_path_rate=rate,
-            gelu=gelu,
+            gelu=gelu or "tanh",
             seed=None if seed is None else seed + i,
             name=f"MixerBlock_{i}",
         )(x)
@@ -181,14 +214,18 @@ def MlpMixer(
 
     inputs = keras.utils.get_source_inputs(images) if input_tensor is not None else [images]
     model = keras.Model(_unwrap_single(inputs), x, name=name)
-    if weights is not None:
-        _load_weights_file(model, weights)
+    if checkpoint is not None:
+        load_weights(model, checkpoint)
     return model
+
+
+def _default_name(variant):
+    return "mixer_" + variant.replace("/", "").lower()  # "B/16" -> "mixer_b16"
 
 
 def _variant_constructor(variant, func_name):
     config = VARIANTS[variant]
-    default_name = "mixer_" + variant.replace("/", "").lower()
+    default_name = _default_name(variant)
 
     def constructor(
         include_top=True,
@@ -196,7 +233,7 @@ def _variant_constructor(variant, func_name):
         input_tensor=None,
         input_shape=None,
         pooling=None,
-        classes=1000,
+        classes=None,
         classifier_activation="softmax",
         name=default_name,
         **kwargs,
@@ -238,7 +275,7 @@ def create_model(variant, **kwargs):
     """Builds a named variant ("B/16", ...) with `MlpMixer` keyword arguments."""
     if variant not in VARIANTS:
         raise ValueError(f"Unknown Mixer variant {variant!r}; valid: {', '.join(VARIANTS)}")
-    kwargs.setdefault("name", "mixer_" + variant.replace("/", "").lower())
+    kwargs.setdefault("name", _default_name(variant))
     return MlpMixer(**VARIANTS[variant], **kwargs)
 
 

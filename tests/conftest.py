@@ -4,6 +4,14 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+try:
+    # The peers must be imported before TensorFlow: torchvision (timm imports it) segfaults when
+    # loaded into a process that already holds TensorFlow 2.21 (measured here).
+    import timm  # noqa: F401
+    import torch  # noqa: F401
+except ImportError:
+    pass
+
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

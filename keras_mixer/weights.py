@@ -1,0 +1,204 @@
+"""Loading any Mixer checkpoint into a Keras Mixer, and writing one out, all-or-nothing.
+
+Keras variable paths already follow the official tree (`MixerBlock_0/token_mixing/Dense_0/kernel`);
+only LayerNorm leaves differ (Keras `gamma`/`beta`, Flax `scale`/`bias`). So the mapping is a rename.
+"""
+
+import json
+import logging
+import os
+import zipfile
+
+import keras
+import numpy as np
+
+from keras_mixer import checkpoints
+from keras_mixer.checkpoints import CheckpointError
+
+log = logging.getLogger("keras_mixer")
+
+_LEAVES = {"kernel": "kernel", "bias": "bias", "gamma": "scale", "beta": "bias"}
+HEAD_KEYS = ("head/kernel", "head/bias")
+
+
+def _official_key(variable):
+    scope, _, leaf = variable.path.rpartition("/")
+    return f"{scope}/{_LEAVES[leaf]}"
+
+
+def mixer_variables(model):
+    """{official key: Keras variable} for every weight of a Mixer (not RNG states)."""
+    return {_official_key(v): v for v in model.weights if v.path.rpartition("/")[2] in _LEAVES}
+
+
+def model_params(model):
+    """The model's weights as {official key: NumPy array} (the canonical checkpoint form)."""
+    return {key: keras.ops.convert_to_numpy(v) for key, v in mixer_variables(model).items()}
+
+
+def save_npz(model, path):
+    """Writes the model in the official .npz layout (loadable by the official code), atomically."""
+    checkpoints.write_npz(model_params(model), path)
+
+
+def save_timm(model, path):
+    """Writes the model as a timm state_dict in a .safetensors file, atomically."""
+    checkpoints.write_timm_safetensors(model_params(model), path)
+
+
+class Checkpoint:
+    """A checkpoint file read into memory: its format, GELU form, class count and weights."""
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+        self.format = checkpoints.detect_format(self.path)
+        self.gelu = checkpoints.SOURCE_GELU.get(self.format)
+        self.params = None
+        if self.format == checkpoints.KERAS:
+            self.gelu = _keras_archive_gelu(self.path)
+        elif self.format != checkpoints.KERAS_H5:
+            self.format, self.params = checkpoints.read_arrays(self.path, self.format)
+
+    @property
+    def classes(self):
+        """The head's class count, or None when unknown before loading (Keras files) or headless."""
+        if self.params is not None and "head/bias" in self.params:
+            return int(self.params["head/bias"].shape[0])
+        return None
+
+    def token_count(self):
+        """S of the first block's token MLP, or None when unknown."""
+        kernel = (self.params or {}).get("MixerBlock_0/token_mixing/Dense_0/kernel")
+        return None if kernel is None else int(kernel.shape[0])
+
+    def arrays_for(self, model):
+        """{official key: array}; Keras files are read through Keras into a twin of `model`."""
+        if self.params is not None:
+            return self.params
+        if self.format == checkpoints.KERAS:
+            source = keras.saving.load_model(self.path, safe_mode=True, compile=False)
+        else:
+            # A bare weights file has no architecture: Keras' own rule, it must fit the model's.
+            source = keras.Model.from_config(model.get_config())
+            try:
+                source.load_weights(self.path)
+            except Exception as e:
+                raise CheckpointError(f"{self.path!r} does not fit model {model.name!r}: {e}") from None
+        return model_params(source)
+
+
+def _keras_archive_gelu(path):
+    """The GELU form recorded in a .keras archive's config, or None."""
+    with zipfile.ZipFile(path) as archive:
+        config = json.loads(archive.read("config.json"))
+    found = []
+
+    def walk(node):
+        if isinstance(node, dict):
+            if node.get("class_name") == "MixerBlock" and "gelu" in node.get("config", {}):
+                found.append(node["config"]["gelu"])
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(config)
+    return found[0] if found else None
+
+
+def model_gelu(model):
+    forms = {layer.gelu for layer in model.layers if hasattr(layer, "gelu")}
+    return forms.pop() if len(forms) == 1 else None
+
+
+def _head_policy(params, targets, path):
+    """Drops or keeps the checkpoint's head to fit the model; returns (params, heads to zero)."""
+    ckpt_head = [k for k in HEAD_KEYS if k in params]
+    model_head = [k for k in HEAD_KEYS if k in targets]
+    if not model_head:
+        if ckpt_head:
+            log.info("%s: head not loaded (model has include_top=False)", path)
+        return {k: v for k, v in params.items() if k not in HEAD_KEYS}, []
+    if ckpt_head and params["head/kernel"].shape == tuple(targets["head/kernel"].shape):
+        return params, []
+    if ckpt_head:
+        ckpt_classes = params["head/bias"].shape[0]
+        log.warning(
+            "%s: checkpoint head has %d classes, model has %d: head reset to zeros (fine-tuning init)",
+            path, ckpt_classes, targets["head/bias"].shape[0],
+        )
+    else:
+        log.warning("%s: checkpoint has no head: model head reset to zeros", path)
+    return {k: v for k, v in params.items() if k not in HEAD_KEYS}, model_head
+
+
+def _list(keys, limit=8):
+    keys = sorted(keys)
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def _check_fit(params, targets, path):
+    """Raises CheckpointError naming every missing/unexpected key or the first shape mismatch."""
+    missing = set(targets) - set(params)
+    unexpected = set(params) - set(targets)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys ({len(missing)}): {_list(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys ({len(unexpected)}): {_list(unexpected)}")
+        raise CheckpointError(f"{path!r} does not fit the model: " + "; ".join(parts))
+    for key, variable in targets.items():
+        have, want = tuple(params[key].shape), tuple(variable.shape)
+        if have != want:
+            message = f"{path!r}: shape mismatch for {key!r}: checkpoint {have}, model {want}"
+            if "token_mixing" in key:
+                message += (
+                    ". The token-mixing weights depend on the number of patches: the checkpoint was "
+                    "trained at another input size, which needs the resolution expansion "
+                    "(keras_mixer.expand_resolution) to a size that is an integer multiple of it"
+                )
+            raise CheckpointError(message)
+
+
+def assign(model, params, path="<params>"):
+    """Assigns {official key: array} to `model` after checking every key and shape; all or nothing."""
+    targets = mixer_variables(model)
+    params, zero_heads = _head_policy(params, targets, path)
+    _check_fit(params, {k: v for k, v in targets.items() if k not in zero_heads}, path)
+    backup = {k: keras.ops.convert_to_numpy(v) for k, v in targets.items()}
+    try:
+        for key, variable in targets.items():
+            if key in zero_heads:
+                variable.assign(np.zeros(variable.shape, variable.dtype))
+            else:
+                variable.assign(params[key].astype(variable.dtype))
+    except BaseException:
+        for key, variable in targets.items():
+            variable.assign(backup[key])
+        raise
+
+
+def load_weights(model, path):
+    """Loads any Mixer checkpoint into a built model, in place; returns the model.
+
+    Args:
+        model: a Mixer from this package (any variant, with or without head).
+        path: official `.npz`, timm `.pth`/`.safetensors`, `.keras` or `.weights.h5`, told apart by content.
+
+    The head is loaded when its class count matches, reset to zeros (logged) when it differs, and
+    skipped for models without a head. Missing or unexpected keys and shape mismatches raise
+    `CheckpointError` (a ValueError) before any weight changes; the model is left as it was.
+    """
+    checkpoint = path if isinstance(path, Checkpoint) else Checkpoint(path)
+    params = checkpoint.arrays_for(model)
+    if checkpoint.gelu and model_gelu(model) not in (None, checkpoint.gelu):
+        log.warning(
+            "%s was trained with the %s GELU but the model uses %s: outputs will differ slightly; "
+            "build the model with gelu=%r for parity",
+            checkpoint.path, checkpoint.gelu, model_gelu(model), checkpoint.gelu,
+        )
+    assign(model, params, checkpoint.path)
+    return model

@@ -24,6 +24,7 @@ from keras_mixer.models import (
     token_feature_model,
 )
 from keras_mixer.presets import PRESETS
+from keras_mixer.resolution import expand_resolution
 from keras_mixer.weights import load_weights, save_npz, save_timm
 
 __version__ = "0.1.0"
@@ -48,6 +49,7 @@ __all__ = [
     "create_model",
     "load_weights",
     "drop_path_schedule",
+    "expand_resolution",
     "preprocess_input",
     "save_npz",
     "save_timm",

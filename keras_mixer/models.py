@@ -4,6 +4,7 @@
       -> pre_head_layer_norm [B, S, C] -> mean over tokens [B, C] -> head [B, classes]
 """
 
+import logging
 import os
 
 import keras
@@ -34,6 +35,8 @@ VARIANTS = {
     "L/16": dict(patch_size=16, hidden_dim=1024, num_blocks=24, tokens_mlp_dim=512, channels_mlp_dim=4096),
     "H/14": dict(patch_size=14, hidden_dim=1280, num_blocks=32, tokens_mlp_dim=640, channels_mlp_dim=5120),
 }
+
+log = logging.getLogger("keras_mixer")
 
 POOLINGS = (None, "avg", "max")
 DEFAULT_INPUT_SHAPE = (224, 224, 3)
@@ -185,6 +188,28 @@ def MlpMixer(
     images, shape = _image_input(input_tensor, input_shape)
     # Fails early, naming the size and the valid neighbours, before any layer is built.
     check_image_size(shape[:2], patch)
+    grid = (shape[0] // patch[0], shape[1] // patch[1])
+    trained_tokens = checkpoint.token_count() if checkpoint is not None else None
+    if trained_tokens not in (None, grid[0] * grid[1]):
+        # Weights trained at a smaller size: load them there, then expand (paper, Appendix C).
+        from keras_mixer.resolution import expand_resolution, trained_grid
+
+        if input_tensor is not None:
+            raise ValueError(
+                f"The weights were trained on {trained_tokens} patches, the input_tensor gives "
+                f"{grid[0] * grid[1]}: build without input_tensor to expand the resolution automatically"
+            )
+        trained = trained_grid(trained_tokens, grid)
+        log.info("%s: weights trained on a %dx%d patch grid, expanding to %dx%d", name, *trained, *grid)
+        trained_model = MlpMixer(
+            patch, hidden_dim, num_blocks, tokens_mlp_dim, channels_mlp_dim,
+            include_top=include_top, weights=checkpoint,
+            input_shape=(trained[0] * patch[0], trained[1] * patch[1], shape[2]),
+            pooling=pooling, classes=classes, classifier_activation=classifier_activation, name=name,
+            include_preprocessing=include_preprocessing, dropout_rate=dropout_rate,
+            drop_path_rate=drop_path_rate, gelu=gelu, seed=seed,
+        )
+        return expand_resolution(trained_model, shape[:2])
 
     x = images
     if include_preprocessing:
@@ -277,6 +302,41 @@ def create_model(variant, **kwargs):
         raise ValueError(f"Unknown Mixer variant {variant!r}; valid: {', '.join(VARIANTS)}")
     kwargs.setdefault("name", _default_name(variant))
     return MlpMixer(**VARIANTS[variant], **kwargs)
+
+
+def mixer_config(model):
+    """The `MlpMixer` keyword arguments that rebuild `model`'s architecture (weights not included).
+
+    Read from the layers themselves, so it works on any Mixer this package built, also after a
+    `.keras` round trip.
+    """
+    names = {layer.name for layer in model.layers}
+    blocks = [layer for layer in model.layers if isinstance(layer, MixerBlock)]
+    stems = [layer for layer in model.layers if isinstance(layer, PatchStem)]
+    if not blocks or not stems:
+        raise ValueError(f"Model {model.name!r} is not a Mixer built by keras_mixer (no stem or MixerBlock layers)")
+    stem, first, last = stems[0], blocks[0], blocks[-1]
+    config = dict(
+        patch_size=stem.patch_size,
+        hidden_dim=stem.hidden_dim,
+        num_blocks=len(blocks),
+        tokens_mlp_dim=first.tokens_mlp_dim,
+        channels_mlp_dim=first.channels_mlp_dim,
+        input_shape=tuple(model.input_shape[1:]),
+        include_top="head" in names,
+        include_preprocessing="rescaling" in names,
+        dropout_rate=first.dropout_rate,
+        drop_path_rate=last.drop_path_rate,
+        gelu=first.gelu,
+        seed=first.seed,
+        name=model.name,
+    )
+    if config["include_top"]:
+        head = model.get_layer("head")
+        config.update(classes=head.units, classifier_activation=keras.activations.serialize(head.activation))
+    else:
+        config["pooling"] = "avg" if "avg_pool" in names else "max" if "max_pool" in names else None
+    return config
 
 
 def _unwrap_single(inputs):

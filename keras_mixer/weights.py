@@ -4,10 +4,8 @@ Keras variable paths already follow the official tree (`MixerBlock_0/token_mixin
 only LayerNorm leaves differ (Keras `gamma`/`beta`, Flax `scale`/`bias`). So the mapping is a rename.
 """
 
-import json
 import logging
 import os
-import zipfile
 
 import keras
 import numpy as np
@@ -53,58 +51,36 @@ class Checkpoint:
         self.path = os.fspath(path)
         self.format = checkpoints.detect_format(self.path)
         self.gelu = checkpoints.SOURCE_GELU.get(self.format)
-        self.params = None
+        self.params = None  # stays None for a bare .weights.h5, readable only into a model
         if self.format == checkpoints.KERAS:
-            self.gelu = _keras_archive_gelu(self.path)
+            source = keras.saving.load_model(self.path, safe_mode=True, compile=False)
+            self.gelu, self.params = model_gelu(source), model_params(source)
         elif self.format != checkpoints.KERAS_H5:
             self.format, self.params = checkpoints.read_arrays(self.path, self.format)
 
     @property
     def classes(self):
-        """The head's class count, or None when unknown before loading (Keras files) or headless."""
+        """The head's class count, or None when headless or unknown before loading (.weights.h5)."""
         if self.params is not None and "head/bias" in self.params:
             return int(self.params["head/bias"].shape[0])
         return None
 
     def token_count(self):
-        """S of the first block's token MLP, or None when unknown."""
+        """S of the first block's token MLP (the trained number of patches), or None when unknown."""
         kernel = (self.params or {}).get("MixerBlock_0/token_mixing/Dense_0/kernel")
         return None if kernel is None else int(kernel.shape[0])
 
     def arrays_for(self, model):
-        """{official key: array}; Keras files are read through Keras into a twin of `model`."""
+        """{official key: array}; a bare .weights.h5 is read through Keras into a twin of `model`."""
         if self.params is not None:
             return self.params
-        if self.format == checkpoints.KERAS:
-            source = keras.saving.load_model(self.path, safe_mode=True, compile=False)
-        else:
-            # A bare weights file has no architecture: Keras' own rule, it must fit the model's.
-            source = keras.Model.from_config(model.get_config())
-            try:
-                source.load_weights(self.path)
-            except Exception as e:
-                raise CheckpointError(f"{self.path!r} does not fit model {model.name!r}: {e}") from None
+        # A bare weights file has no architecture: Keras' own rule, it must fit the model's.
+        source = keras.Model.from_config(model.get_config())
+        try:
+            source.load_weights(self.path)
+        except Exception as e:
+            raise CheckpointError(f"{self.path!r} does not fit model {model.name!r}: {e}") from None
         return model_params(source)
-
-
-def _keras_archive_gelu(path):
-    """The GELU form recorded in a .keras archive's config, or None."""
-    with zipfile.ZipFile(path) as archive:
-        config = json.loads(archive.read("config.json"))
-    found = []
-
-    def walk(node):
-        if isinstance(node, dict):
-            if node.get("class_name") == "MixerBlock" and "gelu" in node.get("config", {}):
-                found.append(node["config"]["gelu"])
-            for value in node.values():
-                walk(value)
-        elif isinstance(node, list):
-            for value in node:
-                walk(value)
-
-    walk(config)
-    return found[0] if found else None
 
 
 def model_gelu(model):

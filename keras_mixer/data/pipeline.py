@@ -1,0 +1,132 @@
+"""tf.data input pipelines: a `Source` -> batches of (images [B, H, W, 3] float32, labels).
+
+    train: shuffle -> repeat -> Inception crop -> resize -> flip -> [RandAugment] -> [permutation]
+           -> [rescale] -> batch -> [mixup] -> prefetch
+    eval:  resize shorter side + centre crop (or plain resize) -> [permutation] -> [rescale] -> batch
+
+Images stay in [0, 255] by default because the Mixer models scale inside
+(`include_preprocessing=True`); `rescale=True` gives [-1, 1] for models built without it.
+"""
+
+import numpy as np
+import tensorflow as tf
+
+from keras_mixer.data import transforms
+from keras_mixer.data.permutations import ImagePermutation
+from keras_mixer.layers import to_pair
+
+EVAL_RESIZE = ("crop", "resize")
+
+
+def make_pipeline(
+    source,
+    *,
+    training,
+    image_size,
+    batch_size,
+    input_context=None,
+    seed=None,
+    shuffle_buffer=10_000,
+    cache=False,
+    repeat=None,
+    randaugment=None,
+    mixup=None,
+    one_hot=False,
+    area_range=transforms.AREA_RANGE,
+    eval_resize="crop",
+    crop_ratio=0.875,
+    permutation=None,
+    rescale=False,
+):
+    """Builds the input pipeline of one worker.
+
+    Args:
+        source: a `keras_mixer.data.Source`.
+        training: augment, shuffle and repeat (True) or evaluate in order once (False).
+        image_size: (H, W) or an int.
+        batch_size: the global batch size; with `input_context` each replica gets its share.
+        input_context: `tf.distribute.InputContext` from `distribute_datasets_from_function`:
+            this worker reads only its shard.
+        seed: fixes shuffling and every random transform: two pipelines with the same seed give
+            the same batches. None: shuffling and augmentation differ each run.
+        shuffle_buffer: examples in the shuffle buffer. cache: cache decoded source examples.
+        repeat: repeat forever; default `training`.
+        randaugment: None or the paper's magnitude m (two ops). mixup: None or Beta alpha.
+        one_hot: one-hot labels [B, classes] (always with mixup), else int labels [B].
+        area_range: Inception crop area range. eval_resize: "crop" (shorter side to size /
+            crop_ratio, centre crop) or "resize" (whole image to size).
+        permutation: None or an `ImagePermutation` (the paper's section 3.4), applied to every image.
+        rescale: pixels to [-1, 1] (for models without built-in preprocessing).
+
+    Returns:
+        A `tf.data.Dataset` of (images float32 [B, H, W, 3], labels int64 [B] or float32 [B, classes]).
+    """
+    image_size = to_pair("image_size", image_size)
+    if eval_resize not in EVAL_RESIZE:
+        raise ValueError(f"eval_resize must be one of {EVAL_RESIZE}, got {eval_resize!r}")
+    if not 0 < crop_ratio <= 1:
+        raise ValueError(f"crop_ratio must be in (0, 1], got {crop_ratio!r}")
+    if permutation is not None and tuple(permutation.image_size) != image_size:
+        raise ValueError(f"the permutation is for {permutation.image_size}, the pipeline makes {image_size} images")
+    per_replica = input_context.get_per_replica_batch_size(batch_size) if input_context else batch_size
+    repeat = training if repeat is None else repeat
+    one_hot = one_hot or mixup is not None
+    # Stateless transforms need an explicit seed; without one, draw it, so runs differ.
+    base_seed = seed if seed is not None else int(np.random.default_rng().integers(2**31 - 1))
+    randaug = transforms.randaugment_layer(randaugment, seed=seed) if training and randaugment else None
+
+    def prepare(index, example):
+        image, label = example
+        if training:
+            crop_seed = tf.stack([tf.constant(base_seed, tf.int64), 2 * index])
+            flip_seed = tf.stack([tf.constant(base_seed, tf.int64), 2 * index + 1])
+            image = transforms.inception_crop(image, image_size, crop_seed, area_range)
+            image = transforms.random_flip(image, flip_seed)
+            image = tf.ensure_shape(image, [*image_size, 3])  # RandAugment needs the static shape
+            if randaug is not None:
+                image = randaug(image)
+        elif eval_resize == "crop":
+            image = transforms.resize_and_center_crop(image, image_size, crop_ratio)
+        else:
+            image = transforms.plain_resize(image, image_size)
+        image = tf.ensure_shape(tf.cast(image, tf.float32), [*image_size, 3])
+        if permutation is not None:
+            image = permutation(image)
+        if rescale:
+            image = transforms.rescale_to_unit_range(image)
+        if one_hot:
+            label = tf.one_hot(label, source.num_classes, dtype=tf.float32)
+        return image, label
+
+    dataset = source.dataset(input_context, shuffle_files=training, seed=seed)
+    if cache:
+        dataset = dataset.cache()
+    if training:
+        dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    if repeat:
+        dataset = dataset.repeat()
+    # Enumerate after repeat: every visit of an example gets its own crop and flip.
+    dataset = dataset.enumerate().map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+    dataset = dataset.batch(per_replica, drop_remainder=training, num_parallel_calls=tf.data.AUTOTUNE)
+    if training and mixup:
+        mix = transforms.mixup_layer(mixup, seed=seed)
+
+        def mix_batch(images, labels):
+            mixed = mix({"images": images, "labels": labels}, training=True)
+            return mixed["images"], mixed["labels"]
+
+        dataset = dataset.map(mix_batch, num_parallel_calls=tf.data.AUTOTUNE)
+    options = tf.data.Options()
+    # Evaluation keeps the source order; training trades order for speed unless seeded.
+    options.deterministic = seed is not None or not training
+    # Each worker already reads its own shard (input_context) or the strategy auto-shards by data.
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return dataset.with_options(options).prefetch(tf.data.AUTOTUNE)
+
+
+def distribute(strategy, source, *, batch_size, **kwargs):
+    """The pipeline under a `tf.distribute` strategy: one per worker, each replica gets
+    batch_size / num_replicas examples. Keyword arguments as `make_pipeline`."""
+    return strategy.distribute_datasets_from_function(
+        lambda context: make_pipeline(source, batch_size=batch_size, input_context=context, **kwargs)
+    )

@@ -1,0 +1,241 @@
+"""Where images come from: TFDS, an image folder, or the embedded digits set.
+
+Every source gives a `Source`: metadata plus a function that makes a `tf.data.Dataset` of
+(image uint8 [h, w, 3] of any size, label int64) for one input pipeline (worker).
+"""
+
+import dataclasses
+import logging
+import os
+from typing import Callable, Optional
+
+import numpy as np
+import tensorflow as tf
+
+log = logging.getLogger("keras_mixer")
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")  # JPEG, PNG
+
+
+@dataclasses.dataclass
+class Source:
+    """One split of a data set.
+
+    Attributes:
+        name, split: what was asked for ("digits", "train").
+        num_classes: label count; labels are 0 .. num_classes - 1.
+        class_names: names in label order, or None when the data set has none.
+        num_examples: examples in the split, or None when unknown.
+        make: (input_context, shuffle_files, seed) -> Dataset of (uint8 [h, w, 3], int64 label),
+            already sharded for `input_context` (a `tf.distribute.InputContext` or None).
+        skipped_files: files of an image folder skipped as not JPEG/PNG.
+    """
+
+    name: str
+    split: str
+    num_classes: int
+    class_names: Optional[list]
+    num_examples: Optional[int]
+    make: Callable = dataclasses.field(repr=False)
+    skipped_files: int = 0
+
+    def dataset(self, input_context=None, shuffle_files=False, seed=None):
+        return self.make(input_context, shuffle_files, seed)
+
+
+def _shard(dataset, input_context):
+    if input_context is None or input_context.num_input_pipelines == 1:
+        return dataset
+    return dataset.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+
+
+def _in_memory(name, split, images, labels, class_names):
+    def make(input_context, shuffle_files, seed):
+        del shuffle_files, seed  # examples are shuffled by the pipeline
+        return _shard(tf.data.Dataset.from_tensor_slices((images, labels)), input_context)
+
+    return Source(name, split, len(class_names), list(class_names), len(labels), make)
+
+
+# --- the embedded digits set ---------------------------------------------------------------------
+
+DIGITS_SPLITS = ("train", "test")
+
+
+def digits_source(split="train"):
+    """scikit-learn's 1,797 real 8x8 handwritten digits (no download), a fixed stratified 80/20
+    train/test split (1,437 / 360). Intensities 0..16 become uint8 0..255, grey becomes RGB."""
+    if split not in DIGITS_SPLITS:
+        raise ValueError(f"The digits data set has splits {DIGITS_SPLITS}, not {split!r}")
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = np.repeat(np.round(digits.images * (255.0 / 16.0)).astype("uint8")[..., None], 3, axis=-1)
+    parts = train_test_split(images, digits.target, test_size=0.2, random_state=0, stratify=digits.target)
+    chosen = parts[0::2] if split == "train" else parts[1::2]
+    return _in_memory("digits", split, chosen[0], chosen[1].astype("int64"), [str(d) for d in range(10)])
+
+
+# --- image folders -------------------------------------------------------------------------------
+
+
+def folder_splits(root):
+    """The split names (subfolders) of an image-folder root."""
+    if not os.path.isdir(root):
+        raise ValueError(f"Image folder root {root!r} does not exist or is not a folder")
+    return sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+
+
+def _is_image(path):
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError:
+        return False
+    return any(head.startswith(magic) for magic in _MAGIC)
+
+
+def folder_source(root, split="train", class_names=None):
+    """Images in `root/<split>/<class name>/*.{jpg,jpeg,png}`; classes sorted by folder name.
+
+    Files whose first bytes are not JPEG or PNG are skipped, counted and logged. An image that
+    passes that check but fails to decode (truncated) is dropped by the pipeline with a warning.
+
+    Args:
+        class_names: the class list to label with (e.g. the train split's for validation), default
+            the split's own subfolders.
+    """
+    splits = folder_splits(root)
+    if split not in splits:
+        raise ValueError(f"Image folder {root!r} has no split {split!r}; splits found: {splits or 'none'}")
+    split_dir = os.path.join(root, split)
+    found = sorted(d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d)))
+    if not found:
+        raise ValueError(f"Split folder {split_dir!r} has no class subfolders (expected {split_dir}/<class>/*.jpg)")
+    class_names = list(class_names) if class_names is not None else found
+    unknown = sorted(set(found) - set(class_names))
+    if unknown:
+        raise ValueError(f"Split folder {split_dir!r} has classes {unknown} that are not among {class_names}")
+    paths, labels, skipped = [], [], []
+    for label, name in enumerate(class_names):
+        class_dir = os.path.join(split_dir, name)
+        if not os.path.isdir(class_dir):
+            continue
+        files = sorted(f for f in os.listdir(class_dir) if f.lower().endswith(IMAGE_EXTENSIONS))
+        images = [os.path.join(class_dir, f) for f in files]
+        good = [p for p in images if _is_image(p)]
+        skipped += sorted(set(images) - set(good))
+        if not good:
+            raise ValueError(f"Class folder {class_dir!r} has no readable .jpg/.jpeg/.png images")
+        paths += good
+        labels += [label] * len(good)
+    if skipped:
+        log.warning(
+            "%s: skipped %d file(s) that are not JPEG or PNG images, e.g. %s", split_dir, len(skipped), skipped[:3]
+        )
+    paths, labels = np.array(paths), np.array(labels, dtype="int64")
+
+    def make(input_context, shuffle_files, seed):
+        files = _shard(tf.data.Dataset.from_tensor_slices((paths, labels)), input_context)
+        if shuffle_files:  # the whole file list: cheap, and a full shuffle of the examples
+            files = files.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
+        images = files.map(_decode_file, num_parallel_calls=tf.data.AUTOTUNE)
+        return images.ignore_errors(log_warning=True)
+
+    return Source(f"folder:{root}", split, len(class_names), class_names, len(paths), make, len(skipped))
+
+
+def _decode_file(path, label):
+    image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+    image.set_shape([None, None, 3])
+    return image, label
+
+
+# --- TensorFlow Datasets -------------------------------------------------------------------------
+
+
+def _prepare_hint(name, data_dir):
+    target = data_dir or "~/tensorflow_datasets"
+    if name.startswith("imagenet2012"):
+        return (
+            f"ImageNet needs a manual download: put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar "
+            f"in {target}/downloads/manual/, then run `tfds build {name} --data_dir {target}`"
+        )
+    return f"prepare it with `tfds build {name} --data_dir {target}`, or pass download=True (--download)"
+
+
+def tfds_source(name, split="train", data_dir=None, download=False):
+    """A TensorFlow Datasets image classification set (`as_supervised`): images and labels.
+
+    Args:
+        download: download and prepare the data set if needed; False (the default) only reads
+            what is already prepared under `data_dir` and says how to prepare it otherwise.
+    """
+    import tensorflow_datasets as tfds
+
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+        raise ValueError(
+            f"Unknown TFDS data set {name!r}; see `tfds.list_builders()` (e.g. imagenet2012, cifar10, "
+            f"oxford_iiit_pet), or use 'digits' or 'folder:PATH'"
+        ) from None
+    if download:
+        builder.download_and_prepare()
+    label = builder.info.features["label"] if "label" in builder.info.features else None
+    if label is None or not hasattr(label, "num_classes"):
+        raise ValueError(f"TFDS data set {name!r} has no class label feature; an image classification set is needed")
+    splits = builder.info.splits
+    num_examples = splits[split].num_examples if splits and split in splits else None
+
+    def make(input_context, shuffle_files, seed):
+        read_config = tfds.ReadConfig(input_context=input_context, shuffle_seed=seed)
+        try:
+            dataset = builder.as_dataset(
+                split=split, as_supervised=True, shuffle_files=shuffle_files, read_config=read_config
+            )
+        except (AssertionError, FileNotFoundError, tf.errors.NotFoundError) as e:
+            raise ValueError(
+                f"TFDS data set {name!r} is not prepared in {builder.data_dir!r} ({e}); "
+                + _prepare_hint(name, data_dir)
+            ) from None
+        except ValueError as e:
+            raise ValueError(f"TFDS data set {name!r}: split {split!r} is not available ({e})") from None
+        return dataset.map(_to_rgb, num_parallel_calls=tf.data.AUTOTUNE)
+
+    make(None, False, None)  # fails now, not at the first training step, when the data are missing
+    names = list(label.names) if getattr(label, "names", None) else None
+    return Source(name, split, int(label.num_classes), names, num_examples, make)
+
+
+def _to_rgb(image, label):
+    if image.shape.rank == 3 and image.shape[-1] == 1:
+        image = tf.image.grayscale_to_rgb(image)
+    return image, tf.cast(label, tf.int64)
+
+
+# --- one entry point ------------------------------------------------------------------------------
+
+
+def load_source(spec, split="train", data_dir=None, download=False, class_names=None):
+    """`spec` is "digits", "folder:PATH" or a TFDS name; returns the split as a `Source`."""
+    if spec == "digits":
+        return digits_source(split)
+    if spec.startswith("folder:"):
+        return folder_source(spec[len("folder:") :], split, class_names=class_names)
+    return tfds_source(spec, split, data_dir=data_dir, download=download)
+
+
+def eval_split(spec, data_dir=None):
+    """The evaluation split of a data set: "validation" when it exists, else "test"."""
+    if spec == "digits":
+        return "test"
+    if spec.startswith("folder:"):
+        splits = folder_splits(spec[len("folder:") :])
+        return "validation" if "validation" in splits else "test"
+    import tensorflow_datasets as tfds
+
+    splits = tfds.builder(spec, data_dir=data_dir).info.splits
+    return "validation" if splits and "validation" in splits else "test"

@@ -1,0 +1,80 @@
+"""Per-image transforms of the official pipeline, as TensorFlow graph functions for tf.data.
+
+Images are [h, w, 3] (uint8 or float in [0, 255]); outputs are float32 [H, W, 3] in [0, 255]
+unless `rescale_to_unit_range` is applied. Random transforms take a stateless seed (int32 [2]),
+so a pipeline with a fixed seed is reproducible.
+"""
+
+import keras
+import tensorflow as tf
+
+AREA_RANGE = (0.05, 1.0)
+ASPECT_RATIO_RANGE = (3.0 / 4.0, 4.0 / 3.0)
+
+
+def inception_crop_box(image_shape, seed, area_range=AREA_RANGE, aspect_ratio_range=ASPECT_RATIO_RANGE):
+    """A random crop box (begin [3], size [3]) covering `area_range` of the image at an aspect ratio
+    in `aspect_ratio_range`; the whole image when no box fits within 10 attempts (as the official
+    Inception crop)."""
+    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        image_shape,
+        bounding_boxes=tf.zeros([0, 0, 4], tf.float32),
+        seed=seed,
+        min_object_covered=0.0,
+        aspect_ratio_range=aspect_ratio_range,
+        area_range=area_range,
+        max_attempts=10,
+        use_image_if_no_bounding_boxes=True,
+    )
+    return begin, size
+
+
+def inception_crop(image, image_size, seed, area_range=AREA_RANGE):
+    """Random-area crop, resized (bilinear) to `image_size` (H, W). Returns float32 [H, W, 3]."""
+    begin, size = inception_crop_box(tf.shape(image), seed, area_range)
+    crop = tf.slice(image, begin, size)
+    return tf.image.resize(crop, image_size, method="bilinear")
+
+
+def random_flip(image, seed):
+    return tf.image.stateless_random_flip_left_right(image, seed)
+
+
+def resize_and_center_crop(image, image_size, crop_ratio=0.875):
+    """Evaluation: resize so the image covers `image_size / crop_ratio`, keeping its aspect ratio
+    (for a square target: the shorter side to size / ratio, e.g. 256 for 224), then take the
+    centred `image_size` crop. Returns float32 [H, W, 3]."""
+    height, width = image_size
+    shape = tf.cast(tf.shape(image)[:2], tf.float32)
+    scale = tf.maximum(height / crop_ratio / shape[0], width / crop_ratio / shape[1])
+    new_shape = tf.maximum(tf.cast(tf.round(shape * scale), tf.int32), [height, width])
+    resized = tf.image.resize(image, new_shape, method="bilinear")
+    top = (new_shape[0] - height) // 2
+    left = (new_shape[1] - width) // 2
+    return tf.slice(resized, [top, left, 0], [height, width, 3])
+
+
+def plain_resize(image, image_size):
+    """Evaluation without cropping: the whole image squeezed to `image_size` (Table 2 style)."""
+    return tf.image.resize(image, image_size, method="bilinear")
+
+
+def rescale_to_unit_range(image):
+    """[0, 255] -> [-1, 1] as the official pipeline: (x - 127.5) / 127.5."""
+    return (tf.cast(image, tf.float32) - 127.5) / 127.5
+
+
+def randaugment_layer(magnitude, seed=None, num_ops=2):
+    """Keras 3 RandAugment with the paper's 2 layers; the paper's magnitude m (10, 15, 20 on the
+    RandAugment 0-30 scale) becomes Keras' normalised factor m / 30."""
+    if not 0 <= magnitude <= 30:
+        raise ValueError(f"RandAugment magnitude must be in [0, 30], got {magnitude!r}")
+    return keras.layers.RandAugment(value_range=(0, 255), num_ops=num_ops, factor=magnitude / 30.0, seed=seed)
+
+
+def mixup_layer(alpha, seed=None):
+    """Keras 3 MixUp: each image mixed with another of the batch, weight ~ Beta(alpha, alpha);
+    one-hot labels mixed with the same weight."""
+    if alpha <= 0:
+        raise ValueError(f"mixup alpha must be positive, got {alpha!r}")
+    return keras.layers.MixUp(alpha=alpha, seed=seed)

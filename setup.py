@@ -13,6 +13,7 @@ setup(
         "keras>=3.8,<4",
         "tensorflow-datasets>=4.9",
         "absl-py>=2.0",
+        "tensorboard",  # TensorFlow 2.21 no longer installs it; the trainers write summaries
         "numpy>=1.26",
         "scikit-learn>=1.3",  # the embedded digits data set of the main job
         "safetensors>=0.4",  # timm checkpoints

@@ -38,6 +38,14 @@ VARIANTS = {
 
 log = logging.getLogger("keras_mixer")
 
+# Small configurations of our own (not in the paper) for demos, tests and quick experiments.
+SMALL_VARIANTS = {
+    "T/2": dict(patch_size=2, hidden_dim=64, num_blocks=4, tokens_mlp_dim=32, channels_mlp_dim=256),
+    "T/4": dict(patch_size=4, hidden_dim=64, num_blocks=4, tokens_mlp_dim=32, channels_mlp_dim=256),
+    "T/16": dict(patch_size=16, hidden_dim=128, num_blocks=4, tokens_mlp_dim=64, channels_mlp_dim=512),
+}
+MODEL_NAMES = (*VARIANTS, *SMALL_VARIANTS)
+
 POOLINGS = (None, "avg", "max")
 DEFAULT_INPUT_SHAPE = (224, 224, 3)
 
@@ -297,11 +305,13 @@ MixerH14 = _variant_constructor("H/14", "MixerH14")
 
 
 def create_model(variant, **kwargs):
-    """Builds a named variant ("B/16", ...) with `MlpMixer` keyword arguments."""
-    if variant not in VARIANTS:
-        raise ValueError(f"Unknown Mixer variant {variant!r}; valid: {', '.join(VARIANTS)}")
+    """Builds a named variant ("B/16", ..., or a small "T/2", "T/4", "T/16") with `MlpMixer` keyword
+    arguments."""
+    config = VARIANTS.get(variant) or SMALL_VARIANTS.get(variant)
+    if config is None:
+        raise ValueError(f"Unknown Mixer variant {variant!r}; valid: {', '.join(MODEL_NAMES)}")
     kwargs.setdefault("name", _default_name(variant))
-    return MlpMixer(**VARIANTS[variant], **kwargs)
+    return MlpMixer(**config, **kwargs)
 
 
 def mixer_config(model):

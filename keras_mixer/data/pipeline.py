@@ -33,10 +33,13 @@ def make_pipeline(
     mixup=None,
     one_hot=False,
     area_range=transforms.AREA_RANGE,
+    flip=True,
     eval_resize="crop",
     crop_ratio=0.875,
     permutation=None,
     rescale=False,
+    skip_steps=0,
+    pad_to_steps=None,
 ):
     """Builds the input pipeline of one worker.
 
@@ -53,13 +56,20 @@ def make_pipeline(
         repeat: repeat forever; default `training`.
         randaugment: None or the paper's magnitude m (two ops). mixup: None or Beta alpha.
         one_hot: one-hot labels [B, classes] (always with mixup), else int labels [B].
-        area_range: Inception crop area range. eval_resize: "crop" (shorter side to size /
+        area_range: Inception crop area range. flip: random horizontal flips. eval_resize: "crop" (shorter side to size /
             crop_ratio, centre crop) or "resize" (whole image to size).
         permutation: None or an `ImagePermutation` (the paper's section 3.4), applied to every image.
         rescale: pixels to [-1, 1] (for models without built-in preprocessing).
+        skip_steps: resume inside the stream: skip the examples of this many global steps
+            (after shuffling, before any augmentation is computed; the random transforms of the
+            remaining examples are those of an uninterrupted run).
+        pad_to_steps: evaluation under a strategy: yield exactly this many global steps of full
+            batches on every worker, padding with masked zero images, so replicas never run out
+            at different times and shapes stay static (TPU). Adds a mask [B] (1 real, 0 padding).
 
     Returns:
-        A `tf.data.Dataset` of (images float32 [B, H, W, 3], labels int64 [B] or float32 [B, classes]).
+        A `tf.data.Dataset` of (images float32 [B, H, W, 3], labels int64 [B] or float32 [B, classes]),
+        plus mask float32 [B] with `pad_to_steps`.
     """
     image_size = to_pair("image_size", image_size)
     if eval_resize not in EVAL_RESIZE:
@@ -69,6 +79,8 @@ def make_pipeline(
     if permutation is not None and tuple(permutation.image_size) != image_size:
         raise ValueError(f"the permutation is for {permutation.image_size}, the pipeline makes {image_size} images")
     per_replica = input_context.get_per_replica_batch_size(batch_size) if input_context else batch_size
+    # One global step takes one per-replica batch for each replica this worker feeds.
+    local_replicas = input_context.num_replicas_in_sync // input_context.num_input_pipelines if input_context else 1
     repeat = training if repeat is None else repeat
     one_hot = one_hot or mixup is not None
     # Stateless transforms need an explicit seed; without one, draw it, so runs differ.
@@ -81,7 +93,8 @@ def make_pipeline(
             crop_seed = tf.stack([tf.constant(base_seed, tf.int64), 2 * index])
             flip_seed = tf.stack([tf.constant(base_seed, tf.int64), 2 * index + 1])
             image = transforms.inception_crop(image, image_size, crop_seed, area_range)
-            image = transforms.random_flip(image, flip_seed)
+            if flip:
+                image = transforms.random_flip(image, flip_seed)
             image = tf.ensure_shape(image, [*image_size, 3])  # RandAugment needs the static shape
             if randaug is not None:
                 image = randaug(image)
@@ -106,7 +119,12 @@ def make_pipeline(
     if repeat:
         dataset = dataset.repeat()
     # Enumerate after repeat: every visit of an example gets its own crop and flip.
-    dataset = dataset.enumerate().map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+    dataset = dataset.enumerate()
+    if skip_steps:
+        dataset = dataset.skip(skip_steps * per_replica * local_replicas)
+    dataset = dataset.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+    if pad_to_steps is not None:
+        dataset = _pad(dataset, pad_to_steps * per_replica * local_replicas, image_size, source.num_classes, one_hot)
     dataset = dataset.batch(per_replica, drop_remainder=training, num_parallel_calls=tf.data.AUTOTUNE)
     if training and mixup:
         mix = transforms.mixup_layer(mixup, seed=seed)
@@ -122,6 +140,14 @@ def make_pipeline(
     # Each worker already reads its own shard (input_context) or the strategy auto-shards by data.
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     return dataset.with_options(options).prefetch(tf.data.AUTOTUNE)
+
+
+def _pad(dataset, count, image_size, num_classes, one_hot):
+    """Exactly `count` examples: the real ones with mask 1, then zero images with mask 0."""
+    real = dataset.map(lambda image, label: (image, label, tf.constant(1.0)))
+    label = tf.zeros([num_classes], tf.float32) if one_hot else tf.constant(0, tf.int64)
+    filler = tf.data.Dataset.from_tensors((tf.zeros([*image_size, 3], tf.float32), label, tf.constant(0.0)))
+    return real.concatenate(filler.repeat()).take(count)
 
 
 def distribute(strategy, source, *, batch_size, **kwargs):

@@ -1,0 +1,172 @@
+"""Training configuration: one dataclass, filled from a recipe file and then from flags.
+
+A recipe is a small Python file with `get_config()` returning a dict of `TrainConfig` fields
+(`trainers/configs/*.py`); fields not in the recipe keep the defaults below.
+"""
+
+import dataclasses
+import importlib.util
+import os
+from typing import Optional
+
+from keras_mixer.models import MODEL_NAMES
+
+STRATEGIES = ("auto", "default", "mirrored", "multi_worker", "tpu")
+PRECISIONS = ("bfloat16", "float16")
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("warmup_linear", "warmup_cosine")
+XLA = ("auto", "on", "off")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    # What to train, on what.
+    mode: str = "pretrain"  # or "finetune"
+    model: Optional[str] = "T/2"  # a name from keras_mixer.models.MODEL_NAMES
+    init: Optional[str] = None  # finetune: .keras, official .npz, timm file or preset name
+    dataset: Optional[str] = "digits"  # TFDS name, "folder:PATH" or "digits"
+    data_dir: Optional[str] = None
+    download: bool = False
+    image_size: int = 8
+    # How long, how fast.
+    batch_size: int = 64  # global
+    epochs: Optional[float] = None
+    steps: Optional[int] = None
+    optimizer: str = "adamw"
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.1  # decoupled, multiplied by the learning rate (Keras AdamW)
+    momentum: float = 0.9  # SGD
+    beta_1: float = 0.9
+    beta_2: float = 0.999
+    schedule: str = "warmup_linear"
+    warmup_steps: int = 10_000
+    grad_clip_norm: Optional[float] = 1.0
+    # Regularisation and augmentation.
+    randaugment: Optional[float] = None  # magnitude m, 2 ops
+    mixup: Optional[float] = None  # Beta alpha
+    dropout: float = 0.0
+    drop_path: float = 0.0
+    crop_area_min: float = 0.05
+    flip: bool = True
+    eval_resize: str = "crop"
+    crop_ratio: float = 0.875
+    shuffle_buffer: int = 10_000
+    cache: bool = False
+    # Bookkeeping.
+    seed: Optional[int] = None
+    workdir: str = "workdir"
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    log_every: int = 50
+    eval_every: int = 0  # steps; 0: only at the end
+    steps_per_loop: int = 1
+    export: bool = True
+    write_worker_weights: bool = False  # multi-worker diagnostics: every worker writes its final weights
+    # Where it runs.
+    strategy: str = "auto"
+    tpu: Optional[str] = None
+    mixed_precision: Optional[str] = None
+    xla: str = "auto"
+
+    def validate(self):
+        """Raises ValueError naming the first field that is out of range or conflicts."""
+        _choice("mode", self.mode, ("pretrain", "finetune"))
+        if self.model is not None:
+            _choice("model", self.model, MODEL_NAMES)
+        _choice("strategy", self.strategy, STRATEGIES)
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("schedule", self.schedule, SCHEDULES)
+        _choice("xla", self.xla, XLA)
+        if self.mixed_precision is not None:
+            _choice("mixed_precision", self.mixed_precision, PRECISIONS)
+        if self.dataset is None:
+            raise ValueError("this recipe has no data set: give --dataset (a TFDS name, folder:PATH or digits)")
+        if (self.epochs is None) == (self.steps is None):
+            raise ValueError("give exactly one of epochs and steps")
+        if self.mode == "finetune" and not self.init:
+            raise ValueError("fine-tuning needs --init (a .keras, official .npz or timm file, or a preset name)")
+        if self.model is None and not (self.init or "").endswith(".keras"):
+            raise ValueError("give --model (only a .keras --init carries its own architecture)")
+        if self.tpu is not None and self.strategy not in ("auto", "tpu"):
+            raise ValueError(f"--tpu conflicts with --strategy={self.strategy}")
+        for name in ("batch_size", "checkpoint_every", "log_every", "steps_per_loop", "image_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        return self
+
+
+def _choice(name, value, choices):
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(map(str, choices))}")
+
+
+def recipe_path(name_or_path, configs_dir):
+    """A recipe name ("demo") -> configs_dir/demo.py; a path is returned as is."""
+    if os.path.isfile(name_or_path):
+        return name_or_path
+    path = os.path.join(configs_dir, f"{name_or_path}.py")
+    if not os.path.isfile(path):
+        names = sorted(f[:-3] for f in os.listdir(configs_dir) if f.endswith(".py") and not f.startswith("_"))
+        raise ValueError(f"unknown recipe {name_or_path!r}; recipes: {', '.join(names)} (or a path to a .py file)")
+    return path
+
+
+def load_config(name_or_path, configs_dir, **overrides):
+    """Reads a recipe file, then applies `overrides` (flags; None values are ignored)."""
+    path = recipe_path(name_or_path, configs_dir)
+    spec = importlib.util.spec_from_file_location(f"keras_mixer_recipe_{os.path.basename(path)[:-3]}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    fields = dict(module.get_config())
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    # A length given on the command line replaces the recipe's, whichever unit it uses.
+    if "steps" in overrides or "epochs" in overrides:
+        fields.pop("steps", None), fields.pop("epochs", None)
+    fields.update(overrides)
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ValueError(f"recipe {path!r} sets unknown fields {unknown}")
+    return TrainConfig(**fields)
+
+
+def paper_pretraining(**row):
+    """The paper's pre-training setup (224x224, Adam 0.9/0.999 with decoupled weight decay, 10k
+    warmup steps then linear decay, batch 4096, clipping at 1) with one row of Table 4 on top."""
+    defaults = dict(
+        mode="pretrain",
+        image_size=224,
+        batch_size=4096,
+        optimizer="adamw",
+        beta_1=0.9,
+        beta_2=0.999,
+        schedule="warmup_linear",
+        warmup_steps=10_000,
+        grad_clip_norm=1.0,
+        checkpoint_every=1000,
+        log_every=100,
+        steps_per_loop=100,
+        mixed_precision="bfloat16",
+    )
+    return {**defaults, **row}
+
+
+def paper_finetuning(**task):
+    """The paper's fine-tuning setup (SGD momentum 0.9, 500 warmup steps then cosine, clipping at 1,
+    no weight decay, batch 512, zero head) with one task on top."""
+    defaults = dict(
+        mode="finetune",
+        model="B/16",
+        init="imagenet21k",
+        image_size=224,
+        batch_size=512,
+        optimizer="sgd",
+        momentum=0.9,
+        weight_decay=0.0,
+        schedule="warmup_cosine",
+        warmup_steps=500,
+        grad_clip_norm=1.0,
+        checkpoint_every=500,
+        log_every=50,
+    )
+    return {**defaults, **task}

@@ -19,6 +19,8 @@ setup(
         "safetensors>=0.4",  # timm checkpoints
     ],
     extras_require={
+        # ONNX export (keras_mixer.export.export_onnx, trainers/export.py --onnx) and running it.
+        "onnx": ["tf2onnx>=1.17", "onnx", "onnxruntime"],
         # Peers used only by tests and benchmarks: timm (PyTorch) and Flax/JAX models to compare against.
         "test": [
             "pytest>=8",
@@ -27,6 +29,9 @@ setup(
             "timm>=1.0",
             "jax>=0.4.30",
             "flax>=0.10",
+            "tf2onnx>=1.17",
+            "onnx",
+            "onnxruntime",
         ],
     },
 )

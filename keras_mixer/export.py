@@ -42,13 +42,17 @@ def _decode(image_bytes, image_size, crop_ratio):
 
 def serving_functions(model, class_names=None, top_k=5, crop_ratio=0.875):
     """The two serving functions (bytes and uint8 tensors) -> dict of named outputs."""
+    if len(model.output_shape) != 2 or not any(layer.name == "head" for layer in model.layers):
+        raise ValueError(
+            f"Only classifiers can be served: model {model.name!r} has output shape {model.output_shape} "
+            f"and no head (build it with include_top=True)"
+        )
     height, width = model.input_shape[1:3]
     classes = model.output_shape[-1]
     k = min(top_k, classes)
     scale_inside = _has_preprocessing(model)
     # The model's head may end in softmax or output logits: serve both either way.
-    head = model.get_layer("head") if any(layer.name == "head" for layer in model.layers) else None
-    activation = keras.activations.serialize(head.activation) if head is not None else "linear"
+    activation = keras.activations.serialize(model.get_layer("head").activation)
     if activation not in ("linear", "softmax"):
         raise ValueError(f"Cannot export a head with activation {activation!r}; use softmax or none")
     if class_names is not None and len(class_names) != classes:
@@ -136,5 +140,7 @@ def export_onnx(model, path):
     path = os.fspath(path)
     if os.path.isdir(path):
         raise ValueError(f"ONNX path {path!r} is a folder; give a file name")
-    model.export(path, format="onnx", verbose=False)
+    # An explicit signature: Keras only infers one for models that were already called.
+    signature = [tf.TensorSpec([None, *model.input_shape[1:]], tf.float32, name="images")]
+    model.export(path, format="onnx", verbose=False, input_signature=signature)
     return path

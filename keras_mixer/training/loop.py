@@ -102,8 +102,8 @@ def _write_json(path, payload):
 
 def decide_xla(config, kind):
     """XLA for the forward/backward pass, on purpose: Keras' jit_compile="auto" would turn it off on
-    CPU and under tf.distribute, but it trains Mixer-B/16 1.7x faster on CPU (FACTS.md). TPUs
-    compile everything anyway."""
+    CPU and under tf.distribute, yet it is faster there (Mixer-B/16 on 2 CPU cores: 4.71 vs 4.43
+    img/s in this loop, benchmarks/xla_training.py). TPUs compile everything anyway."""
     if config.xla == "auto":
         on = kind != "tpu"
     else:

@@ -282,3 +282,12 @@ def test_mixed_precision_training_runs(tmp_path, precision):
     trainer("pretrain", "--steps", 30, "--log_every", 10, "--mixed_precision", precision, "--workdir", tmp_path)
     m = metrics(tmp_path)
     assert np.isfinite(m["train_loss"]) and m["loss_history"][-1][1] < m["loss_history"][0][1]
+
+
+def test_bare_tpu_flag_means_the_local_tpu_vm():
+    from keras_mixer.training.cli import _normalise_argv
+
+    assert _normalise_argv(["p", "--tpu"]) == ["p", "--tpu=local"]
+    assert _normalise_argv(["p", "--tpu", "--config", "x"]) == ["p", "--tpu=local", "--config", "x"]
+    assert _normalise_argv(["p", "--tpu", "my-tpu"]) == ["p", "--tpu", "my-tpu"]
+    assert _normalise_argv(["p", "--tpu=grpc://1.2.3.4:8470"]) == ["p", "--tpu=grpc://1.2.3.4:8470"]

@@ -1,7 +1,6 @@
 """Input pipelines: sources, transforms (by their statistics), permutations, sharding, bad input."""
 
 import logging
-import os
 
 import numpy as np
 import pytest

@@ -7,7 +7,7 @@ import zipfile
 import keras
 import numpy as np
 import pytest
-from conftest import TINY, randomize, tiny_mixer
+from conftest import randomize, tiny_mixer
 
 import keras_mixer
 from keras_mixer import CheckpointError, checkpoints, weights

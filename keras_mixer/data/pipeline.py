@@ -12,7 +12,6 @@ import numpy as np
 import tensorflow as tf
 
 from keras_mixer.data import transforms
-from keras_mixer.data.permutations import ImagePermutation
 from keras_mixer.layers import to_pair
 
 EVAL_RESIZE = ("crop", "resize")

@@ -174,7 +174,7 @@ def official_to_timm(params):
     return state
 
 
-def _atomic_write(path, write):
+def atomic_write(path, write):
     """Writes through a temporary file in the same folder, then renames: an existing file is
     replaced only by a complete new one, never left half-written."""
     path = os.fspath(path)
@@ -193,7 +193,7 @@ def _atomic_write(path, write):
 
 def write_npz(params, path):
     """Writes {official key: array} as an official-layout .npz (no pickle), atomically."""
-    _atomic_write(path, lambda f: np.savez(f, **params))
+    atomic_write(path, lambda f: np.savez(f, **params))
 
 
 def write_timm_safetensors(params, path):
@@ -201,4 +201,4 @@ def write_timm_safetensors(params, path):
     from safetensors.numpy import save
 
     state = official_to_timm(params)
-    _atomic_write(path, lambda f: f.write(save(state)))
+    atomic_write(path, lambda f: f.write(save(state)))

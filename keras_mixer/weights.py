@@ -52,9 +52,10 @@ class Checkpoint:
         self.format = checkpoints.detect_format(self.path)
         self.gelu = checkpoints.SOURCE_GELU.get(self.format)
         self.params = None  # stays None for a bare .weights.h5, readable only into a model
+        self.source_model = None  # a .keras archive's model: its architecture, without a second load
         if self.format == checkpoints.KERAS:
-            source = keras.saving.load_model(self.path, safe_mode=True, compile=False)
-            self.gelu, self.params = model_gelu(source), model_params(source)
+            self.source_model = keras.saving.load_model(self.path, safe_mode=True, compile=False)
+            self.gelu, self.params = model_gelu(self.source_model), model_params(self.source_model)
         elif self.format != checkpoints.KERAS_H5:
             self.format, self.params = checkpoints.read_arrays(self.path, self.format)
 

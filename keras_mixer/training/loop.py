@@ -20,7 +20,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 import time
 
 import keras
@@ -32,7 +31,8 @@ from keras_mixer.models import MlpMixer, create_model, mixer_config
 from keras_mixer.training.config import TrainConfig
 from keras_mixer.training.schedules import WarmupDecay
 from keras_mixer.training.strategy import choose_strategy, is_chief, make_strategy, task_id
-from keras_mixer.weights import save_npz
+from keras_mixer.checkpoints import atomic_write
+from keras_mixer.weights import Checkpoint, save_npz
 
 log = logging.getLogger("keras_mixer")
 
@@ -86,18 +86,17 @@ def build_model(config, num_classes):
     if config.mode == "pretrain":
         return create_model(config.model, **common)
     if config.model is None:  # a .keras init carries its architecture
-        arch = mixer_config(keras.saving.load_model(config.init, safe_mode=True, compile=False))
+        checkpoint = Checkpoint(config.init)  # read once: architecture and weights
+        if checkpoint.source_model is None:
+            raise ValueError(f"--init {config.init!r} is not a .keras file: give --model")
+        arch = mixer_config(checkpoint.source_model)
         arch = {k: arch[k] for k in ("patch_size", "hidden_dim", "num_blocks", "tokens_mlp_dim", "channels_mlp_dim")}
-        return MlpMixer(**arch, weights=config.init, name="mixer_finetuned", **common)
+        return MlpMixer(**arch, weights=checkpoint, name="mixer_finetuned", **common)
     return create_model(config.model, weights=config.init, **common)
 
 
 def _write_json(path, payload):
-    folder = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write(json.dumps(payload, indent=2).encode()))
 
 
 def decide_xla(config, kind):

@@ -13,10 +13,11 @@ Formats, recognised by content (the file name is not trusted):
 import json
 import os
 import re
-import tempfile
 import zipfile
 
 import numpy as np
+
+from keras_mixer.files import atomic_write
 
 NPZ, TIMM_SAFETENSORS, TIMM_TORCH, KERAS, KERAS_H5 = "npz", "timm-safetensors", "timm-torch", "keras", "keras-h5"
 # The GELU form each source was trained with.
@@ -172,23 +173,6 @@ def official_to_timm(params):
             value = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
         state[".".join(names + [timm_leaf])] = np.ascontiguousarray(value)
     return state
-
-
-def atomic_write(path, write):
-    """Writes through a temporary file in the same folder, then renames: an existing file is
-    replaced only by a complete new one, never left half-written."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise IsADirectoryError(f"Cannot write weights to {path!r}: it is a directory")
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def write_npz(params, path):

@@ -4,13 +4,20 @@ TF Serving layout: `export_base/<version>/saved_model.pb + variables/`, versions
 an existing version is never overwritten. Two signatures:
 
   serving_default   image_bytes: string [batch]   encoded JPEG/PNG, any size and channel count;
-                    decoded, resized (shorter side, centre crop) inside the graph
+                    the header's width x height is checked against a pixel budget before any
+                    pixel is decoded; then decoded and resized (shorter side and centre crop, or
+                    plain resize, as the model was evaluated) inside the graph
   serving_images    images: uint8 [batch, H, W, 3] at the model's size
 
 Both return `logits` [batch, classes], `probabilities`, `top_k_ids` int32 [batch, k],
 `top_k_scores` [batch, k], and `top_k_labels` string [batch, k] when class names are given.
+
+Beside the SavedModel, `assets.extra/keras_mixer.json` records what the model was trained on
+(data set, class names, evaluation preprocessing, pixel budget) for `evaluate.py` and people;
+TF Serving ignores that folder.
 """
 
+import json
 import logging
 import os
 import shutil
@@ -20,9 +27,18 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_mixer.data.transforms import resize_and_center_crop
+from keras_mixer.data.transforms import plain_resize, resize_and_center_crop
+from keras_mixer.files import make_tree_readable, strict_json
 
 log = logging.getLogger("keras_mixer")
+
+# The bytes signature refuses images with more pixels than this (width x height from the header),
+# before decoding: 40 megapixels (e.g. 8000 x 5000) decode to 120 MB of uint8 pixels. Without a
+# bound, one 379 KB PNG declaring 20000 x 20000 pixels takes a server to 10 GB.
+DEFAULT_MAX_PIXELS = 40_000_000
+METADATA = os.path.join("assets.extra", "keras_mixer.json")
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_JPEG_MAGIC = b"\xff\xd8\xff"
 
 
 def _versions(export_base):
@@ -33,15 +49,56 @@ def _has_preprocessing(model):
     return any(layer.name == "rescaling" for layer in model.layers)
 
 
-def _decode(image_bytes, image_size, crop_ratio):
-    """Encoded image -> float32 [H, W, 3] in [0, 255]; fails the request if not an image."""
-    image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
+def header_size(image_bytes):
+    """(height, width) int64 read from a JPEG or PNG header without decoding any pixel.
+
+    JPEG: the SOF marker (`tf.image.extract_jpeg_shape`); PNG: the IHDR chunk, big-endian width and
+    height at bytes 16..24. Anything else fails the request with an InvalidArgumentError."""
+    is_png = tf.strings.substr(image_bytes, 0, 8) == _PNG_MAGIC
+    is_jpeg = tf.strings.substr(image_bytes, 0, 3) == _JPEG_MAGIC
+    known = tf.debugging.Assert(is_png | is_jpeg, ["the request is not a JPEG or PNG image"])
+    with tf.control_dependencies([known]):
+        image_bytes = tf.identity(image_bytes)
+
+    def png():
+        tf.debugging.assert_greater_equal(
+            tf.strings.length(image_bytes), 24, message="truncated PNG: no complete IHDR header"
+        )
+        width_height = tf.io.decode_raw(tf.strings.substr(image_bytes, 16, 8), tf.int32, little_endian=False)
+        return tf.cast(width_height[1], tf.int64), tf.cast(width_height[0], tf.int64)
+
+    def jpeg():
+        shape = tf.cast(tf.image.extract_jpeg_shape(image_bytes), tf.int64)
+        return shape[0], shape[1]
+
+    return tf.cond(is_png, png, jpeg)
+
+
+def _decode(image_bytes, image_size, crop_ratio, eval_resize, max_pixels):
+    """Encoded image -> float32 [H, W, 3] in [0, 255]; fails the request (InvalidArgumentError)
+    if it is not a JPEG or PNG or declares more than `max_pixels` pixels."""
+    height, width = header_size(image_bytes)
+    too_big = tf.strings.format(
+        "image of {}x{} pixels (width x height) is over the pixel budget of {} pixels set at export; send a smaller image",
+        (width, height, tf.constant(max_pixels, tf.int64)),
+    )
+    check = tf.debugging.Assert(
+        (height > 0) & (width > 0) & (height * width <= max_pixels), [too_big], summarize=1
+    )
+    with tf.control_dependencies([check]):
+        image = tf.io.decode_image(tf.identity(image_bytes), channels=3, expand_animations=False)
     image.set_shape([None, None, 3])
-    return resize_and_center_crop(tf.cast(image, tf.float32), image_size, crop_ratio)
+    if eval_resize == "resize":
+        return plain_resize(image, image_size)
+    return resize_and_center_crop(image, image_size, crop_ratio)
 
 
-def serving_functions(model, class_names=None, top_k=5, crop_ratio=0.875):
+def serving_functions(model, class_names=None, top_k=5, crop_ratio=0.875, eval_resize="crop", max_pixels=DEFAULT_MAX_PIXELS):
     """The two serving functions (bytes and uint8 tensors) -> dict of named outputs."""
+    if eval_resize not in ("crop", "resize"):
+        raise ValueError(f"eval_resize must be 'crop' or 'resize', got {eval_resize!r}")
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, (int, np.integer)) or max_pixels <= 0:
+        raise ValueError(f"max_pixels must be a positive integer, got {max_pixels!r}")
     if len(model.output_shape) != 2 or not any(layer.name == "head" for layer in model.layers):
         raise ValueError(
             f"Only classifiers can be served: model {model.name!r} has output shape {model.output_shape} "
@@ -77,7 +134,7 @@ def serving_functions(model, class_names=None, top_k=5, crop_ratio=0.875):
 
     def from_bytes(image_bytes):
         images = tf.map_fn(
-            lambda b: _decode(b, (height, width), crop_ratio),
+            lambda b: _decode(b, (height, width), crop_ratio, eval_resize, max_pixels),
             image_bytes,
             fn_output_signature=tf.TensorSpec([height, width, 3], tf.float32),
         )
@@ -93,7 +150,10 @@ def serving_functions(model, class_names=None, top_k=5, crop_ratio=0.875):
     return signatures
 
 
-def export_saved_model(model, export_base, version=None, class_names=None, top_k=5, crop_ratio=0.875):
+def export_saved_model(
+    model, export_base, version=None, class_names=None, top_k=5, crop_ratio=0.875, eval_resize="crop",
+    max_pixels=DEFAULT_MAX_PIXELS, metadata=None,
+):  # fmt: skip
     """Writes `model` as `export_base/<version>/` for TF Serving and returns that path.
 
     Args:
@@ -101,10 +161,15 @@ def export_saved_model(model, export_base, version=None, class_names=None, top_k
             An existing version is an error: nothing is overwritten.
         class_names: optional list of names in label order, served as `top_k_labels`.
         top_k: how many classes the top-k outputs hold.
-        crop_ratio: the bytes signature resizes the shorter side to size / ratio, then centre-crops.
+        crop_ratio, eval_resize: the bytes signature's preprocessing, as the model was evaluated:
+            "crop" resizes the shorter side to size / crop_ratio then centre-crops, "resize" squeezes
+            the whole image to the model's size.
+        max_pixels: the bytes signature refuses images whose header declares more pixels.
+        metadata: a dict recorded in `assets.extra/keras_mixer.json` (data set, ...).
 
     The version folder appears complete or not at all: it is written next to the target and
-    renamed into place.
+    renamed into place. Files and folders get the modes the umask gives (world-readable by
+    default), so a server running as another user can read them.
     """
     export_base = os.fspath(export_base)
     if os.path.exists(export_base) and not os.path.isdir(export_base):
@@ -121,17 +186,33 @@ def export_saved_model(model, export_base, version=None, class_names=None, top_k
 
     archive = keras.export.ExportArchive()
     archive.track(model)
-    for name, (fn, signature) in serving_functions(model, class_names, top_k, crop_ratio).items():
+    functions = serving_functions(model, class_names, top_k, crop_ratio, eval_resize, max_pixels)
+    for name, (fn, signature) in functions.items():
         archive.add_endpoint(name=name, fn=fn, input_signature=signature)
+    about = dict(metadata or {}, class_names=class_names, crop_ratio=crop_ratio, eval_resize=eval_resize,
+                 max_pixels=int(max_pixels), image_size=list(model.input_shape[1:3]))  # fmt: skip
     staging = tempfile.mkdtemp(dir=export_base, prefix=".tmp-export-")
     try:
         archive.write_out(staging, verbose=False)
+        os.makedirs(os.path.join(staging, "assets.extra"), exist_ok=True)
+        with open(os.path.join(staging, METADATA), "w") as f:
+            json.dump(strict_json(about), f, indent=2)
+        make_tree_readable(staging)
         os.rename(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     log.info("Exported SavedModel version %d to %s", version, target)
     return target
+
+
+def export_metadata(saved_model_dir):
+    """The `assets.extra/keras_mixer.json` record of an export, or {} when it has none."""
+    try:
+        with open(os.path.join(saved_model_dir, METADATA)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
 
 
 def export_onnx(model, path):

@@ -22,6 +22,10 @@ PRESETS = {
 ALIASES = {"imagenet": "imagenet1k"}
 
 
+class PresetUnavailable(OSError):
+    """A preset's weights file could not be fetched; the message says how to supply it."""
+
+
 def presets_for(variant):
     """The preset names published for a variant such as "B/16"."""
     return [name for name, (variants, _, _) in PRESETS.items() if variant in variants]
@@ -50,9 +54,18 @@ def fetch_preset(name, variant):
     # back to /tmp/.keras for a cache folder that is missing.
     cache_dir = os.environ.get("KERAS_HOME") or os.path.expanduser(os.path.join("~", ".keras"))
     os.makedirs(cache_dir, exist_ok=True)
-    return keras.utils.get_file(
-        fname, origin=url, cache_dir=cache_dir, cache_subdir=os.path.join("models", "keras_mixer")
-    )
+    try:
+        return keras.utils.get_file(
+            fname, origin=url, cache_dir=cache_dir, cache_subdir=os.path.join("models", "keras_mixer")
+        )
+    except Exception as e:  # urllib, HTTP and file errors arrive wrapped in several types
+        reason = " ".join(str(e).split())[:200]
+        raise PresetUnavailable(
+            f"Could not download the {name!r} weights for {variant} from {url} ({reason}). Offline or behind a "
+            f"firewall: put the file on a mirror and set KERAS_MIXER_WEIGHTS_URL to its prefix (https://... or "
+            f"file:///folder holding {ALIASES.get(name, name)}/Mixer-{variant.replace('/', '_')}.npz), or pass "
+            f"the local file itself as weights='/path/Mixer-{variant.replace('/', '_')}.npz'."
+        ) from None
 
 
 def is_preset_name(weights):

@@ -4,14 +4,17 @@ Keras variable paths already follow the official tree (`MixerBlock_0/token_mixin
 only LayerNorm leaves differ (Keras `gamma`/`beta`, Flax `scale`/`bias`). So the mapping is a rename.
 """
 
+import json
 import logging
 import os
+import zipfile
 
 import keras
 import numpy as np
 
 from keras_mixer import checkpoints
 from keras_mixer.checkpoints import CheckpointError
+from keras_mixer.files import TMP_PREFIX, readable_file_mode, strict_json
 
 log = logging.getLogger("keras_mixer")
 
@@ -89,25 +92,55 @@ def model_gelu(model):
     return forms.pop() if len(forms) == 1 else None
 
 
+def architecture_of(params):
+    """What a {official key: array} set of weights says of its architecture: patch (h, w), width C
+    and number of blocks (None for absent parts)."""
+    stem = params.get("stem/kernel")  # [patch_h, patch_w, channels, C]
+    blocks = {key.split("/")[0] for key in params if key.startswith("MixerBlock_")}
+    return dict(
+        patch=None if stem is None else tuple(int(d) for d in stem.shape[:2]),
+        width=None if stem is None else int(stem.shape[3]),
+        blocks=len(blocks) or None,
+    )
+
+
+def _describe(arch):
+    names = dict(patch="patch", width="width C", blocks="blocks")
+    return ", ".join(f"{names[k]} {v}" for k, v in arch.items() if v is not None)
+
+
+def _check_architecture(params, targets, path):
+    """CheckpointError naming both architectures when the weights are of another Mixer variant."""
+    have, want = architecture_of(params), architecture_of(targets)
+    differ = [k for k in have if have[k] is not None and want[k] is not None and have[k] != want[k]]
+    if differ:
+        raise CheckpointError(
+            f"{path!r} holds a different Mixer architecture ({', '.join(differ)} differ): the weights are "
+            f"{_describe(have)}; the model is {_describe(want)}. Build the model as the weights were trained "
+            f"(for example the variant constructor whose numbers match), or use weights of this model's variant."
+        )
+
+
 def _head_policy(params, targets, path):
-    """Drops or keeps the checkpoint's head to fit the model; returns (params, heads to zero)."""
+    """Drops or keeps the checkpoint's head to fit the model.
+
+    Returns (params, head keys to zero, a note to log once the weights are in, or None)."""
     ckpt_head = [k for k in HEAD_KEYS if k in params]
     model_head = [k for k in HEAD_KEYS if k in targets]
+    without_head = {k: v for k, v in params.items() if k not in HEAD_KEYS}
     if not model_head:
-        if ckpt_head:
-            log.info("%s: head not loaded (model has include_top=False)", path)
-        return {k: v for k, v in params.items() if k not in HEAD_KEYS}, []
+        note = f"{path}: head not loaded (model has include_top=False)" if ckpt_head else None
+        return without_head, [], note
     if ckpt_head and params["head/kernel"].shape == tuple(targets["head/kernel"].shape):
-        return params, []
+        return params, [], None
     if ckpt_head:
-        ckpt_classes = params["head/bias"].shape[0]
-        log.warning(
-            "%s: checkpoint head has %d classes, model has %d: head reset to zeros (fine-tuning init)",
-            path, ckpt_classes, targets["head/bias"].shape[0],
+        note = (
+            f"{path}: checkpoint head has {params['head/bias'].shape[0]} classes, model has "
+            f"{targets['head/bias'].shape[0]}: head set to zeros (fine-tuning init)"
         )
     else:
-        log.warning("%s: checkpoint has no head: model head reset to zeros", path)
-    return {k: v for k, v in params.items() if k not in HEAD_KEYS}, model_head
+        note = f"{path}: checkpoint has no head: model head set to zeros"
+    return without_head, model_head, note
 
 
 def _list(keys, limit=8):
@@ -143,7 +176,8 @@ def _check_fit(params, targets, path):
 def assign(model, params, path="<params>"):
     """Assigns {official key: array} to `model` after checking every key and shape; all or nothing."""
     targets = mixer_variables(model)
-    params, zero_heads = _head_policy(params, targets, path)
+    _check_architecture(params, targets, path)
+    params, zero_heads, note = _head_policy(params, targets, path)
     _check_fit(params, {k: v for k, v in targets.items() if k not in zero_heads}, path)
     backup = {k: keras.ops.convert_to_numpy(v) for k, v in targets.items()}
     try:
@@ -156,6 +190,8 @@ def assign(model, params, path="<params>"):
         for key, variable in targets.items():
             variable.assign(backup[key])
         raise
+    if note:
+        log.log(logging.WARNING if zero_heads else logging.INFO, "%s", note)
 
 
 def load_weights(model, path):
@@ -179,3 +215,38 @@ def load_weights(model, path):
         )
     assign(model, params, checkpoint.path)
     return model
+
+
+# What a trained model was trained on (data set, class names, evaluation preprocessing), stored as
+# one extra member of its .keras archive; Keras ignores members it does not know.
+KERAS_METADATA = "keras_mixer.json"
+
+
+def save_keras(model, path, metadata=None):
+    """`model.save(path)` written atomically (a temporary .keras beside it, renamed into place),
+    with `metadata` (a JSON-able dict) recorded inside the archive. Returns `path`."""
+    path = os.fspath(path)
+    folder, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(folder, f"{TMP_PREFIX}{os.getpid()}-{name}")
+    try:
+        model.save(tmp)
+        if metadata is not None:
+            with zipfile.ZipFile(tmp, "a") as archive:
+                archive.writestr(KERAS_METADATA, json.dumps(strict_json(metadata), indent=2))
+        os.chmod(tmp, readable_file_mode())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def keras_metadata(path):
+    """The metadata `save_keras` recorded in a .keras archive, or None."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            if KERAS_METADATA in archive.namelist():
+                return json.loads(archive.read(KERAS_METADATA))
+    except (OSError, ValueError, zipfile.BadZipFile):
+        return None
+    return None

@@ -97,10 +97,18 @@ def test_image_folder_source(image_folder, caplog):
     with caplog.at_level(logging.WARNING, logger="keras_mixer"):
         train = data.load_source(f"folder:{image_folder}", "train")
     assert train.class_names == ["cat", "dog"] and train.num_classes == 2
-    assert train.skipped_files == 1 and "skipped 1 file(s)" in caplog.text and "broken.jpg" in caplog.text
-    assert train.num_examples == 12  # 5 + 5 + grey + truncated (dropped later, at decode)
+    # Nothing left out in silence: each file named with its reason, counted, logged.
+    assert train.skipped == {
+        "files_without_an_image_extension": [str(image_folder / "train" / "dog" / "notes.txt")],
+        "files_not_jpeg_or_png": [str(image_folder / "train" / "cat" / "broken.jpg")],
+        "images_that_fail_to_decode": [str(image_folder / "train" / "dog" / "cut.jpg")],
+    }
+    assert train.problems()["images_that_fail_to_decode"]["count"] == 1
+    for name in ("notes.txt", "broken.jpg", "cut.jpg"):
+        assert name in caplog.text
+    assert train.num_examples == 11  # 5 + 5 + grey; the truncated JPEG is found before training
     images, labels = _all(data.make_pipeline(train, training=False, image_size=16, batch_size=4))
-    assert images.shape == (11, 16, 16, 3)  # the truncated JPEG is dropped, never a crash
+    assert images.shape == (11, 16, 16, 3)
     assert sorted(labels.tolist()) == [0] * 6 + [1] * 5
     dark, bright = images[labels == 0].mean(), images[labels == 1].mean()
     assert dark < 100 < bright  # labels follow the class folders

@@ -17,27 +17,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from multiworker import run_cluster
+from runs import ENV, ROOT, metrics, trainer
 
 from keras_mixer.training import TrainConfig, WarmupDecay, choose_strategy, clip_by_global_norm, load_config
 from keras_mixer.training.cli import CONFIGS_DIR
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": ROOT}
-
-
-def trainer(program, *args, check=True, timeout=600):
-    result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "trainers", f"{program}.py"), *map(str, args)],
-        capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=timeout,
-    )  # fmt: skip
-    if check and result.returncode != 0:
-        raise AssertionError(f"{program} {args} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    return result
-
-
-def metrics(workdir):
-    with open(os.path.join(workdir, "metrics.json")) as f:
-        return json.load(f)
 
 
 # --- recipes, schedules, clipping, strategy choice ------------------------------------------------
@@ -144,7 +127,7 @@ def test_demo_recipe_reaches_95_percent_and_writes_its_workdir(demo):
     assert seconds < 300  # the budget on 2 CPU cores (also the README's claim)
     assert str(workdir) in result.stdout and "Finished step 880" in result.stdout
     assert os.path.isfile(os.path.join(workdir, "model.keras"))
-    assert os.path.isfile(os.path.join(workdir, "export", "1", "saved_model.pb"))
+    assert os.path.isfile(os.path.join(workdir, "export", "880", "saved_model.pb"))  # the version is the step
     assert tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints")).endswith("ckpt-880")
     tags = set()
     for event_file in glob.glob(os.path.join(workdir, "tensorboard", "events.*")):
@@ -160,7 +143,7 @@ def test_evaluate_agrees_on_every_kind_of_source(demo):
     sources = [workdir, os.path.join(workdir, "model.keras"), os.path.join(workdir, "export")]
     sources.append(tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints")))
     for source in sources:
-        out = trainer("evaluate", "--source", source, "--dataset", "digits").stdout
+        out = trainer("evaluate", "--source", source).stdout  # the data set is recorded with the model
         top1 = float(out.split("top-1:")[1].split()[0])
         assert top1 == pytest.approx(expected, abs=1 / 360 + 1e-9), (source, out)
 
@@ -198,7 +181,7 @@ def test_kill_9_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path):
     assert seen >= 80, "no checkpoint appeared in time"
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
-    assert not (killed / "metrics.json").exists()  # it really died mid-run
+    assert not metrics(killed)["finished"]  # it really died mid-run (metrics.json holds its progress)
 
     resumed = trainer("pretrain", *args, "--workdir", killed).stdout
     m = metrics(killed)

@@ -164,7 +164,7 @@ def test_heads(tmp_path, images, caplog):
 
     with caplog.at_level(logging.WARNING, logger="keras_mixer"):
         fresh = tiny_mixer(weights=tmp_path / "w.npz", classes=3)
-    assert "head reset to zeros" in caplog.text and "7 classes" in caplog.text
+    assert "head set to zeros" in caplog.text and "7 classes" in caplog.text
     assert not fresh.get_layer("head").kernel.numpy().any() and not fresh.get_layer("head").bias.numpy().any()
     np.testing.assert_array_equal(
         fresh.get_layer("MixerBlock_1").channel_mixing.dense_1.kernel.numpy(),

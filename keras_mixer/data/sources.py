@@ -29,7 +29,7 @@ class Source:
         num_examples: examples in the split, or None when unknown.
         make: (input_context, shuffle_files, seed) -> Dataset of (uint8 [h, w, 3], int64 label),
             already sharded for `input_context` (a `tf.distribute.InputContext` or None).
-        skipped_files: files of an image folder skipped as not JPEG/PNG.
+        skipped: {reason: [paths]} of the files an image folder left out of the split.
     """
 
     name: str
@@ -38,10 +38,22 @@ class Source:
     class_names: Optional[list]
     num_examples: Optional[int]
     make: Callable = dataclasses.field(repr=False)
-    skipped_files: int = 0
+    skipped: dict = dataclasses.field(default_factory=dict)
 
     def dataset(self, input_context=None, shuffle_files=False, seed=None):
         return self.make(input_context, shuffle_files, seed)
+
+    def problems(self, shown=10):
+        """{reason: {"count": n, "first": [paths]}} of the files left out; {} when none."""
+        return {reason: dict(count=len(paths), first=paths[:shown]) for reason, paths in self.skipped.items() if paths}
+
+    def describe_problems(self, shown=3):
+        """One line: what was left out of this split, how many and the first paths."""
+        parts = [
+            f"{len(paths)} {reason.replace('_', ' ')} ({', '.join(paths[:shown])}{', ...' if len(paths) > shown else ''})"
+            for reason, paths in self.skipped.items() if paths
+        ]  # fmt: skip
+        return f"{self.name} split {self.split!r}: left out " + "; ".join(parts) if parts else ""
 
 
 def _shard(dataset, input_context):
@@ -97,15 +109,33 @@ def _is_image(path):
     return any(head.startswith(magic) for magic in _MAGIC)
 
 
-def folder_source(root, split="train", class_names=None):
+def undecodable(paths):
+    """The paths among `paths` whose image fails to decode (truncated, corrupt body): one parallel
+    decode pass, so a broken file is known, named and counted before training starts."""
+    if not len(paths):
+        return []
+
+    def decode(path):
+        image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+        return path, tf.shape(image)[0]
+
+    decoded = tf.data.Dataset.from_tensor_slices(np.asarray(paths))
+    decoded = decoded.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False).ignore_errors()
+    good = {path.decode() for path, _ in decoded.as_numpy_iterator()}
+    return [p for p in paths if p not in good]
+
+
+def folder_source(root, split="train", class_names=None, verify=True):
     """Images in `root/<split>/<class name>/*.{jpg,jpeg,png}`; classes sorted by folder name.
 
-    Files whose first bytes are not JPEG or PNG are skipped, counted and logged. An image that
-    passes that check but fails to decode (truncated) is dropped by the pipeline with a warning.
+    Nothing is dropped in silence: files without an image extension, files whose first bytes are
+    not JPEG or PNG, and (with `verify`) images that fail to decode are left out of the split,
+    listed in `Source.skipped` and logged with their count and first paths.
 
     Args:
         class_names: the class list to label with (e.g. the train split's for validation), default
             the split's own subfolders.
+        verify: decode every image once now (one parallel pass) to find broken ones.
     """
     splits = folder_splits(root)
     if split not in splits:
@@ -118,23 +148,30 @@ def folder_source(root, split="train", class_names=None):
     unknown = sorted(set(found) - set(class_names))
     if unknown:
         raise ValueError(f"Split folder {split_dir!r} has classes {unknown} that are not among {class_names}")
-    paths, labels, skipped = [], [], []
+    paths, labels = [], []
+    skipped = {"files_without_an_image_extension": [], "files_not_jpeg_or_png": [], "images_that_fail_to_decode": []}
     for label, name in enumerate(class_names):
         class_dir = os.path.join(split_dir, name)
         if not os.path.isdir(class_dir):
             continue
-        files = sorted(f for f in os.listdir(class_dir) if f.lower().endswith(IMAGE_EXTENSIONS))
-        images = [os.path.join(class_dir, f) for f in files]
+        files = sorted(os.path.join(class_dir, f) for f in os.listdir(class_dir) if not f.startswith("."))
+        images = [p for p in files if p.lower().endswith(IMAGE_EXTENSIONS)]
+        skipped["files_without_an_image_extension"] += [p for p in files if p not in set(images)]
         good = [p for p in images if _is_image(p)]
-        skipped += sorted(set(images) - set(good))
+        skipped["files_not_jpeg_or_png"] += [p for p in images if p not in set(good)]
+        broken = set(undecodable(good)) if verify else set()
+        skipped["images_that_fail_to_decode"] += sorted(broken)
+        good = [p for p in good if p not in broken]
         if not good:
-            raise ValueError(f"Class folder {class_dir!r} has no readable .jpg/.jpeg/.png images")
+            raise ValueError(
+                f"Class folder {class_dir!r} has no readable .jpg/.jpeg/.png images: every class folder "
+                f"needs at least one"
+            )
         paths += good
         labels += [label] * len(good)
-    if skipped:
-        log.warning(
-            "%s: skipped %d file(s) that are not JPEG or PNG images, e.g. %s", split_dir, len(skipped), skipped[:3]
-        )
+    source = Source(f"folder:{root}", split, len(class_names), class_names, len(paths), None, skipped)
+    if source.problems():
+        log.warning("%s", source.describe_problems())
     paths, labels = np.array(paths), np.array(labels, dtype="int64")
 
     def make(input_context, shuffle_files, seed):
@@ -142,9 +179,11 @@ def folder_source(root, split="train", class_names=None):
         if shuffle_files:  # the whole file list: cheap, and a full shuffle of the examples
             files = files.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
         images = files.map(_decode_file, num_parallel_calls=tf.data.AUTOTUNE)
+        # Verified above; a file changed since then is dropped with TensorFlow's warning.
         return images.ignore_errors(log_warning=True)
 
-    return Source(f"folder:{root}", split, len(class_names), class_names, len(paths), make, len(skipped))
+    source.make = make
+    return source
 
 
 def _decode_file(path, label):

@@ -1,11 +1,17 @@
 """The absl command lines behind `trainers/*.py`: flags, validation and the four programs.
 
 Bad names and conflicting flags stop at parsing with absl's one-line usage error (exit code 1)
-that lists the valid choices.
+that lists the valid choices. Errors found later that are the user's or the machine's to fix (a
+bad value, a missing or corrupt file, a busy workdir, a changed recipe, a full disk) end with one
+`error: ...` line and exit code 1; `--debug` shows their traceback too. Any other exception is a
+bug and keeps its traceback.
 """
 
+import contextlib
+import errno
 import logging
 import os
+import re
 import sys
 
 from absl import app, flags
@@ -16,6 +22,51 @@ from keras_mixer.training.config import PRECISIONS, STRATEGIES, XLA
 
 FLAGS = flags.FLAGS
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "trainers", "configs")
+
+
+def _error_line(error):
+    """The one line for a user's or the machine's error, or None for a bug."""
+    from keras_mixer.training.checkpointing import NoCheckpointRestores
+    from keras_mixer.training.loop import TrainingDiverged
+
+    text = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", " ".join(str(error).split()))
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in text:
+        where = f" while writing {error.filename!r}" if getattr(error, "filename", None) else ""
+        return (
+            f"the disk is full{where} ({text[:200]}). Free some space, then rerun the same command: a training "
+            f"run resumes from its last complete checkpoint, and no finished file was left half-written."
+        )
+    if isinstance(error, (ValueError, OSError, NoCheckpointRestores, TrainingDiverged)):
+        return text
+    return None
+
+
+@contextlib.contextmanager
+def user_errors():
+    """Turns a user's or the machine's error into one `error: ...` line and exit code 1."""
+    try:
+        yield
+    except Exception as e:
+        import tensorflow as tf
+
+        line = _error_line(e)
+        if isinstance(e, tf.errors.OpError) and line is None and "No space left" in str(e):
+            line = _error_line(OSError(errno.ENOSPC, str(e)))
+        if line is None or FLAGS.debug:
+            raise
+        sys.stdout.flush()
+        print(f"\nerror: {line}", file=sys.stderr, flush=True)  # on a line of its own after a progress bar
+        sys.exit(1)
+
+
+def _program_flags(define):
+    """Runs `define()` (flag definitions) and lists the new flags as the program's own, so `--help`
+    and `--helpshort` show them (absl shows only the main module's key flags there)."""
+    before = set(FLAGS)
+    define()
+    flags.DEFINE_boolean("debug", False, "Show the traceback of errors that are reported as one line.")
+    for name in sorted(set(FLAGS) - before):
+        FLAGS.register_key_flag_for_module(sys.argv[0], FLAGS[name])
 
 
 def _dataset_ok(value):
@@ -57,6 +108,12 @@ def _common_flags(recipe):
     flags.DEFINE_integer("eval_every", None, "Steps between evaluations (0: only at the end).")
     flags.DEFINE_integer("steps_per_loop", None, "Steps per host call (raise on TPUs).")
     flags.DEFINE_boolean("write_worker_weights", None, "Every worker writes its final weights (diagnostics).")
+    flags.DEFINE_boolean(
+        "restart", False, "Start again from step 0 although --workdir holds a run (its files move to WORKDIR/previous/)."
+    )
+    flags.DEFINE_list(
+        "accept_changes", [], "Recipe fields a resumed run may change (comma list, or 'all'); recorded in run.json."
+    )
     flags.mark_flags_as_mutual_exclusive(["epochs", "steps"])
     flags.register_validator(
         "model", lambda v: v is None or v in MODEL_NAMES, message=f"unknown model; valid: {', '.join(MODEL_NAMES)}"
@@ -107,29 +164,33 @@ def _train_main(extra=(), mode="pretrain"):
             raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
         _quiet_logs()
         from keras_mixer.training.config import load_config
-        from keras_mixer.training.loop import TrainingDiverged, train
+        from keras_mixer.training.loop import train
 
-        try:
+        from keras_mixer.training.config import TrainConfig
+
+        with user_errors():
             config = load_config(FLAGS.config, CONFIGS_DIR, mode=mode, **_overrides(extra)).validate()
-        except ValueError as e:
-            raise app.UsageError(str(e)) from None
+            unknown = sorted(set(FLAGS.accept_changes) - set(TrainConfig.__dataclass_fields__) - {"all"})
+            if unknown:
+                raise ValueError(f"--accept_changes names unknown fields {unknown}; valid: recipe field names or 'all'")
         print(f"Training {config.model or config.init} on {config.dataset}; workdir {os.path.abspath(config.workdir)}")
-        try:
-            train(config)
-        except TrainingDiverged as e:
-            sys.exit(f"error: {e}")
+        with user_errors():
+            train(config, restart=FLAGS.restart, accept_changes=FLAGS.accept_changes)
 
     return main
 
 
 def run_pretrain():
-    _common_flags("demo")
+    _program_flags(lambda: _common_flags("demo"))
     app.run(_train_main(), argv=_normalise_argv(sys.argv))
 
 
 def run_finetune():
-    _common_flags("finetune_demo")
-    flags.DEFINE_string("init", None, "Weights to start from: .keras, official .npz, timm file, or a preset name.")
+    def define():
+        _common_flags("finetune_demo")
+        flags.DEFINE_string("init", None, "Weights to start from: .keras, official .npz, timm file, or a preset name.")
+
+    _program_flags(define)
     app.run(_train_main(extra=("init",), mode="finetune"), argv=_normalise_argv(sys.argv))
 
 
@@ -142,14 +203,17 @@ def _source_flags():
 
 
 def run_evaluate():
-    _source_flags()
-    flags.DEFINE_string("dataset", None, "Data set (default: the workdir's).")
-    flags.DEFINE_string("data_dir", None, "TFDS data directory.")
-    flags.DEFINE_string("split", None, "Split (default: validation if it exists, else test).")
-    flags.DEFINE_integer("batch_size", 256, "Batch size.")
-    flags.DEFINE_enum("eval_resize", None, ["crop", "resize"], "Resize then centre-crop, or plain resize (default: the run's, else crop).")
-    flags.DEFINE_float("crop_ratio", None, "Centre-crop ratio (default: the run's, else 0.875).")
-    flags.register_validator("dataset", _dataset_ok, message="unknown data set; valid: digits, folder:PATH or a TFDS name")
+    def define():
+        _source_flags()
+        flags.DEFINE_string("dataset", None, "Data set (default: the one the source records).")
+        flags.DEFINE_string("data_dir", None, "TFDS data directory.")
+        flags.DEFINE_string("split", None, "Split (default: validation if it exists, else test).")
+        flags.DEFINE_integer("batch_size", 256, "Batch size.", lower_bound=1)
+        flags.DEFINE_enum("eval_resize", None, ["crop", "resize"], "Resize then centre-crop, or plain resize (default: the run's, else crop).")
+        flags.DEFINE_float("crop_ratio", None, "Centre-crop ratio (default: the run's, else 0.875).")
+        flags.register_validator("dataset", _dataset_ok, message="unknown data set; valid: digits, folder:PATH or a TFDS name")
+
+    _program_flags(define)
 
     def main(argv):
         del argv
@@ -160,37 +224,44 @@ def run_evaluate():
 
         import tensorflow as tf
 
-        try:
+        with user_errors():
             predictor = load_predictor(FLAGS.source)
             dataset = FLAGS.dataset or predictor.dataset
             if dataset is None:
-                raise ValueError(f"give --dataset: {FLAGS.source!r} does not say what it was trained on")
+                raise ValueError(f"give --dataset: {FLAGS.source!r} does not record what it was trained on")
             split = FLAGS.split or data.eval_split(dataset, FLAGS.data_dir)
             source = data.load_source(dataset, split, data_dir=FLAGS.data_dir, class_names=predictor.class_names)
-        except (ValueError, FileNotFoundError) as e:
-            raise app.UsageError(str(e)) from None
-        evaluate = make_evaluator(
-            tf.distribute.get_strategy(), predictor.predict, source, FLAGS.batch_size, predictor.image_size,
-            FLAGS.eval_resize or predictor.eval_resize, FLAGS.crop_ratio or predictor.crop_ratio,
-        )
-        top1, top5 = evaluate()
+            evaluate = make_evaluator(
+                tf.distribute.get_strategy(), predictor.predict, source, FLAGS.batch_size, predictor.image_size,
+                FLAGS.eval_resize or predictor.eval_resize, FLAGS.crop_ratio or predictor.crop_ratio,
+            )
+            top1, top5 = evaluate()
         print(f"top-1: {top1:.4f}  top-5: {top5:.4f}  ({source.num_examples} images of {dataset}/{split}, {FLAGS.source})")
 
     app.run(main)
 
 
 def run_export():
-    _source_flags()
-    flags.DEFINE_string("export_base", None, "TF Serving model base path; the version folder goes inside.")
-    flags.DEFINE_integer("version", None, "Version number (default: next free).")
-    flags.DEFINE_string("class_names", None, "Text file with one class name per line, in label order.")
-    flags.DEFINE_string("model", None, "Variant, for a preset --source (e.g. B/16).")
-    flags.DEFINE_integer("image_size", None, "Input size, for a preset --source (default 224).")
-    flags.DEFINE_string("onnx", None, "Also write an ONNX file here.")
-    flags.mark_flag_as_required("export_base")
-    flags.register_validator(
-        "model", lambda v: v is None or v in MODEL_NAMES, message=f"unknown model; valid: {', '.join(MODEL_NAMES)}"
-    )
+    from keras_mixer.export import DEFAULT_MAX_PIXELS
+
+    def define():
+        _source_flags()
+        flags.DEFINE_string("export_base", None, "TF Serving model base path; the version folder goes inside.")
+        flags.DEFINE_integer("version", None, "Version number (default: next free).", lower_bound=1)
+        flags.DEFINE_string("class_names", None, "Text file with one class name per line, in label order.")
+        flags.DEFINE_string("model", None, "Variant, for a preset --source (e.g. B/16).")
+        flags.DEFINE_integer("image_size", None, "Input size, for a preset --source (default 224).", lower_bound=1)
+        flags.DEFINE_integer(
+            "max_pixels", DEFAULT_MAX_PIXELS, "The bytes signature refuses images with more pixels (width x height).",
+            lower_bound=1,
+        )
+        flags.DEFINE_string("onnx", None, "Also write an ONNX file here.")
+        flags.mark_flag_as_required("export_base")
+        flags.register_validator(
+            "model", lambda v: v is None or v in MODEL_NAMES, message=f"unknown model; valid: {', '.join(MODEL_NAMES)}"
+        )
+
+    _program_flags(define)
 
     def main(argv):
         del argv
@@ -198,16 +269,19 @@ def run_export():
         from keras_mixer.export import export_onnx, export_saved_model
         from keras_mixer.training.inference import load_keras_model
 
-        try:
-            model, class_names = load_keras_model(FLAGS.source, FLAGS.model, FLAGS.image_size)
+        with user_errors():
+            model, about = load_keras_model(FLAGS.source, FLAGS.model, FLAGS.image_size)
+            class_names = about.get("class_names")
             if FLAGS.class_names:
                 with open(FLAGS.class_names) as f:
                     class_names = [line.strip() for line in f if line.strip()]
-            path = export_saved_model(model, FLAGS.export_base, version=FLAGS.version, class_names=class_names)
+            path = export_saved_model(
+                model, FLAGS.export_base, version=FLAGS.version, class_names=class_names,
+                crop_ratio=about.get("crop_ratio", 0.875), eval_resize=about.get("eval_resize", "crop"),
+                max_pixels=FLAGS.max_pixels, metadata={k: v for k, v in about.items() if k == "dataset"},
+            )  # fmt: skip
             if FLAGS.onnx:
                 export_onnx(model, FLAGS.onnx)
-        except (ValueError, FileNotFoundError) as e:
-            raise app.UsageError(str(e)) from None
         print(f"Exported {FLAGS.source} to {path}" + (f" and {FLAGS.onnx}" if FLAGS.onnx else ""))
 
     app.run(main)

@@ -7,6 +7,7 @@ A recipe is a small Python file with `get_config()` returning a dict of `TrainCo
 import dataclasses
 import importlib.util
 import os
+import traceback
 from typing import Optional
 
 from keras_mixer.models import MODEL_NAMES
@@ -89,10 +90,90 @@ class TrainConfig:
             raise ValueError("give --model (only a .keras --init carries its own architecture)")
         if self.tpu is not None and self.strategy not in ("auto", "tpu"):
             raise ValueError(f"--tpu conflicts with --strategy={self.strategy}")
-        for name in ("batch_size", "checkpoint_every", "log_every", "steps_per_loop", "image_size"):
+        for name in ("batch_size", "checkpoint_every", "log_every", "steps_per_loop", "image_size", "keep_checkpoints"):
             if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.steps is not None and self.steps <= 0:
+            raise ValueError(f"steps must be a positive integer, got {self.steps}")
+        if self.epochs is not None and not self.epochs > 0:
+            raise ValueError(f"epochs must be positive, got {self.epochs}")
+        if self.eval_every < 0:
+            raise ValueError(f"eval_every must be 0 (only at the end) or positive, got {self.eval_every}")
+        for name in ("learning_rate", "crop_area_min", "crop_ratio"):
+            if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.crop_area_min > 1 or self.crop_ratio > 1:
+            raise ValueError(f"crop_area_min and crop_ratio must be at most 1, got {self.crop_area_min}, {self.crop_ratio}")
         return self
+
+
+# Fields that say where and how a run is looked after, not what it computes: a resumed run may
+# change them freely. Every other field changes the computation (or its reported results), and a
+# resumed run must keep it unless the change is accepted (`--accept_changes`).
+OPERATIONAL_FIELDS = frozenset(
+    {
+        "workdir", "data_dir", "download", "cache", "checkpoint_every", "keep_checkpoints", "log_every",
+        "eval_every", "steps_per_loop", "export", "write_worker_weights", "strategy", "tpu", "xla",
+    }
+)  # fmt: skip
+
+
+class RecipeChanged(ValueError):
+    """A resumed run was given a recipe that differs from the one it was started with."""
+
+
+def recipe_changes(recorded, config):
+    """[(field, recorded value, new value)] for every computation field that differs."""
+    new = dataclasses.asdict(config)
+    changed = []
+    for field in dataclasses.fields(TrainConfig):
+        name = field.name
+        if name in OPERATIONAL_FIELDS:
+            continue
+        old = recorded.get(name, field.default)
+        if _normalise(old) != _normalise(new[name]):
+            changed.append((name, old, new[name]))
+    return changed
+
+
+def _normalise(value):
+    # JSON turns tuples into lists and may turn 3.0 into 3: compare values, not spellings.
+    if isinstance(value, (list, tuple)):
+        return [_normalise(v) for v in value]
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)):
+        return float(value)
+    return value
+
+
+def check_resumed_recipe(recorded, config, accept=()):
+    """The accepted changes [(field, old, new)] of a resumed run; RecipeChanged for the others.
+
+    Args:
+        recorded: the recipe the workdir's run was started with (run.json "config"), or None when
+            that file is missing or unreadable.
+        accept: field names whose change is accepted, or ("all",).
+    """
+    if recorded is None:
+        if "all" in accept:
+            return []
+        raise RecipeChanged(
+            "the workdir holds checkpoints but its run.json (the recipe they were trained with) is missing or "
+            "unreadable, so a changed recipe cannot be ruled out: put run.json back, or pass --accept_changes=all "
+            "to resume with the recipe given now"
+        )
+    changes = recipe_changes(recorded, config)
+    refused = [c for c in changes if c[0] not in accept and "all" not in accept]
+    if refused:
+        listing = ", ".join(f"{name} {old!r} -> {new!r}" for name, old, new in refused)
+        names = ",".join(name for name, _, _ in refused)
+        raise RecipeChanged(
+            f"the workdir's run was started with another recipe; changed: {listing}. Resume with the recorded "
+            f"values, pass --accept_changes={names} to continue with the new ones (recorded in run.json), or "
+            f"--restart to start again from step 0 (the current run is moved to WORKDIR/previous/)"
+        )
+    return changes
 
 
 def _choice(name, value, choices):
@@ -116,8 +197,15 @@ def load_config(name_or_path, configs_dir, **overrides):
     path = recipe_path(name_or_path, configs_dir)
     spec = importlib.util.spec_from_file_location(f"keras_mixer_recipe_{os.path.basename(path)[:-3]}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    fields = dict(module.get_config())
+    try:
+        spec.loader.exec_module(module)
+        fields = module.get_config()
+    except Exception as e:  # a user's recipe file: its error is the user's to fix, not a crash of ours
+        line = next((frame.lineno for frame in reversed(traceback.extract_tb(e.__traceback__)) if frame.filename == path), "?")
+        raise ValueError(f"recipe {path!r} failed at line {line}: {type(e).__name__}: {e}") from None
+    if not isinstance(fields, dict):
+        raise ValueError(f"recipe {path!r}: get_config() must return a dict of TrainConfig fields, got {type(fields).__name__}")
+    fields = dict(fields)
     overrides = {k: v for k, v in overrides.items() if v is not None}
     # A length given on the command line replaces the recipe's, whichever unit it uses.
     if "steps" in overrides or "epochs" in overrides:

@@ -6,15 +6,18 @@ for export, a preset name with a variant.
 """
 
 import dataclasses
-import json
 import os
 from typing import Callable, Optional
 
 import keras
 import tensorflow as tf
 
+from keras_mixer.export import export_metadata
+from keras_mixer.files import read_json
 from keras_mixer.models import MlpMixer, create_model
 from keras_mixer.presets import is_preset_name
+from keras_mixer.training.checkpointing import checkpoint_steps, verify
+from keras_mixer.weights import keras_metadata
 
 
 @dataclasses.dataclass
@@ -38,43 +41,73 @@ def _saved_model_dir(path):
     return None
 
 
+def _about_run(record):
+    config = record.get("config", {})
+    return dict(
+        dataset=record.get("dataset", config.get("dataset")), class_names=record.get("class_names"),
+        eval_resize=config.get("eval_resize", "crop"), crop_ratio=config.get("crop_ratio", 0.875),
+    )  # fmt: skip
+
+
 def _run_record(source):
-    """(workdir's run.json contents, checkpoint path) for a workdir or checkpoint path, else None."""
+    """(workdir's run.json contents, [checkpoint prefixes to try, newest first]) for a workdir or a
+    checkpoint path, else None."""
     if os.path.isfile(os.path.join(source, "run.json")):
-        workdir, checkpoint = source, tf.train.latest_checkpoint(os.path.join(source, "checkpoints"))
+        workdir = source
+        folder = os.path.join(source, "checkpoints")
+        prefixes = [os.path.join(folder, f"ckpt-{s}") for s in sorted(checkpoint_steps(folder), reverse=True)]
     elif os.path.isfile(source + ".index"):
-        workdir, checkpoint = os.path.dirname(os.path.dirname(os.path.abspath(source))), source
+        workdir, prefixes = os.path.dirname(os.path.dirname(os.path.abspath(source))), [source]
     else:
         return None
-    with open(os.path.join(workdir, "run.json")) as f:
-        record = json.load(f)
-    if checkpoint is None:
+    record = read_json(os.path.join(workdir, "run.json"))
+    if record is None or "architecture" not in record:
+        raise ValueError(f"{os.path.join(workdir, 'run.json')!r} is missing or unreadable: cannot rebuild the model")
+    if not prefixes:
         raise FileNotFoundError(f"workdir {workdir!r} has no checkpoint yet")
-    return record, checkpoint
+    return record, prefixes
+
+
+def _restore_newest(model, prefixes):
+    """Restores the newest of `prefixes` that reads back completely; ValueError naming each failure."""
+    failures = []
+    for prefix in prefixes:
+        try:
+            verify(prefix)
+            tf.train.Checkpoint(model=model).restore(prefix).expect_partial().assert_existing_objects_matched()
+            return prefix
+        except Exception as e:  # a broken checkpoint: try the next older one
+            failures.append(f"{os.path.basename(prefix)}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    raise ValueError("no checkpoint restores: " + "; ".join(failures))
 
 
 def load_keras_model(source, model_name=None, image_size=None):
-    """(Keras model, class names or None) from a .keras file, a workdir/checkpoint or a preset."""
+    """(Keras model, what it was trained on) from a .keras file, a workdir/checkpoint or a preset.
+
+    The second item is a dict with any of dataset, class_names, eval_resize, crop_ratio that the
+    source records (empty for a preset or a .keras saved by other code)."""
     if os.path.isfile(source) and source.endswith(".keras"):
-        return keras.saving.load_model(source, safe_mode=True, compile=False), None
+        model = keras.saving.load_model(source, safe_mode=True, compile=False)
+        return model, keras_metadata(source) or {}
     found = _run_record(source) if os.path.exists(source) or os.path.exists(source + ".index") else None
     if found:
-        record, checkpoint = found
+        record, prefixes = found
         model = MlpMixer(**record["architecture"])
-        tf.train.Checkpoint(model=model).restore(checkpoint).expect_partial().assert_existing_objects_matched()
-        return model, record.get("class_names")
+        _restore_newest(model, prefixes)
+        return model, _about_run(record)
     if is_preset_name(source):
         if model_name is None:
             raise ValueError(f"preset {source!r} needs --model (the variant, e.g. B/16)")
         size = image_size or 224
-        return create_model(model_name, weights=source, input_shape=(size, size, 3)), None
+        return create_model(model_name, weights=source, input_shape=(size, size, 3)), {}
     raise FileNotFoundError(
         f"{source!r} is neither a .keras file, a training workdir, a checkpoint, a SavedModel nor a preset name"
     )
 
 
 def load_predictor(source):
-    """A `Predictor` for a SavedModel (its uint8 `serving_images` signature) or any Keras source."""
+    """A `Predictor` for a SavedModel (its uint8 `serving_images` signature) or any Keras source,
+    with what the source records of its data set and evaluation preprocessing."""
     saved = _saved_model_dir(source) if os.path.isdir(source) else None
     if saved:
         loaded = tf.saved_model.load(saved)
@@ -88,13 +121,13 @@ def load_predictor(source):
             return signature(images=pixels)["logits"]
 
         predict.keep_alive = loaded  # the signature needs its SavedModel object alive
-        return Predictor(predict, size)
-    model, class_names = load_keras_model(source)
-    predictor = Predictor(lambda images: model(images, training=False), tuple(model.input_shape[1:3]), class_names)
-    found = _run_record(source) if os.path.exists(source) and not source.endswith(".keras") else None
-    if found:
-        config = found[0]["config"]
-        predictor.dataset, predictor.eval_resize, predictor.crop_ratio = (
-            config["dataset"], config["eval_resize"], config["crop_ratio"]
-        )
-    return predictor
+        about = export_metadata(saved)
+    else:
+        model, about = load_keras_model(source)
+        size = tuple(model.input_shape[1:3])
+
+        def predict(images):
+            return model(images, training=False)
+
+    known = {k: about[k] for k in ("class_names", "dataset", "eval_resize", "crop_ratio") if about.get(k) is not None}
+    return Predictor(predict, size, **known)

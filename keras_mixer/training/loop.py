@@ -9,17 +9,16 @@ paper's clipping must act on the *global* gradient. Each step:
     apply:        optimizer.apply(g / replicas)   (Keras sums replicas' gradients again itself)
 
 Preemption: a checkpoint (model, optimizer, step, the run's data seed) every `checkpoint_every`
-steps and at the end, through `tf.train.CheckpointManager` (data files first, then an atomic
-rename of the `checkpoint` index, so a crash mid-write never corrupts "latest"). A restart with
-the same workdir restores it and rebuilds the data stream at the same position: epoch e's stream
-is a pure function of (run seed, e), and the examples of the finished steps are skipped.
+steps and at the end (`checkpointing.CheckpointStore`). A restart with the same workdir restores
+the newest checkpoint that restores completely and rebuilds the data stream at the same position:
+epoch e's stream is a pure function of (run seed, e), and the examples of the finished steps are
+skipped. The workdir has one owner at a time and its recipe is checked on resume (`workdir`).
 """
 
-import json
+import dataclasses
 import logging
 import math
 import os
-import shutil
 import time
 
 import keras
@@ -28,11 +27,13 @@ import tensorflow as tf
 
 from keras_mixer import data
 from keras_mixer.models import MlpMixer, create_model, mixer_config
-from keras_mixer.training.config import TrainConfig
+from keras_mixer.files import read_json, write_json
+from keras_mixer.training.checkpointing import CheckpointStore, NoCheckpointRestores, has_checkpoint_files
+from keras_mixer.training.config import TrainConfig, check_resumed_recipe
 from keras_mixer.training.schedules import WarmupDecay
 from keras_mixer.training.strategy import choose_strategy, is_chief, make_strategy, task_id
-from keras_mixer.checkpoints import atomic_write
-from keras_mixer.weights import Checkpoint, save_npz
+from keras_mixer.training.workdir import WorkdirLock, check_workdir, move_to_previous, remove_leftovers
+from keras_mixer.weights import Checkpoint, save_keras, save_npz
 
 log = logging.getLogger("keras_mixer")
 
@@ -95,10 +96,6 @@ def build_model(config, num_classes):
     return create_model(config.model, weights=config.init, **common)
 
 
-def _write_json(path, payload):
-    atomic_write(path, lambda f: f.write(json.dumps(payload, indent=2).encode()))
-
-
 def decide_xla(config, kind):
     """XLA for the forward/backward pass, on purpose: Keras' jit_compile="auto" would turn it off on
     CPU and under tf.distribute, yet it is faster there (Mixer-B/16 on 2 CPU cores: 4.71 vs 4.43
@@ -114,10 +111,18 @@ def decide_xla(config, kind):
 # --- the loop -------------------------------------------------------------------------------------
 
 
-def train(config: TrainConfig, strategy=None):
+def train(config: TrainConfig, strategy=None, restart=False, accept_changes=()):
     """Trains as `config` says and returns the final metrics (also in WORKDIR/metrics.json).
 
-    `strategy`: an existing tf.distribute strategy, else one is made from `config.strategy`.
+    Args:
+        strategy: an existing tf.distribute strategy, else one is made from `config.strategy`.
+        restart: start again from step 0 even though the workdir holds a run; its files are moved
+            to WORKDIR/previous/<time>/ first (nothing is deleted).
+        accept_changes: recipe fields allowed to differ from the run's recorded recipe on resume
+            (or "all"); the changes are recorded in run.json.
+
+    A workdir has one owner (WORKDIR/lock). A workdir with checkpoints resumes from the newest one
+    that restores, after checking the recipe; one whose run already finished is left as it is.
     """
     config.validate()
     if strategy is None:
@@ -127,19 +132,46 @@ def train(config: TrainConfig, strategy=None):
         strategy = make_strategy(kind, config.tpu)
     else:
         kind = type(strategy).__name__
+    check_workdir(config.workdir)
+    lock = WorkdirLock(config.workdir).acquire() if is_chief(strategy) else None
+    try:
+        return _train(config, strategy, kind, restart, tuple(accept_changes))
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(config, strategy, kind, restart, accept_changes):
     chief = is_chief(strategy)
+    workdir = config.workdir
+    checkpoint_dir = os.path.join(workdir, "checkpoints")
+    run_path, metrics_path = os.path.join(workdir, "run.json"), os.path.join(workdir, "metrics.json")
+    if chief:
+        remove_leftovers(workdir)
+        if restart:
+            moved = move_to_previous(workdir)
+            if moved:
+                print(f"--restart: the earlier run's files were moved to {moved}", flush=True)
+    record = read_json(run_path)
+    changes = []
+    if has_checkpoint_files(checkpoint_dir):
+        changes = check_resumed_recipe(record and record.get("config"), config, accept_changes)
     if config.mixed_precision:
         keras.config.set_dtype_policy(f"mixed_{config.mixed_precision}")
     if config.seed is not None:
         keras.utils.set_random_seed(config.seed)
         tf.config.experimental.enable_op_determinism()
-    os.makedirs(config.workdir, exist_ok=True)
 
     train_source = data.load_source(config.dataset, "train", data_dir=config.data_dir, download=config.download)
     eval_name = data.eval_split(config.dataset, config.data_dir)
     eval_source = data.load_source(
         config.dataset, eval_name, data_dir=config.data_dir, class_names=train_source.class_names
     )
+    data_problems = {s.split: s.problems() for s in (train_source, eval_source) if s.problems()}
+    if chief:
+        for source in (train_source, eval_source):
+            if source.problems():
+                print(f"warning: {source.describe_problems()}", flush=True)
     global_batch = config.batch_size
     replicas = strategy.num_replicas_in_sync
     if global_batch % replicas:
@@ -162,31 +194,48 @@ def train(config: TrainConfig, strategy=None):
         step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
         first_seed = config.seed if config.seed is not None else int(np.random.default_rng().integers(2**31 - 1))
         run_seed = tf.Variable(first_seed, dtype=tf.int64, trainable=False, name="run_seed")
-    if chief:  # what evaluate.py / export.py need to rebuild the model from a checkpoint
-        _write_json(
-            os.path.join(config.workdir, "run.json"),
-            dict(config=vars(config), architecture=mixer_config(model), class_names=train_source.class_names,
-                 num_classes=train_source.num_classes, eval_split=eval_name, total_steps=total_steps),
-        )
     # Keras' seed-generator states (stochastic depth, dropout) are not among the variables a
     # tf.train.Checkpoint finds through the model: save them by name, or a resumed run would draw
     # other masks than an uninterrupted one.
     rng_states = {v.path.replace("/", "."): v for v in model.non_trainable_variables if "seed_generator" in v.path}
-    checkpoint = tf.train.Checkpoint(
-        model=model, optimizer=optimizer, step=step_var, run_seed=run_seed, rng_states=rng_states
-    )
-    checkpoint_dir = os.path.join(config.workdir, "checkpoints")
-    # Every worker must write (collectives); only the chief's copy is kept.
-    write_dir = checkpoint_dir if chief else os.path.join(config.workdir, f".tmp_worker_{task_id(strategy)}")
-    manager = tf.train.CheckpointManager(checkpoint, write_dir, max_to_keep=config.keep_checkpoints)
-    latest = tf.train.latest_checkpoint(checkpoint_dir)
-    resumed_from = 0
-    if latest:
-        checkpoint.restore(latest).assert_existing_objects_matched()
-        resumed_from = int(step_var.numpy())
-        log.info("Resumed from %s at step %d of %d", latest, resumed_from, total_steps)
+    state = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step_var, run_seed=run_seed, rng_states=rng_states)
+    # Every worker must write (saving is collective); only the chief's copy is kept.
+    write_dir = None if chief else os.path.join(workdir, f".tmp_worker_{task_id(strategy)}")
+    store = CheckpointStore(state, checkpoint_dir, config.keep_checkpoints, write_dir)
+    resumed_from = store.restore_newest()
+    if resumed_from is None and has_checkpoint_files(checkpoint_dir):
+        raise NoCheckpointRestores(
+            f"{checkpoint_dir} holds only checkpoints that were moved to broken/ earlier; pass --restart to "
+            f"start again from step 0 (the current files are moved to WORKDIR/previous/, not deleted)"
+        )
+    previous = read_json(metrics_path) if resumed_from is not None else None
+    if resumed_from is not None and resumed_from >= total_steps and previous and previous.get("finished"):
         if chief:
-            print(f"Resumed from step {resumed_from} ({latest})", flush=True)
+            print(
+                f"The run in {os.path.abspath(workdir)} already finished at step {previous.get('step')} "
+                f"(eval top-1 {previous.get('eval_top1')}): nothing to do, nothing rewritten. Give a larger --steps "
+                f"with --accept_changes=steps to train further, or --restart to start again.",
+                flush=True,
+            )
+        return previous
+    if resumed_from is not None:
+        log.info("Resumed from ckpt-%d of %d steps", resumed_from, total_steps)
+        if chief:
+            print(f"Resumed from step {resumed_from} ({store.latest()})", flush=True)
+    if chief:
+        if resumed_from is None or record is None:
+            record = dict(
+                config=dataclasses.asdict(config), architecture=mixer_config(model), class_names=train_source.class_names,
+                num_classes=train_source.num_classes, dataset=config.dataset, eval_split=eval_name,
+                total_steps=total_steps, recipe_changes=[],
+            )  # fmt: skip
+        if changes:
+            record["recipe_changes"] = record.get("recipe_changes", []) + [
+                dict(step=resumed_from, field=name, recorded=old, now=new) for name, old, new in changes
+            ]
+            record.update(config=dataclasses.asdict(config), total_steps=total_steps)
+            print(f"Accepted recipe changes at step {resumed_from}: " + ", ".join(f"{n} {o!r} -> {v!r}" for n, o, v in changes))
+        write_json(run_path, record)  # what evaluate.py / export.py need to rebuild the model
 
     use_xla = decide_xla(config, kind)
     fp16 = config.mixed_precision == "float16"
@@ -250,28 +299,36 @@ def train(config: TrainConfig, strategy=None):
         strategy, lambda images: model(images, training=False), eval_source, global_batch, config.image_size,
         config.eval_resize, config.crop_ratio,
     )
-    writer = tf.summary.create_file_writer(os.path.join(config.workdir, "tensorboard")) if chief else None
+    writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard")) if chief else None
     progress = keras.utils.Progbar(total_steps, stateful_metrics=["loss", "img/s"], verbose=1 if chief else 0)
-    history, train_loss, train_top1, rates = [], float("nan"), float("nan"), []
     step = int(step_var.numpy())
+    # The loss history of the steps before the restored checkpoint survives in metrics.json.
+    history = [h for h in (previous or {}).get("loss_history", []) if h[0] <= step]
+    train_loss, train_top1 = (previous or {}).get("train_loss"), (previous or {}).get("train_top1")
+    metrics = dict(
+        finished=False, step=step, total_steps=total_steps, train_loss=train_loss, train_top1=train_top1,
+        eval_top1=None, eval_top5=None, eval_split=eval_name, images_per_second=None, loss_history=history,
+        resumed_from_step=resumed_from or 0, model=config.model, dataset=config.dataset, strategy=kind,
+        replicas=replicas, xla=use_xla, data_problems=data_problems,
+    )  # fmt: skip
+    speed = Throughput(global_batch)
     progress.update(step)
     while step < total_steps:
         epoch, offset = divmod(step, steps_per_epoch)
         iterator = iter(epoch_stream(epoch, offset))
         epoch_end = min((epoch + 1) * steps_per_epoch, total_steps)
+        speed.restart()  # a new input stream fills its buffers first
         while step < epoch_end:
             boundary = _next_boundary(step, config, epoch_end)
             count = min(config.steps_per_loop, boundary - step)
-            started = time.perf_counter()
+            speed.start()
             loss, norm, top1 = (float(v) for v in train_steps(iterator, tf.constant(count)))
-            elapsed = time.perf_counter() - started
+            rate = speed.stop(count)
             if not math.isfinite(loss):
-                _diverged(f"loss is {loss} at step {step + count}", checkpoint_dir)
+                _diverged(f"loss is {loss} at step {step + count}", store)
             step += count
-            rate = count * global_batch / elapsed
-            rates.append(rate)
             train_loss, train_top1 = loss, top1
-            progress.update(step, [("loss", loss), ("img/s", rate)])
+            progress.update(step, [("loss", loss)] + ([("img/s", rate)] if rate else []))
             if step % config.log_every == 0 or step == total_steps:
                 history.append([step, loss])
                 if writer:
@@ -280,44 +337,61 @@ def train(config: TrainConfig, strategy=None):
                         tf.summary.scalar("train/top1", top1)
                         tf.summary.scalar("train/learning_rate", float(optimizer.learning_rate))
                         tf.summary.scalar("train/gradient_norm", norm)
-                        tf.summary.scalar("train/images_per_second", rate)
+                        if rate:
+                            tf.summary.scalar("train/images_per_second", rate)
             if step % config.checkpoint_every == 0 or step == total_steps:
                 # A finite loss can still come with an update that overflowed: never save such weights.
                 if not bool(all_finite(model.trainable_variables)):
-                    _diverged(f"weights became NaN or Inf at step {step}", checkpoint_dir)
-                manager.save(checkpoint_number=step)
+                    _diverged(f"weights became NaN or Inf at step {step}", store)
+                store.save(step)
+                metrics.update(step=step, train_loss=train_loss, train_top1=train_top1, images_per_second=speed.rate())
+                if chief:  # progress: a resumed run continues this history
+                    write_json(metrics_path, metrics)
             if config.eval_every and step % config.eval_every == 0 and step < total_steps:
                 _log_eval(writer, step, evaluate())
-    # Steady-state speed: the first calls include tracing and compilation.
-    images_per_second = float(np.median(rates[len(rates) // 4 :])) if rates else float("nan")
     top1, top5 = evaluate()
     _log_eval(writer, step, (top1, top5))
-    metrics = dict(
-        step=step,
-        total_steps=total_steps,
-        train_loss=train_loss,
-        train_top1=train_top1,
-        eval_top1=top1,
-        eval_top5=top5,
-        eval_split=eval_name,
-        images_per_second=images_per_second,
-        loss_history=history,
-        resumed_from_step=resumed_from,
-        model=config.model,
-        dataset=config.dataset,
-        strategy=kind,
-        replicas=replicas,
-        xla=use_xla,
-    )
-    if not chief and os.path.isdir(write_dir):
-        shutil.rmtree(write_dir, ignore_errors=True)
+    metrics.update(
+        finished=True, step=step, train_loss=train_loss, train_top1=train_top1, eval_top1=top1, eval_top5=top5,
+        images_per_second=speed.rate(),
+    )  # fmt: skip
+    store.discard_worker_copies()
     if config.write_worker_weights:
-        folder = config.workdir if chief else os.path.join(config.workdir, f"worker_{task_id(strategy)}")
+        folder = workdir if chief else os.path.join(workdir, f"worker_{task_id(strategy)}")
         os.makedirs(folder, exist_ok=True)
         save_npz(model, os.path.join(folder, "final_weights.npz"))
     if chief:
-        _finish(model, config, metrics, train_source.class_names)
+        _finish(model, config, metrics, train_source.class_names, metrics_path)
     return metrics
+
+
+class Throughput:
+    """Images per second of steady-state training: wall clock inside the training calls, so waiting
+    for input counts. The first call on each input stream (tracing, compilation, filling the
+    prefetch buffers) is left out; checkpointing, logging and evaluation between calls are not
+    training and are not counted."""
+
+    def __init__(self, global_batch):
+        self.global_batch = global_batch
+        self.images, self.seconds = 0, 0.0
+        self._warm = False
+
+    def restart(self):
+        self._warm = False
+
+    def start(self):
+        self._started = time.perf_counter()
+
+    def stop(self, steps):
+        """After a call of `steps` steps; returns the rate so far (None before any counted call)."""
+        if self._warm:
+            self.images += steps * self.global_batch
+            self.seconds += time.perf_counter() - self._started
+        self._warm = True
+        return self.rate()
+
+    def rate(self):
+        return self.images / self.seconds if self.seconds > 0 else None
 
 
 @tf.function
@@ -325,8 +399,8 @@ def all_finite(variables):
     return tf.reduce_all([tf.reduce_all(tf.math.is_finite(v)) for v in variables])
 
 
-def _diverged(what, checkpoint_dir):
-    last = tf.train.latest_checkpoint(checkpoint_dir)
+def _diverged(what, store):
+    last = store.latest()
     raise TrainingDiverged(
         f"{what}: training stopped. The last good checkpoint ({last or 'none yet'}) is kept; lower the "
         f"learning rate or check the data, then rerun with the same --workdir to resume from it."
@@ -397,21 +471,38 @@ def make_evaluator(strategy, predict, source, batch_size, image_size, eval_resiz
     return evaluate
 
 
-def _finish(model, config, metrics, class_names):
-    """Chief only: the final model (.keras), the export and metrics.json."""
-    model_path = os.path.join(config.workdir, "model.keras")
-    model.save(model_path)
-    metrics["model_path"] = model_path
+def _finish(model, config, metrics, class_names, metrics_path):
+    """Chief only: the final model (.keras), the export and metrics.json, each written so that a
+    kill at any point leaves either nothing or a complete file; a rerun completes what is missing
+    and never writes a second export of the same step."""
+    workdir = config.workdir
+    about = run_metadata(config, class_names, metrics["step"])
+    metrics["model_path"] = save_keras(model, os.path.join(workdir, "model.keras"), about)
     if config.export:
         from keras_mixer.export import export_saved_model
 
-        metrics["export_path"] = export_saved_model(
-            model, os.path.join(config.workdir, "export"), class_names=class_names
-        )
-    _write_json(os.path.join(config.workdir, "metrics.json"), metrics)
+        export_base = os.path.join(workdir, "export")
+        target = os.path.join(export_base, str(metrics["step"]))  # version = step: one export per step
+        if os.path.isdir(target):
+            log.info("%s exists already (an earlier, interrupted finish): not exported again", target)
+            metrics["export_path"] = target
+        else:
+            metrics["export_path"] = export_saved_model(
+                model, export_base, version=metrics["step"], class_names=class_names, crop_ratio=config.crop_ratio,
+                eval_resize=config.eval_resize, metadata=about,
+            )  # fmt: skip
+    write_json(metrics_path, metrics)
     print(
         f"Finished step {metrics['step']}: eval top-1 {metrics['eval_top1']:.4f}, top-5 {metrics['eval_top5']:.4f}, "
-        f"{metrics['images_per_second']:.0f} img/s. Workdir: {os.path.abspath(config.workdir)} "
+        f"{metrics['images_per_second'] or 0:.0f} img/s. Workdir: {os.path.abspath(workdir)} "
         f"(checkpoints/, tensorboard/, model.keras, export/, metrics.json)",
         flush=True,
     )
+
+
+def run_metadata(config, class_names, step):
+    """What a trained model needs to be evaluated and served as it was trained: recorded with it."""
+    return dict(
+        dataset=config.dataset, class_names=class_names, eval_resize=config.eval_resize, crop_ratio=config.crop_ratio,
+        step=step, model=config.model,
+    )  # fmt: skip

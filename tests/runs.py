@@ -1,0 +1,42 @@
+"""Test helper: runs the command-line programs in subprocesses, as a user runs them."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": ROOT}
+
+
+def trainer(program, *args, check=True, timeout=600, env=None, cwd=ROOT):
+    """Runs trainers/<program>.py with `args`; raises with its output when `check` and it fails."""
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "trainers", f"{program}.py"), *map(str, args)],
+        capture_output=True, text=True, env={**ENV, **(env or {})}, cwd=cwd, timeout=timeout,
+        preexec_fn=lambda: os.umask(0o022),
+    )  # fmt: skip
+    if check and result.returncode != 0:
+        raise AssertionError(f"{program} {args} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+def metrics(workdir):
+    with open(os.path.join(workdir, "metrics.json")) as f:
+        return json.load(f)
+
+
+def error_lines(result):
+    """The `error: ...` lines a program printed to stderr."""
+    return [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+
+
+def assert_one_line_error(result, *fragments):
+    """A non-zero exit with exactly one `error:` line holding every fragment, and no traceback."""
+    assert result.returncode != 0, result.stdout[-2000:]
+    lines = error_lines(result)
+    assert len(lines) == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]

@@ -276,6 +276,27 @@ def test_a_second_trainer_is_refused_and_a_dead_owners_lock_is_taken_over(tmp_pa
     assert metrics(workdir)["resumed_from_step"] >= 20 and (workdir / "lock").read_text() == ""
 
 
+def test_sigterm_checkpoints_the_current_step_and_exits_143(tmp_path):
+    workdir = tmp_path / "run"
+    command = [sys.executable, os.path.join(ROOT, "trainers", "pretrain.py"), "--steps", "100000",
+               "--checkpoint_every", "100000", "--workdir", str(workdir)]  # fmt: skip
+    process = subprocess.Popen(command, env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (workdir / "tensorboard").exists():  # training has begun
+        time.sleep(0.2)
+    time.sleep(3)
+    process.send_signal(signal.SIGTERM)  # what a scheduler or a preemptible VM sends first
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stderr[-2000:]
+    [line] = [line for line in stderr.splitlines() if line.startswith("stopped: ")]
+    step = int(line.split("stopped by SIGTERM at step ")[1].split()[0])
+    assert step > 0 and f"ckpt-{step} written" in line and "Rerun the same command" in line
+    from keras_mixer.training.checkpointing import verify
+
+    verify(str(workdir / "checkpoints" / f"ckpt-{step}"))
+    assert metrics(workdir)["step"] == step and not metrics(workdir)["finished"]
+
+
 # --- a full disk --------------------------------------------------------------------------------
 
 

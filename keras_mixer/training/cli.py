@@ -27,7 +27,7 @@ CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.pa
 def _error_line(error):
     """The one line for a user's or the machine's error, or None for a bug."""
     from keras_mixer.training.checkpointing import NoCheckpointRestores
-    from keras_mixer.training.loop import TrainingDiverged
+    from keras_mixer.training.loop import TrainingDiverged, TrainingStopped
 
     text = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", " ".join(str(error).split()))
     if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in text:
@@ -36,7 +36,7 @@ def _error_line(error):
             f"the disk is full{where} ({text[:200]}). Free some space, then rerun the same command: a training "
             f"run resumes from its last complete checkpoint, and no finished file was left half-written."
         )
-    if isinstance(error, (ValueError, OSError, NoCheckpointRestores, TrainingDiverged)):
+    if isinstance(error, (ValueError, OSError, NoCheckpointRestores, TrainingDiverged, TrainingStopped)):
         return text
     return None
 
@@ -55,8 +55,9 @@ def user_errors():
         if line is None or FLAGS.debug:
             raise
         sys.stdout.flush()
-        print(f"\nerror: {line}", file=sys.stderr, flush=True)  # on a line of its own after a progress bar
-        sys.exit(1)
+        prefix = "stopped" if hasattr(e, "signum") else "error"
+        print(f"\n{prefix}: {line}", file=sys.stderr, flush=True)  # on a line of its own after a progress bar
+        sys.exit(128 + e.signum if hasattr(e, "signum") else 1)  # 143 after SIGTERM, as a shell reports it
 
 
 def _program_flags(define):

@@ -19,6 +19,8 @@ import dataclasses
 import logging
 import math
 import os
+import signal
+import threading
 import time
 
 import keras
@@ -40,6 +42,40 @@ log = logging.getLogger("keras_mixer")
 
 class TrainingDiverged(FloatingPointError):
     """The loss became NaN or Inf; the last good checkpoint is kept."""
+
+
+class TrainingStopped(RuntimeError):
+    """SIGTERM or SIGINT arrived; a checkpoint of the current step was written first."""
+
+    def __init__(self, message, signum):
+        super().__init__(message)
+        self.signum = signum
+
+
+class StopSignals:
+    """While active, SIGTERM (what schedulers and preemptible VMs send before killing) and SIGINT
+    (Ctrl-C) only set `received`; the loop then checkpoints the step it is at and stops. A second
+    signal acts as usual (kills). Only in the main thread, and not in multi-worker runs, where
+    saving needs every worker at once."""
+
+    def __init__(self, enabled=True):
+        self.received = None
+        self._previous = {}
+        self._enabled = enabled and threading.current_thread() is threading.main_thread()
+
+    def _handle(self, signum, frame):
+        self.received = signum
+        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+
+    def __enter__(self):
+        if self._enabled:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
 
 
 # --- building blocks ------------------------------------------------------------------------------
@@ -134,14 +170,16 @@ def train(config: TrainConfig, strategy=None, restart=False, accept_changes=()):
         kind = type(strategy).__name__
     check_workdir(config.workdir)
     lock = WorkdirLock(config.workdir).acquire() if is_chief(strategy) else None
+    multi_worker = getattr(strategy.extended, "_in_multi_worker_mode", lambda: False)()
     try:
-        return _train(config, strategy, kind, restart, tuple(accept_changes))
+        with StopSignals(enabled=not multi_worker) as signals:
+            return _train(config, strategy, kind, restart, tuple(accept_changes), signals)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _train(config, strategy, kind, restart, accept_changes):
+def _train(config, strategy, kind, restart, accept_changes, signals):
     chief = is_chief(strategy)
     workdir = config.workdir
     checkpoint_dir = os.path.join(workdir, "checkpoints")
@@ -339,7 +377,7 @@ def _train(config, strategy, kind, restart, accept_changes):
                         tf.summary.scalar("train/gradient_norm", norm)
                         if rate:
                             tf.summary.scalar("train/images_per_second", rate)
-            if step % config.checkpoint_every == 0 or step == total_steps:
+            if step % config.checkpoint_every == 0 or step == total_steps or signals.received:
                 # A finite loss can still come with an update that overflowed: never save such weights.
                 if not bool(all_finite(model.trainable_variables)):
                     _diverged(f"weights became NaN or Inf at step {step}", store)
@@ -347,6 +385,13 @@ def _train(config, strategy, kind, restart, accept_changes):
                 metrics.update(step=step, train_loss=train_loss, train_top1=train_top1, images_per_second=speed.rate())
                 if chief:  # progress: a resumed run continues this history
                     write_json(metrics_path, metrics)
+            if signals.received:
+                name = signal.Signals(signals.received).name
+                raise TrainingStopped(
+                    f"stopped by {name} at step {step} of {total_steps}; checkpoint {store.latest()} written. "
+                    f"Rerun the same command to resume from it.",
+                    signals.received,
+                )
             if config.eval_every and step % config.eval_every == 0 and step < total_steps:
                 _log_eval(writer, step, evaluate())
     top1, top5 = evaluate()

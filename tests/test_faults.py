@@ -297,6 +297,21 @@ def test_sigterm_checkpoints_the_current_step_and_exits_143(tmp_path):
     assert metrics(workdir)["step"] == step and not metrics(workdir)["finished"]
 
 
+def test_a_lock_record_from_another_host_counts_until_its_heartbeat_stops(tmp_path, capsys):
+    from keras_mixer.training.workdir import STALE_AFTER_SECONDS, WorkdirError, WorkdirLock
+
+    record = dict(pid=4242, host="another-host", started="2026-01-01T00:00:00Z", command="pretrain.py")
+    (tmp_path / "lock").write_text(json.dumps(record))  # a live holder elsewhere on a shared file system
+    with pytest.raises(WorkdirError, match=r"in use by pid 4242 on host 'another-host'"):
+        WorkdirLock(str(tmp_path)).acquire()
+    stale = time.time() - STALE_AFTER_SECONDS - 60
+    os.utime(tmp_path / "lock", (stale, stale))  # its heartbeat stopped
+    with WorkdirLock(str(tmp_path)):
+        assert json.loads((tmp_path / "lock").read_text())["pid"] == os.getpid()
+    assert "took over a stale workdir lock (pid 4242 on another-host" in capsys.readouterr().err
+    assert (tmp_path / "lock").read_text() == ""  # released: empty
+
+
 # --- a full disk --------------------------------------------------------------------------------
 
 

@@ -26,8 +26,13 @@ CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.pa
 
 def _error_line(error):
     """The one line for a user's or the machine's error, or None for a bug."""
+    import tensorflow as tf
+
     from keras_mixer.training.checkpointing import NoCheckpointRestores
     from keras_mixer.training.loop import TrainingDiverged, TrainingStopped
+
+    # TensorFlow's file errors (a missing, unreadable or corrupt file) are the user's to fix too.
+    file_errors = (tf.errors.NotFoundError, tf.errors.DataLossError, tf.errors.PermissionDeniedError)
 
     text = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", " ".join(str(error).split()))
     if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in text:
@@ -36,7 +41,7 @@ def _error_line(error):
             f"the disk is full{where} ({text[:200]}). Free some space, then rerun the same command: a training "
             f"run resumes from its last complete checkpoint, and no finished file was left half-written."
         )
-    if isinstance(error, (ValueError, OSError, NoCheckpointRestores, TrainingDiverged, TrainingStopped)):
+    if isinstance(error, (ValueError, OSError, NoCheckpointRestores, TrainingDiverged, TrainingStopped, *file_errors)):
         return text
     return None
 
@@ -47,11 +52,7 @@ def user_errors():
     try:
         yield
     except Exception as e:
-        import tensorflow as tf
-
         line = _error_line(e)
-        if isinstance(e, tf.errors.OpError) and line is None and "No space left" in str(e):
-            line = _error_line(OSError(errno.ENOSPC, str(e)))
         if line is None or FLAGS.debug:
             raise
         sys.stdout.flush()

@@ -148,24 +148,29 @@ def folder_source(root, split="train", class_names=None, verify=True):
     unknown = sorted(set(found) - set(class_names))
     if unknown:
         raise ValueError(f"Split folder {split_dir!r} has classes {unknown} that are not among {class_names}")
-    paths, labels = [], []
     skipped = {"files_without_an_image_extension": [], "files_not_jpeg_or_png": [], "images_that_fail_to_decode": []}
+    candidates = {}  # label -> paths that pass the extension and magic-bytes checks
     for label, name in enumerate(class_names):
         class_dir = os.path.join(split_dir, name)
         if not os.path.isdir(class_dir):
             continue
         files = sorted(os.path.join(class_dir, f) for f in os.listdir(class_dir) if not f.startswith("."))
-        images = [p for p in files if p.lower().endswith(IMAGE_EXTENSIONS)]
-        skipped["files_without_an_image_extension"] += [p for p in files if p not in set(images)]
-        good = [p for p in images if _is_image(p)]
-        skipped["files_not_jpeg_or_png"] += [p for p in images if p not in set(good)]
-        broken = set(undecodable(good)) if verify else set()
-        skipped["images_that_fail_to_decode"] += sorted(broken)
-        good = [p for p in good if p not in broken]
-        if not good:
+        for path in files:
+            if not path.lower().endswith(IMAGE_EXTENSIONS):
+                skipped["files_without_an_image_extension"].append(path)
+            elif not _is_image(path):
+                skipped["files_not_jpeg_or_png"].append(path)
+            else:
+                candidates.setdefault(label, []).append(path)
+    broken = set(undecodable([p for group in candidates.values() for p in group])) if verify else set()
+    skipped["images_that_fail_to_decode"] = sorted(broken)
+    paths, labels = [], []
+    for label, name in enumerate(class_names):
+        good = [p for p in candidates.get(label, []) if p not in broken]
+        if not good and os.path.isdir(os.path.join(split_dir, name)):
             raise ValueError(
-                f"Class folder {class_dir!r} has no readable .jpg/.jpeg/.png images: every class folder "
-                f"needs at least one"
+                f"Class folder {os.path.join(split_dir, name)!r} has no readable .jpg/.jpeg/.png images: every "
+                f"class folder needs at least one"
             )
         paths += good
         labels += [label] * len(good)

@@ -146,10 +146,9 @@ class CheckpointStore:
         prefix = self.prefix(step, self.write_dir)
         self.checkpoint.write(prefix)
         if not self.chief:  # a non-chief's copy only exists because saving is collective
-            for old in checkpoint_steps(self.write_dir):
-                if old != step:
-                    for name in checkpoint_steps(self.write_dir)[old]:
-                        os.unlink(os.path.join(self.write_dir, name))
+            for old, names in checkpoint_steps(self.write_dir).items():
+                for name in names if old != step else []:
+                    os.unlink(os.path.join(self.write_dir, name))
             return prefix
         if not os.path.isfile(prefix + ".index"):
             raise OSError(f"checkpoint {prefix!r} was not written completely (no index file)")

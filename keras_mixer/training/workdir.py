@@ -51,6 +51,8 @@ def _utc(seconds):
 
 
 def _pid_alive(pid):
+    if not isinstance(pid, int):
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -85,13 +87,13 @@ class WorkdirLock:
 
     def acquire(self):
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, readable_file_mode())
-        holder = self._read(fd)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             kernel_lock = True
         except BlockingIOError:
+            holder = self._read(fd) or {}
             os.close(fd)
-            raise self._busy(self._read_path() or holder) from None
+            raise self._busy(holder) from None
         except OSError as e:  # a file system without flock: fall back on the record alone
             if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
                 raise
@@ -99,17 +101,13 @@ class WorkdirLock:
         holder = self._read(fd)
         if holder:
             same_host = holder.get("host") == socket.gethostname()
-            if same_host and not kernel_lock and _pid_alive(int(holder.get("pid", -1))):
+            if same_host and not kernel_lock and _pid_alive(holder.get("pid")):
                 os.close(fd)
                 raise self._busy(holder)
             age = time.time() - os.fstat(fd).st_mtime
             if not same_host and age < STALE_AFTER_SECONDS:
                 os.close(fd)
                 raise self._busy(holder)
-            log.warning(
-                "Taking over the lock of %s: pid %s on %s (started %s) is no longer running",
-                self.path, holder.get("pid"), holder.get("host"), holder.get("started"),
-            )
             print(
                 f"warning: took over a stale workdir lock (pid {holder.get('pid')} on {holder.get('host')}, "
                 f"started {holder.get('started')}, is gone)",
@@ -134,19 +132,13 @@ class WorkdirLock:
 
     @staticmethod
     def _read(fd):
+        """The holder record in the lock file; None when empty (free) or unreadable (no one can
+        have written it while we could take the flock)."""
         try:
-            text = os.pread(fd, 4096, 0).decode("utf-8", "replace")
-            return json.loads(text) if text.strip() else None
-        except (OSError, ValueError):
-            return {"pid": "?", "host": "?", "started": "?", "command": "unreadable lock record"}
-
-    def _read_path(self):
-        try:
-            with open(self.path, "rb") as f:
-                text = f.read(4096).decode("utf-8", "replace")
-            return json.loads(text) if text.strip() else None
+            record = json.loads(os.pread(fd, 4096, 0).decode("utf-8", "replace") or "null")
         except (OSError, ValueError):
             return None
+        return record if isinstance(record, dict) else None
 
     def release(self):
         if self._fd is None:

@@ -17,7 +17,6 @@ Beside the SavedModel, `assets.extra/keras_mixer.json` records what the model wa
 TF Serving ignores that folder.
 """
 
-import json
 import logging
 import os
 import shutil
@@ -28,7 +27,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_mixer.data.transforms import plain_resize, resize_and_center_crop
-from keras_mixer.files import make_tree_readable, strict_json
+from keras_mixer.files import make_tree_readable, read_json, write_json
 
 log = logging.getLogger("keras_mixer")
 
@@ -195,8 +194,7 @@ def export_saved_model(
     try:
         archive.write_out(staging, verbose=False)
         os.makedirs(os.path.join(staging, "assets.extra"), exist_ok=True)
-        with open(os.path.join(staging, METADATA), "w") as f:
-            json.dump(strict_json(about), f, indent=2)
+        write_json(os.path.join(staging, METADATA), about)
         make_tree_readable(staging)
         os.rename(staging, target)
     except BaseException:
@@ -208,11 +206,7 @@ def export_saved_model(
 
 def export_metadata(saved_model_dir):
     """The `assets.extra/keras_mixer.json` record of an export, or {} when it has none."""
-    try:
-        with open(os.path.join(saved_model_dir, METADATA)) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return {}
+    return read_json(os.path.join(saved_model_dir, METADATA)) or {}
 
 
 def export_onnx(model, path):

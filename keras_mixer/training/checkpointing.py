@@ -66,6 +66,19 @@ def verify(prefix):
         reader.get_tensor(name)
 
 
+def newest_intact(prefixes):
+    """(the first of `prefixes` that `verify` reads back completely or None, [(prefix, reason)] of
+    those before it that failed). `prefixes` come newest first."""
+    failures = []
+    for prefix in prefixes:
+        try:
+            verify(prefix)
+            return prefix, failures
+        except Exception as e:  # any read error makes this one unusable: try the next older one
+            failures.append((prefix, _reason(e)))
+    return None, failures
+
+
 def _reason(error):
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
@@ -101,21 +114,18 @@ class CheckpointStore:
         Raises NoCheckpointRestores when checkpoint files exist but none restores (nothing is
         moved then), CheckpointMismatch when an intact checkpoint does not fit the model."""
         found = checkpoint_steps(self.directory)
-        failures = []
-        for step in sorted(found, reverse=True):
-            prefix = self.prefix(step)
+        newest_first = sorted(found, reverse=True)
+        intact, failed = newest_intact([self.prefix(step) for step in newest_first])
+        failures = [(step, found[step], reason) for step, (_, reason) in zip(newest_first, failed)]
+        if intact is not None:
             try:
-                verify(prefix)
-            except Exception as e:  # any read error means this one is unusable: try an older one
-                failures.append((step, found[step], _reason(e)))
-                continue
-            try:
-                self.checkpoint.restore(prefix).assert_existing_objects_matched()
+                self.checkpoint.restore(intact).assert_existing_objects_matched()
             except (AssertionError, ValueError) as e:
                 raise CheckpointMismatch(
-                    f"checkpoint {prefix!r} is intact but does not fit this run's model and optimizer "
+                    f"checkpoint {intact!r} is intact but does not fit this run's model and optimizer "
                     f"({_reason(e)}). It was written by another recipe: give its recipe, or --restart."
                 ) from None
+            step = newest_first[len(failures)]
             if self.chief:
                 for bad_step, names, reason in failures:
                     self._move_aside(bad_step, names, reason)

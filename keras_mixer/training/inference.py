@@ -16,7 +16,7 @@ from keras_mixer.export import export_metadata
 from keras_mixer.files import read_json
 from keras_mixer.models import MlpMixer, create_model
 from keras_mixer.presets import is_preset_name
-from keras_mixer.training.checkpointing import checkpoint_steps, verify
+from keras_mixer.training.checkpointing import checkpoint_steps, newest_intact
 from keras_mixer.weights import keras_metadata
 
 
@@ -69,16 +69,13 @@ def _run_record(source):
 
 
 def _restore_newest(model, prefixes):
-    """Restores the newest of `prefixes` that reads back completely; ValueError naming each failure."""
-    failures = []
-    for prefix in prefixes:
-        try:
-            verify(prefix)
-            tf.train.Checkpoint(model=model).restore(prefix).expect_partial().assert_existing_objects_matched()
-            return prefix
-        except Exception as e:  # a broken checkpoint: try the next older one
-            failures.append(f"{os.path.basename(prefix)}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-    raise ValueError("no checkpoint restores: " + "; ".join(failures))
+    """Restores the newest of `prefixes` that reads back completely (the workdir is only read,
+    never changed); ValueError naming each failure when none does."""
+    intact, failures = newest_intact(prefixes)
+    if intact is None:
+        raise ValueError("no checkpoint restores: " + "; ".join(f"{os.path.basename(p)}: {r}" for p, r in failures))
+    tf.train.Checkpoint(model=model).restore(intact).expect_partial().assert_existing_objects_matched()
+    return intact
 
 
 def load_keras_model(source, model_name=None, image_size=None):

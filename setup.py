@@ -2,11 +2,21 @@ from setuptools import find_packages, setup
 
 setup(
     name="keras_mixer",
-    version="0.1.0",
+    version="0.2.0",
     description="MLP-Mixer (Tolstikhin et al. 2021) for Keras 3 and TensorFlow",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["keras_mixer", "keras_mixer.*"]),
+    # The recipes (keras_mixer/configs/*.py) are modules of the package; the class names are data.
+    package_data={"keras_mixer": ["assets/*.tsv"]},
+    entry_points={
+        "console_scripts": [
+            "keras-mixer-pretrain=keras_mixer.training.cli:run_pretrain",
+            "keras-mixer-finetune=keras_mixer.training.cli:run_finetune",
+            "keras-mixer-evaluate=keras_mixer.training.cli:run_evaluate",
+            "keras-mixer-export=keras_mixer.training.cli:run_export",
+        ]
+    },
     python_requires=">=3.10",
     install_requires=[
         "tensorflow>=2.21,<2.22",

@@ -26,8 +26,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_mixer.data.transforms import plain_resize, resize_and_center_crop
+from keras_mixer.data.transforms import eval_image
 from keras_mixer.files import make_tree_readable, read_json, write_json
+from keras_mixer.preprocessing import EvalPreprocessing, scale_pixels
 
 log = logging.getLogger("keras_mixer")
 
@@ -73,7 +74,7 @@ def header_size(image_bytes):
     return tf.cond(is_png, png, jpeg)
 
 
-def _decode(image_bytes, image_size, crop_ratio, eval_resize, max_pixels):
+def _decode(image_bytes, image_size, preprocessing, max_pixels):
     """Encoded image -> float32 [H, W, 3] in [0, 255]; fails the request (InvalidArgumentError)
     if it is not a JPEG or PNG or declares more than `max_pixels` pixels."""
     height, width = header_size(image_bytes)
@@ -87,15 +88,13 @@ def _decode(image_bytes, image_size, crop_ratio, eval_resize, max_pixels):
     with tf.control_dependencies([check]):
         image = tf.io.decode_image(tf.identity(image_bytes), channels=3, expand_animations=False)
     image.set_shape([None, None, 3])
-    if eval_resize == "resize":
-        return plain_resize(image, image_size)
-    return resize_and_center_crop(image, image_size, crop_ratio)
+    return eval_image(image, image_size, preprocessing)
 
 
-def serving_functions(model, class_names=None, top_k=5, crop_ratio=0.875, eval_resize="crop", max_pixels=DEFAULT_MAX_PIXELS):
-    """The two serving functions (bytes and uint8 tensors) -> dict of named outputs."""
-    if eval_resize not in ("crop", "resize"):
-        raise ValueError(f"eval_resize must be 'crop' or 'resize', got {eval_resize!r}")
+def serving_functions(model, class_names=None, top_k=5, preprocessing=None, max_pixels=DEFAULT_MAX_PIXELS):
+    """The two serving functions (bytes and uint8 tensors) -> dict of named outputs.
+    `preprocessing`: an `EvalPreprocessing` (or its dict), default the paper's centre crop."""
+    preprocessing = _as_preprocessing(preprocessing)
     if isinstance(max_pixels, bool) or not isinstance(max_pixels, (int, np.integer)) or max_pixels <= 0:
         raise ValueError(f"max_pixels must be a positive integer, got {max_pixels!r}")
     if len(model.output_shape) != 2 or not any(layer.name == "head" for layer in model.layers):
@@ -118,7 +117,7 @@ def serving_functions(model, class_names=None, top_k=5, crop_ratio=0.875, eval_r
     def predict(images):
         images = tf.cast(images, tf.float32)
         if not scale_inside:
-            images = (images - 127.5) / 127.5
+            images = scale_pixels(images)
         outputs = tf.cast(model(images, training=False), tf.float32)
         if activation == "softmax":
             probabilities = outputs
@@ -133,7 +132,7 @@ def serving_functions(model, class_names=None, top_k=5, crop_ratio=0.875, eval_r
 
     def from_bytes(image_bytes):
         images = tf.map_fn(
-            lambda b: _decode(b, (height, width), crop_ratio, eval_resize, max_pixels),
+            lambda b: _decode(b, (height, width), preprocessing, max_pixels),
             image_bytes,
             fn_output_signature=tf.TensorSpec([height, width, 3], tf.float32),
         )
@@ -150,8 +149,8 @@ def serving_functions(model, class_names=None, top_k=5, crop_ratio=0.875, eval_r
 
 
 def export_saved_model(
-    model, export_base, version=None, class_names=None, top_k=5, crop_ratio=0.875, eval_resize="crop",
-    max_pixels=DEFAULT_MAX_PIXELS, metadata=None,
+    model, export_base, version=None, class_names=None, top_k=5, preprocessing=None, max_pixels=DEFAULT_MAX_PIXELS,
+    metadata=None,
 ):  # fmt: skip
     """Writes `model` as `export_base/<version>/` for TF Serving and returns that path.
 
@@ -160,9 +159,9 @@ def export_saved_model(
             An existing version is an error: nothing is overwritten.
         class_names: optional list of names in label order, served as `top_k_labels`.
         top_k: how many classes the top-k outputs hold.
-        crop_ratio, eval_resize: the bytes signature's preprocessing, as the model was evaluated:
-            "crop" resizes the shorter side to size / crop_ratio then centre-crops, "resize" squeezes
-            the whole image to the model's size.
+        preprocessing: the bytes signature's image preparation, as the model was evaluated: an
+            `EvalPreprocessing` or its dict (a run's or a preset's record); default the paper's
+            resize and centre crop at 0.875.
         max_pixels: the bytes signature refuses images whose header declares more pixels.
         metadata: a dict recorded in `assets.extra/keras_mixer.json` (data set, ...).
 
@@ -185,11 +184,12 @@ def export_saved_model(
 
     archive = keras.export.ExportArchive()
     archive.track(model)
-    functions = serving_functions(model, class_names, top_k, crop_ratio, eval_resize, max_pixels)
+    preprocessing = _as_preprocessing(preprocessing)
+    functions = serving_functions(model, class_names, top_k, preprocessing, max_pixels)
     for name, (fn, signature) in functions.items():
         archive.add_endpoint(name=name, fn=fn, input_signature=signature)
-    about = dict(metadata or {}, class_names=class_names, crop_ratio=crop_ratio, eval_resize=eval_resize,
-                 max_pixels=int(max_pixels), image_size=list(model.input_shape[1:3]))  # fmt: skip
+    about = dict(metadata or {}, class_names=class_names, **preprocessing.to_dict(), max_pixels=int(max_pixels),
+                 image_size=list(model.input_shape[1:3]))  # fmt: skip
     staging = tempfile.mkdtemp(dir=export_base, prefix=".tmp-export-")
     try:
         archive.write_out(staging, verbose=False)
@@ -202,6 +202,12 @@ def export_saved_model(
         raise
     log.info("Exported SavedModel version %d to %s", version, target)
     return target
+
+
+def _as_preprocessing(preprocessing):
+    if isinstance(preprocessing, EvalPreprocessing):
+        return preprocessing
+    return EvalPreprocessing.from_dict(preprocessing)
 
 
 def export_metadata(saved_model_dir):

@@ -1,30 +1,23 @@
-"""The Mixer variants of the paper as Keras functional models, keras.applications style.
+"""The Mixer architecture: `MlpMixer`, a Keras model that owns its configuration.
 
     image [B, H, W, 3] -> (Rescaling to [-1, 1]) -> stem [B, S, C] -> N x MixerBlock [B, S, C]
       -> pre_head_layer_norm [B, S, C] -> mean over tokens [B, C] -> head [B, classes]
-"""
 
-import logging
-import os
+This module only builds architectures, with fresh weights. Opening weights files, presets and the
+resolution change live above it (`keras_mixer.loader`, `keras_mixer.resolution`), which build on
+this class; the keras.applications-style constructors (`MixerB16(weights=...)`) are in
+`keras_mixer.applications`.
+"""
 
 import keras
 import numpy as np
 from keras import layers, ops
 
-from keras_mixer.layers import (
-    MixerBlock,
-    PatchStem,
-    check_gelu,
-    check_image_size,
-    check_positive_int,
-    check_rate,
-    float32_if_mixed,
-    to_pair,
-)
-from keras_mixer.presets import fetch_preset, is_preset_name, preset_url
-from keras_mixer.weights import Checkpoint, load_weights
+from keras_mixer.layers import MixerBlock, PatchStem, float32_if_mixed
+from keras_mixer.preprocessing import PIXEL_OFFSET, PIXEL_SCALE, scale_pixels
+from keras_mixer.validation import check_gelu, check_image_size, check_positive_int, check_rate, to_pair
 
-# Table 1 of the paper (S/8 from the released gsam checkpoints). D_S = C/2 and D_C = 4C throughout.
+# Table 1 of the paper (S/8 from the released gsam weights). D_S = C/2 and D_C = 4C throughout.
 VARIANTS = {
     "S/32": dict(patch_size=32, hidden_dim=512, num_blocks=8, tokens_mlp_dim=256, channels_mlp_dim=2048),
     "S/16": dict(patch_size=16, hidden_dim=512, num_blocks=8, tokens_mlp_dim=256, channels_mlp_dim=2048),
@@ -36,8 +29,6 @@ VARIANTS = {
     "H/14": dict(patch_size=14, hidden_dim=1280, num_blocks=32, tokens_mlp_dim=640, channels_mlp_dim=5120),
 }
 
-log = logging.getLogger("keras_mixer")
-
 # Small configurations of our own (not in the paper) for demos, tests and quick experiments.
 SMALL_VARIANTS = {
     "T/2": dict(patch_size=2, hidden_dim=64, num_blocks=4, tokens_mlp_dim=32, channels_mlp_dim=256),
@@ -45,13 +36,38 @@ SMALL_VARIANTS = {
     "T/16": dict(patch_size=16, hidden_dim=128, num_blocks=4, tokens_mlp_dim=64, channels_mlp_dim=512),
 }
 MODEL_NAMES = (*VARIANTS, *SMALL_VARIANTS)
+ARCHITECTURE = ("patch_size", "hidden_dim", "num_blocks", "tokens_mlp_dim", "channels_mlp_dim")
 
 POOLINGS = (None, "avg", "max")
 DEFAULT_INPUT_SHAPE = (224, 224, 3)
 
 
+def variant_config(variant):
+    """The architecture numbers of a named variant ("B/16", or a small "T/2"), ValueError otherwise."""
+    config = VARIANTS.get(variant) or SMALL_VARIANTS.get(variant)
+    if config is None:
+        raise ValueError(f"Unknown Mixer variant {variant!r}; valid: {', '.join(MODEL_NAMES)}")
+    return dict(config)
+
+
+def variant_name(variant):
+    """ "B/16" -> "mixer_b16", the default model name of a variant."""
+    return "mixer_" + variant.replace("/", "").lower()
+
+
+def variant_of(architecture):
+    """The paper's variant name ("B/16") of the five `ARCHITECTURE` numbers, or None for another
+    architecture (an expanded model has a wider token MLP and is no paper variant)."""
+    mine = {k: architecture[k] for k in ARCHITECTURE}
+    mine["patch_size"] = to_pair("patch_size", mine["patch_size"])
+    for name, numbers in VARIANTS.items():
+        if {**numbers, "patch_size": to_pair("patch_size", numbers["patch_size"])} == mine:
+            return name
+    return None
+
+
 def preprocess_input(x, data_format=None):
-    """Scales uint8-range pixels [0, 255] to [-1, 1] as the official pipeline: (x - 127.5) / 127.5.
+    """Scales uint8-range pixels [0, 255] to [-1, 1] as the official pipeline (x / 127.5 - 1).
 
     For models built with `include_preprocessing=False`; the default models do this inside.
     Accepts a NumPy array (returns NumPy float32) or a tensor (returns a float tensor).
@@ -59,8 +75,8 @@ def preprocess_input(x, data_format=None):
     """
     del data_format
     if isinstance(x, np.ndarray) or np.isscalar(x) or isinstance(x, (list, tuple)):
-        return (np.asarray(x, dtype="float32") - 127.5) / 127.5
-    return (ops.cast(x, "float32") - 127.5) / 127.5
+        return scale_pixels(np.asarray(x, dtype="float32"))
+    return scale_pixels(ops.cast(x, "float32"))
 
 
 def drop_path_schedule(drop_path_rate, num_blocks):
@@ -79,9 +95,7 @@ def _image_input(input_tensor, input_shape):
     else:
         shape = tuple(input_shape) if input_shape is not None else DEFAULT_INPUT_SHAPE
     if len(shape) != 3:
-        raise ValueError(
-            f"input_shape must be (height, width, channels) (channels last), got {shape!r}"
-        )
+        raise ValueError(f"input_shape must be (height, width, channels) (channels last), got {shape!r}")
     channels = shape[2]
     if channels is None or isinstance(channels, bool) or int(channels) <= 0:
         raise ValueError(f"The input channel count must be a positive integer (3 for RGB), got {channels!r}")
@@ -90,263 +104,182 @@ def _image_input(input_tensor, input_shape):
     return input_tensor, shape
 
 
-def variant_of(patch_size, hidden_dim, num_blocks, tokens_mlp_dim, channels_mlp_dim):
-    """The VARIANTS name ("B/16") of an architecture, or None for a custom one."""
-    config = dict(
-        patch_size=to_pair("patch_size", patch_size),
-        hidden_dim=hidden_dim,
-        num_blocks=num_blocks,
-        tokens_mlp_dim=tokens_mlp_dim,
-        channels_mlp_dim=channels_mlp_dim,
-    )
-    for name, variant in VARIANTS.items():
-        if {**variant, "patch_size": to_pair("patch_size", variant["patch_size"])} == config:
-            return name
-    return None
-
-
-def _open_weights(weights, variant):
-    """`weights` (a path or a preset name) -> a `Checkpoint` read into memory."""
-    if isinstance(weights, Checkpoint):
-        return weights
-    if is_preset_name(weights) and not os.path.exists(weights):
-        return Checkpoint(fetch_preset(weights, variant))
-    path = os.fspath(weights)
-    if not os.path.exists(path):
-        if os.sep not in path and "." not in path:
-            preset_url(path, variant)  # raises, listing the presets
-        raise FileNotFoundError(f"weights file {path!r} does not exist")
-    return Checkpoint(path)
-
-
-def MlpMixer(
-    patch_size,
-    hidden_dim,
-    num_blocks,
-    tokens_mlp_dim,
-    channels_mlp_dim,
-    include_top=True,
-    weights=None,
-    input_tensor=None,
-    input_shape=None,
-    pooling=None,
-    classes=None,
-    classifier_activation="softmax",
-    name="mlp_mixer",
-    include_preprocessing=True,
-    dropout_rate=0.0,
-    drop_path_rate=0.0,
-    gelu=None,
-    seed=None,
-):
-    """Builds an MLP-Mixer as a Keras functional model.
+@keras.saving.register_keras_serializable(package="keras_mixer")
+class MlpMixer(keras.Model):
+    """An MLP-Mixer as a Keras model (a functional graph inside), with fresh weights.
 
     Args:
         patch_size: P, an int or (height, width) pair; image sides must be multiples of it.
         hidden_dim: C, the token width. num_blocks: N, the number of Mixer blocks.
         tokens_mlp_dim: D_S. channels_mlp_dim: D_C.
         include_top: end with the classification head ([B, classes]).
-        weights: None (random init), a preset name ("imagenet1k", "imagenet21k", "sam", "gsam";
-            see `keras_mixer.presets`) or a path to an official `.npz`, a timm `.pth` /
-            `.safetensors`, a `.keras` or a `.weights.h5` file (told apart by content).
-        input_tensor: optional Keras tensor (or tensor) to use as the image input.
         input_shape: (H, W, channels), default (224, 224, 3); any H, W that are multiples of P.
         pooling: only with `include_top=False`: None gives the token sequence [B, S, C] after the
             pre-head LayerNorm, "avg" the mean over tokens [B, C], "max" the maximum [B, C].
-        classes: head width; default the checkpoint's class count when `weights` has a head, else
-            1000. A count different from the checkpoint's gives a fresh zero head (logged).
+        classes: head width.
         classifier_activation: head activation (None for logits).
         include_preprocessing: inputs are pixels in [0, 255], scaled to [-1, 1] inside the model.
             False: inputs must already be in [-1, 1] (see `preprocess_input`).
         dropout_rate: dropout inside every MLP.
         drop_path_rate: stochastic depth of the last block; block i gets i / (N - 1) of it.
-        gelu: "tanh" (approximation, the official weights') or "exact" (timm's). Default: the
-            form the `weights` were trained with, else "tanh".
+        gelu: "tanh" (the approximation the official weights use) or "exact" (timm's).
         seed: seed for dropout and stochastic-depth masks.
+        input_tensor: optional Keras tensor (or tensor) to use as the image input (not part of
+            the config: a model rebuilt from its config gets a fresh input).
 
-    Returns:
-        A `keras.Model`. Layer names follow the official checkpoint (`stem`, `MixerBlock_{i}`,
-        `pre_head_layer_norm`, `head`).
+    Layer names follow the official parameter tree (`stem`, `MixerBlock_{i}`,
+    `pre_head_layer_norm`, `head`). `get_config()` returns exactly these arguments, so
+    `MlpMixer.from_config(model.get_config())` rebuilds the architecture. Pretrained weights:
+    `MlpMixer.from_preset(...)` or the variant constructors (`keras_mixer.MixerB16(weights=...)`).
     """
-    patch = to_pair("patch_size", patch_size)
-    hidden_dim = check_positive_int("hidden_dim", hidden_dim)
-    num_blocks = check_positive_int("num_blocks", num_blocks)
-    dropout_rate = check_rate("dropout_rate", dropout_rate)
-    drop_path_rate = check_rate("drop_path_rate", drop_path_rate)
-    if gelu is not None:
-        check_gelu(gelu)
-    if pooling not in POOLINGS:
-        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
-    if include_top and pooling is not None:
-        raise ValueError(
-            f"pooling={pooling!r} applies only with include_top=False; with include_top=True the "
-            f"model always averages over tokens before the head."
-        )
-    checkpoint = None
-    if weights is not None:
-        variant = variant_of(patch, hidden_dim, num_blocks, tokens_mlp_dim, channels_mlp_dim)
-        checkpoint = _open_weights(weights, variant)
-        # The GELU form and class count the weights were trained with, unless the caller says.
-        gelu = check_gelu(gelu or checkpoint.gelu or "tanh")
-        classes = checkpoint.classes if classes is None else classes
-    classes = 1000 if classes is None else classes
-    if include_top:
-        classes = check_positive_int("classes", classes)
 
-    images, shape = _image_input(input_tensor, input_shape)
-    # Fails early, naming the size and the valid neighbours, before any layer is built.
-    check_image_size(shape[:2], patch)
-    grid = (shape[0] // patch[0], shape[1] // patch[1])
-    trained_tokens = checkpoint.token_count() if checkpoint is not None else None
-    if trained_tokens not in (None, grid[0] * grid[1]):
-        # Weights trained at a smaller size: load them there, then expand (paper, Appendix C).
-        from keras_mixer.resolution import expand_resolution, trained_grid
-
-        if input_tensor is not None:
-            raise ValueError(
-                f"The weights were trained on {trained_tokens} patches, the input_tensor gives "
-                f"{grid[0] * grid[1]}: build without input_tensor to expand the resolution automatically"
-            )
-        trained = trained_grid(trained_tokens, grid)
-        log.info("%s: weights trained on a %dx%d patch grid, expanding to %dx%d", name, *trained, *grid)
-        trained_model = MlpMixer(
-            patch, hidden_dim, num_blocks, tokens_mlp_dim, channels_mlp_dim,
-            include_top=include_top, weights=checkpoint,
-            input_shape=(trained[0] * patch[0], trained[1] * patch[1], shape[2]),
-            pooling=pooling, classes=classes, classifier_activation=classifier_activation, name=name,
-            include_preprocessing=include_preprocessing, dropout_rate=dropout_rate,
-            drop_path_rate=drop_path_rate, gelu=gelu, seed=seed,
-        )
-        return expand_resolution(trained_model, shape[:2])
-
-    x = images
-    if include_preprocessing:
-        x = layers.Rescaling(1.0 / 127.5, offset=-1.0, name="rescaling")(x)
-    x = PatchStem(hidden_dim, patch, name="stem")(x)
-    for i, rate in enumerate(drop_path_schedule(drop_path_rate, num_blocks)):
-        x = MixerBlock(
-            tokens_mlp_dim,
-            channels_mlp_dim,
-            dropout_rate=dropout_rate,
-            drop_path_rate=rate,
-            gelu=gelu or "tanh",
-            seed=None if seed is None else seed + i,
-            name=f"MixerBlock_{i}",
-        )(x)
-    f32 = float32_if_mixed(None)
-    x = layers.LayerNormalization(epsilon=1e-6, dtype=f32, name="pre_head_layer_norm")(x)
-    if include_top:
-        x = layers.GlobalAveragePooling1D(dtype=f32, name="avg_pool")(x)
-        x = layers.Dense(
-            classes, activation=classifier_activation, kernel_initializer="zeros", dtype=f32, name="head"
-        )(x)
-    elif pooling == "avg":
-        x = layers.GlobalAveragePooling1D(dtype=f32, name="avg_pool")(x)
-    elif pooling == "max":
-        x = layers.GlobalMaxPooling1D(dtype=f32, name="max_pool")(x)
-
-    inputs = keras.utils.get_source_inputs(images) if input_tensor is not None else [images]
-    model = keras.Model(_unwrap_single(inputs), x, name=name)
-    if checkpoint is not None:
-        load_weights(model, checkpoint)
-    return model
-
-
-def _default_name(variant):
-    return "mixer_" + variant.replace("/", "").lower()  # "B/16" -> "mixer_b16"
-
-
-def _variant_constructor(variant, func_name):
-    config = VARIANTS[variant]
-    default_name = _default_name(variant)
-
-    def constructor(
+    def __init__(
+        self,
+        patch_size,
+        hidden_dim,
+        num_blocks,
+        tokens_mlp_dim,
+        channels_mlp_dim,
         include_top=True,
-        weights=None,
-        input_tensor=None,
         input_shape=None,
         pooling=None,
-        classes=None,
+        classes=1000,
         classifier_activation="softmax",
-        name=default_name,
+        include_preprocessing=True,
+        dropout_rate=0.0,
+        drop_path_rate=0.0,
+        gelu="tanh",
+        seed=None,
+        input_tensor=None,
+        name="mlp_mixer",
         **kwargs,
     ):
-        return MlpMixer(
-            **config,
-            include_top=include_top,
-            weights=weights,
-            input_tensor=input_tensor,
-            input_shape=input_shape,
-            pooling=pooling,
-            classes=classes,
-            classifier_activation=classifier_activation,
-            name=name,
-            **kwargs,
+        patch = to_pair("patch_size", patch_size)
+        hidden_dim = check_positive_int("hidden_dim", hidden_dim)
+        num_blocks = check_positive_int("num_blocks", num_blocks)
+        tokens_mlp_dim = check_positive_int("tokens_mlp_dim", tokens_mlp_dim)
+        channels_mlp_dim = check_positive_int("channels_mlp_dim", channels_mlp_dim)
+        dropout_rate = check_rate("dropout_rate", dropout_rate)
+        drop_path_rate = check_rate("drop_path_rate", drop_path_rate)
+        check_gelu(gelu)
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        if include_top and pooling is not None:
+            raise ValueError(
+                f"pooling={pooling!r} applies only with include_top=False; with include_top=True the "
+                f"model always averages over tokens before the head."
+            )
+        if include_top:
+            classes = check_positive_int("classes", classes)
+        if not isinstance(classifier_activation, (str, type(None))):
+            classifier_activation = keras.activations.serialize(classifier_activation)
+        images, shape = _image_input(input_tensor, input_shape)
+        # Fails early, naming the size and the valid neighbours, before any layer is built.
+        check_image_size(shape[:2], patch)
+
+        x = images
+        if include_preprocessing:
+            x = layers.Rescaling(PIXEL_SCALE, offset=PIXEL_OFFSET, name="rescaling")(x)
+        x = PatchStem(hidden_dim, patch, name="stem")(x)
+        for i, rate in enumerate(drop_path_schedule(drop_path_rate, num_blocks)):
+            x = MixerBlock(
+                tokens_mlp_dim,
+                channels_mlp_dim,
+                dropout_rate=dropout_rate,
+                drop_path_rate=rate,
+                gelu=gelu,
+                seed=None if seed is None else seed + i,
+                name=f"MixerBlock_{i}",
+            )(x)
+        # Normalisation, pooling and logits in float32 under mixed precision.
+        f32 = float32_if_mixed(None)
+        x = layers.LayerNormalization(epsilon=1e-6, dtype=f32, name="pre_head_layer_norm")(x)
+        if include_top:
+            x = layers.GlobalAveragePooling1D(dtype=f32, name="avg_pool")(x)
+            x = layers.Dense(
+                classes, activation=classifier_activation, kernel_initializer="zeros", dtype=f32, name="head"
+            )(x)
+        elif pooling == "avg":
+            x = layers.GlobalAveragePooling1D(dtype=f32, name="avg_pool")(x)
+        elif pooling == "max":
+            x = layers.GlobalMaxPooling1D(dtype=f32, name="max_pool")(x)
+        inputs = keras.utils.get_source_inputs(images) if input_tensor is not None else [images]
+        super().__init__(inputs=_unwrap_single(inputs), outputs=x, name=name, **kwargs)
+
+        self.patch_size = patch
+        self.hidden_dim = hidden_dim
+        self.num_blocks = num_blocks
+        self.tokens_mlp_dim = tokens_mlp_dim
+        self.channels_mlp_dim = channels_mlp_dim
+        self.image_shape = tuple(int(d) for d in shape)
+        self.include_top = bool(include_top)
+        self.pooling = pooling
+        self.classes = classes if include_top else None
+        self.classifier_activation = classifier_activation if include_top else None
+        self.include_preprocessing = bool(include_preprocessing)
+        self.dropout_rate = dropout_rate
+        self.drop_path_rate = drop_path_rate
+        self.gelu = gelu
+        self.seed = seed
+
+    @property
+    def grid_size(self):
+        """The (H/P, W/P) patch grid; S = its product."""
+        return (self.image_shape[0] // self.patch_size[0], self.image_shape[1] // self.patch_size[1])
+
+    @property
+    def variant(self):
+        """The paper's variant name ("B/16") of this architecture, or None (see `variant_of`)."""
+        return variant_of({k: getattr(self, k) for k in ARCHITECTURE})
+
+    def get_config(self):
+        return dict(
+            patch_size=self.patch_size,
+            hidden_dim=self.hidden_dim,
+            num_blocks=self.num_blocks,
+            tokens_mlp_dim=self.tokens_mlp_dim,
+            channels_mlp_dim=self.channels_mlp_dim,
+            include_top=self.include_top,
+            input_shape=self.image_shape,
+            pooling=self.pooling,
+            classes=self.classes,
+            classifier_activation=self.classifier_activation,
+            include_preprocessing=self.include_preprocessing,
+            dropout_rate=self.dropout_rate,
+            drop_path_rate=self.drop_path_rate,
+            gelu=self.gelu,
+            seed=self.seed,
+            name=self.name,
+            trainable=self.trainable,
         )
 
-    constructor.__name__ = constructor.__qualname__ = func_name
-    constructor.__doc__ = (
-        f"Mixer-{variant}: patch {config['patch_size']}, C={config['hidden_dim']}, "
-        f"{config['num_blocks']} blocks, D_S={config['tokens_mlp_dim']}, D_C={config['channels_mlp_dim']}.\n\n"
-        f"Arguments as `MlpMixer` (keras.applications conventions), plus `include_preprocessing`, "
-        f"`dropout_rate`, `drop_path_rate`, `gelu` and `seed` as keywords."
-    )
-    return constructor
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        # JSON turns tuples into lists.
+        config["patch_size"] = tuple(config["patch_size"])
+        config["input_shape"] = tuple(config["input_shape"])
+        if not config.get("include_top", True):
+            config.pop("classes", None)
+            config.pop("classifier_activation", None)
+        return cls(**config)
 
+    @classmethod
+    def from_preset(cls, preset, **kwargs):
+        """A Mixer with pretrained weights, keras-hub style.
 
-MixerS32 = _variant_constructor("S/32", "MixerS32")
-MixerS16 = _variant_constructor("S/16", "MixerS16")
-MixerS8 = _variant_constructor("S/8", "MixerS8")
-MixerB32 = _variant_constructor("B/32", "MixerB32")
-MixerB16 = _variant_constructor("B/16", "MixerB16")
-MixerL32 = _variant_constructor("L/32", "MixerL32")
-MixerL16 = _variant_constructor("L/16", "MixerL16")
-MixerH14 = _variant_constructor("H/14", "MixerH14")
+        Args:
+            preset: a preset name (`keras_mixer.list_presets()`, e.g. "mixer_b16_imagenet1k") or
+                a weights file (official `.npz`, timm `.pth`/`.safetensors`, `.keras`) whose
+                architecture is read from the file.
+            **kwargs: `MlpMixer` arguments for the build: `input_shape` (a multiple of the trained
+                size expands the resolution), `classes` (another count gives a zero head),
+                `include_top`, `pooling`, `classifier_activation`, `dropout_rate`, ...
+        """
+        # Entry point only: the loading lives in the loader, which builds on this class.
+        from keras_mixer import loader
 
-
-def create_model(variant, **kwargs):
-    """Builds a named variant ("B/16", ..., or a small "T/2", "T/4", "T/16") with `MlpMixer` keyword
-    arguments."""
-    config = VARIANTS.get(variant) or SMALL_VARIANTS.get(variant)
-    if config is None:
-        raise ValueError(f"Unknown Mixer variant {variant!r}; valid: {', '.join(MODEL_NAMES)}")
-    kwargs.setdefault("name", _default_name(variant))
-    return MlpMixer(**config, **kwargs)
-
-
-def mixer_config(model):
-    """The `MlpMixer` keyword arguments that rebuild `model`'s architecture (weights not included).
-
-    Read from the layers themselves, so it works on any Mixer this package built, also after a
-    `.keras` round trip.
-    """
-    names = {layer.name for layer in model.layers}
-    blocks = [layer for layer in model.layers if isinstance(layer, MixerBlock)]
-    stems = [layer for layer in model.layers if isinstance(layer, PatchStem)]
-    if not blocks or not stems:
-        raise ValueError(f"Model {model.name!r} is not a Mixer built by keras_mixer (no stem or MixerBlock layers)")
-    stem, first, last = stems[0], blocks[0], blocks[-1]
-    config = dict(
-        patch_size=stem.patch_size,
-        hidden_dim=stem.hidden_dim,
-        num_blocks=len(blocks),
-        tokens_mlp_dim=first.tokens_mlp_dim,
-        channels_mlp_dim=first.channels_mlp_dim,
-        input_shape=tuple(model.input_shape[1:]),
-        include_top="head" in names,
-        include_preprocessing="rescaling" in names,
-        dropout_rate=first.dropout_rate,
-        drop_path_rate=last.drop_path_rate,
-        gelu=first.gelu,
-        seed=first.seed,
-        name=model.name,
-    )
-    if config["include_top"]:
-        head = model.get_layer("head")
-        config.update(classes=head.units, classifier_activation=keras.activations.serialize(head.activation))
-    else:
-        config["pooling"] = "avg" if "avg_pool" in names else "max" if "max_pool" in names else None
-    return config
+        return loader.from_preset(preset, **kwargs)
 
 
 def _unwrap_single(inputs):
@@ -363,4 +296,5 @@ def token_feature_model(model):
     names = [layer.name for layer in model.layers if layer.name == "stem" or layer.name.startswith("MixerBlock_")]
     if not names:
         raise ValueError(f"Model {model.name!r} has no 'stem' or 'MixerBlock_*' layers: not a Mixer")
-    return keras.Model(_unwrap_single(model.inputs), {name: model.get_layer(name).output for name in names}, name=model.name + "_tokens")
+    outputs = {name: model.get_layer(name).output for name in names}
+    return keras.Model(_unwrap_single(model.inputs), outputs, name=model.name + "_tokens")

@@ -18,8 +18,8 @@ import logging
 
 import numpy as np
 
-from keras_mixer.layers import to_pair
-from keras_mixer.models import MlpMixer, mixer_config
+from keras_mixer.models import MlpMixer
+from keras_mixer.validation import to_pair
 from keras_mixer.weights import assign, model_params
 
 log = logging.getLogger("keras_mixer")
@@ -70,7 +70,7 @@ def expand_token_mlp(dense_0, dense_1, grid, factors):
 
 
 def expand_params(params, grid, factors):
-    """Applies `expand_token_mlp` to every block of a {official key: array} checkpoint."""
+    """Applies `expand_token_mlp` to every block of a {official key: array} set of weights."""
     expanded = dict(params)
     for key in params:
         if key.endswith("token_mixing/Dense_0/kernel"):
@@ -96,20 +96,16 @@ def expand_resolution(model, image_size):
         Its token features after each block equal, tile by tile, the original model's features of
         each (H, W) tile, and its pooled pre-logits are the mean of the tiles' pre-logits.
     """
-    config = mixer_config(model)
+    if not isinstance(model, MlpMixer):
+        raise ValueError(f"expand_resolution needs a keras_mixer.MlpMixer, got {type(model).__name__} {model.name!r}")
+    config = model.get_config()
     height, width, channels = config["input_shape"]
     new_size = to_pair("image_size", image_size)
     factors = expansion_factors((height, width), new_size)
-    patch = config["patch_size"]
-    grid = (height // patch[0], width // patch[1])
     copies = factors[0] * factors[1]
-    config.update(
-        input_shape=(*new_size, channels),
-        tokens_mlp_dim=config["tokens_mlp_dim"] * copies,
-        weights=None,
-    )
-    expanded = MlpMixer(**config)
-    assign(expanded, expand_params(model_params(model), grid, factors), f"{model.name} expanded")
+    config.update(input_shape=(*new_size, channels), tokens_mlp_dim=config["tokens_mlp_dim"] * copies)
+    expanded = MlpMixer.from_config(config)
+    assign(expanded, expand_params(model_params(model), model.grid_size, factors), f"{model.name} expanded")
     log.info(
         "Expanded %s from %dx%d to %dx%d: token MLPs block-diagonal with %d copies (D_S %d -> %d)",
         model.name, height, width, *new_size, copies, config["tokens_mlp_dim"] // copies, config["tokens_mlp_dim"],
@@ -118,7 +114,7 @@ def expand_resolution(model, image_size):
 
 
 def trained_grid(token_count, new_grid):
-    """The patch grid (h, w) a checkpoint with `token_count` tokens was trained on, given the grid of
+    """The patch grid (h, w) weights with `token_count` tokens was trained on, given the grid of
     the requested input, for automatic expansion. Prefers a square grid (all published weights are
     224x224); raises ValueError when no grid fits or several non-square ones do."""
     candidates = [
@@ -133,7 +129,7 @@ def trained_grid(token_count, new_grid):
         return candidates[0]
     reason = "no patch grid divides" if not candidates else f"several grids {candidates} divide"
     raise ValueError(
-        f"The checkpoint's token MLP has {token_count} tokens and {reason} the requested {new_grid[0]}x"
-        f"{new_grid[1]} patch grid evenly. Build the model at the checkpoint's input size, load the "
+        f"The weights' token MLP has {token_count} tokens and {reason} the requested {new_grid[0]}x"
+        f"{new_grid[1]} patch grid evenly. Build the model at the weights' input size, load the "
         f"weights, then call keras_mixer.expand_resolution(model, image_size)."
     )

@@ -1,7 +1,9 @@
-"""Loading any Mixer checkpoint into a Keras Mixer, and writing one out, all-or-nothing.
+"""A Mixer's weights as {official key: array}: reading them out of a model, assigning them into one
+(all or nothing), and writing them as weights files.
 
 Keras variable paths already follow the official tree (`MixerBlock_0/token_mixing/Dense_0/kernel`);
 only LayerNorm leaves differ (Keras `gamma`/`beta`, Flax `scale`/`bias`). So the mapping is a rename.
+Opening weights files and deciding what to build from them is the loader's job (`keras_mixer.loader`).
 """
 
 import json
@@ -12,8 +14,8 @@ import zipfile
 import keras
 import numpy as np
 
-from keras_mixer import checkpoints
-from keras_mixer.checkpoints import CheckpointError
+from keras_mixer import weight_files
+from keras_mixer.weight_files import WeightsError
 from keras_mixer.files import TMP_PREFIX, readable_file_mode, strict_json
 
 log = logging.getLogger("keras_mixer")
@@ -33,63 +35,18 @@ def mixer_variables(model):
 
 
 def model_params(model):
-    """The model's weights as {official key: NumPy array} (the canonical checkpoint form)."""
+    """The model's weights as {official key: NumPy array} (the canonical form of every weights file)."""
     return {key: keras.ops.convert_to_numpy(v) for key, v in mixer_variables(model).items()}
 
 
 def save_npz(model, path):
     """Writes the model in the official .npz layout (loadable by the official code), atomically."""
-    checkpoints.write_npz(model_params(model), path)
+    weight_files.write_npz(model_params(model), path)
 
 
 def save_timm(model, path):
     """Writes the model as a timm state_dict in a .safetensors file, atomically."""
-    checkpoints.write_timm_safetensors(model_params(model), path)
-
-
-class Checkpoint:
-    """A checkpoint file read into memory: its format, GELU form, class count and weights."""
-
-    def __init__(self, path):
-        self.path = os.fspath(path)
-        self.format = checkpoints.detect_format(self.path)
-        self.gelu = checkpoints.SOURCE_GELU.get(self.format)
-        self.params = None  # stays None for a bare .weights.h5, readable only into a model
-        self.source_model = None  # a .keras archive's model: its architecture, without a second load
-        if self.format == checkpoints.KERAS:
-            self.source_model = keras.saving.load_model(self.path, safe_mode=True, compile=False)
-            self.gelu, self.params = model_gelu(self.source_model), model_params(self.source_model)
-        elif self.format != checkpoints.KERAS_H5:
-            self.format, self.params = checkpoints.read_arrays(self.path, self.format)
-
-    @property
-    def classes(self):
-        """The head's class count, or None when headless or unknown before loading (.weights.h5)."""
-        if self.params is not None and "head/bias" in self.params:
-            return int(self.params["head/bias"].shape[0])
-        return None
-
-    def token_count(self):
-        """S of the first block's token MLP (the trained number of patches), or None when unknown."""
-        kernel = (self.params or {}).get("MixerBlock_0/token_mixing/Dense_0/kernel")
-        return None if kernel is None else int(kernel.shape[0])
-
-    def arrays_for(self, model):
-        """{official key: array}; a bare .weights.h5 is read through Keras into a twin of `model`."""
-        if self.params is not None:
-            return self.params
-        # A bare weights file has no architecture: Keras' own rule, it must fit the model's.
-        source = keras.Model.from_config(model.get_config())
-        try:
-            source.load_weights(self.path)
-        except Exception as e:
-            raise CheckpointError(f"{self.path!r} does not fit model {model.name!r}: {e}") from None
-        return model_params(source)
-
-
-def model_gelu(model):
-    forms = {layer.gelu for layer in model.layers if hasattr(layer, "gelu")}
-    return forms.pop() if len(forms) == 1 else None
+    weight_files.write_timm_safetensors(model_params(model), path)
 
 
 def architecture_of(params):
@@ -110,11 +67,11 @@ def _describe(arch):
 
 
 def _check_architecture(params, targets, path):
-    """CheckpointError naming both architectures when the weights are of another Mixer variant."""
+    """WeightsError naming both architectures when the weights are of another Mixer variant."""
     have, want = architecture_of(params), architecture_of(targets)
     differ = [k for k in have if have[k] is not None and want[k] is not None and have[k] != want[k]]
     if differ:
-        raise CheckpointError(
+        raise WeightsError(
             f"{path!r} holds a different Mixer architecture ({', '.join(differ)} differ): the weights are "
             f"{_describe(have)}; the model is {_describe(want)}. Build the model as the weights were trained "
             f"(for example the variant constructor whose numbers match), or use weights of this model's variant."
@@ -122,7 +79,7 @@ def _check_architecture(params, targets, path):
 
 
 def _head_policy(params, targets, path):
-    """Drops or keeps the checkpoint's head to fit the model.
+    """Drops or keeps the weights file's head to fit the model.
 
     Returns (params, head keys to zero, a note to log once the weights are in, or None)."""
     ckpt_head = [k for k in HEAD_KEYS if k in params]
@@ -135,11 +92,11 @@ def _head_policy(params, targets, path):
         return params, [], None
     if ckpt_head:
         note = (
-            f"{path}: checkpoint head has {params['head/bias'].shape[0]} classes, model has "
+            f"{path}: its head has {params['head/bias'].shape[0]} classes, model has "
             f"{targets['head/bias'].shape[0]}: head set to zeros (fine-tuning init)"
         )
     else:
-        note = f"{path}: checkpoint has no head: model head set to zeros"
+        note = f"{path} has no head: model head set to zeros"
     return without_head, model_head, note
 
 
@@ -150,7 +107,7 @@ def _list(keys, limit=8):
 
 
 def _check_fit(params, targets, path):
-    """Raises CheckpointError naming every missing/unexpected key or the first shape mismatch."""
+    """Raises WeightsError naming every missing/unexpected key or the first shape mismatch."""
     missing = set(targets) - set(params)
     unexpected = set(params) - set(targets)
     if missing or unexpected:
@@ -159,18 +116,18 @@ def _check_fit(params, targets, path):
             parts.append(f"missing keys ({len(missing)}): {_list(missing)}")
         if unexpected:
             parts.append(f"unexpected keys ({len(unexpected)}): {_list(unexpected)}")
-        raise CheckpointError(f"{path!r} does not fit the model: " + "; ".join(parts))
+        raise WeightsError(f"{path!r} does not fit the model: " + "; ".join(parts))
     for key, variable in targets.items():
         have, want = tuple(params[key].shape), tuple(variable.shape)
         if have != want:
-            message = f"{path!r}: shape mismatch for {key!r}: checkpoint {have}, model {want}"
+            message = f"{path!r}: shape mismatch for {key!r}: weights file {have}, model {want}"
             if "token_mixing" in key:
                 message += (
-                    ". The token-mixing weights depend on the number of patches: the checkpoint was "
+                    ". The token-mixing weights depend on the number of patches: the weights were "
                     "trained at another input size, which needs the resolution expansion "
                     "(keras_mixer.expand_resolution) to a size that is an integer multiple of it"
                 )
-            raise CheckpointError(message)
+            raise WeightsError(message)
 
 
 def assign(model, params, path="<params>"):
@@ -192,29 +149,6 @@ def assign(model, params, path="<params>"):
         raise
     if note:
         log.log(logging.WARNING if zero_heads else logging.INFO, "%s", note)
-
-
-def load_weights(model, path):
-    """Loads any Mixer checkpoint into a built model, in place; returns the model.
-
-    Args:
-        model: a Mixer from this package (any variant, with or without head).
-        path: official `.npz`, timm `.pth`/`.safetensors`, `.keras` or `.weights.h5`, told apart by content.
-
-    The head is loaded when its class count matches, reset to zeros (logged) when it differs, and
-    skipped for models without a head. Missing or unexpected keys and shape mismatches raise
-    `CheckpointError` (a ValueError) before any weight changes; the model is left as it was.
-    """
-    checkpoint = path if isinstance(path, Checkpoint) else Checkpoint(path)
-    params = checkpoint.arrays_for(model)
-    if checkpoint.gelu and model_gelu(model) not in (None, checkpoint.gelu):
-        log.warning(
-            "%s was trained with the %s GELU but the model uses %s: outputs will differ slightly; "
-            "build the model with gelu=%r for parity",
-            checkpoint.path, checkpoint.gelu, model_gelu(model), checkpoint.gelu,
-        )
-    assign(model, params, checkpoint.path)
-    return model
 
 
 # What a trained model was trained on (data set, class names, evaluation preprocessing), stored as

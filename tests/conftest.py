@@ -23,9 +23,12 @@ TINY = dict(patch_size=4, hidden_dim=24, num_blocks=2, tokens_mlp_dim=12, channe
 
 
 def tiny_mixer(**kwargs):
+    """A TINY Mixer; with `weights=...` built through the loader, as the variant constructors are."""
     kwargs.setdefault("input_shape", (16, 16, 3))
     kwargs.setdefault("classes", 7)
     kwargs.setdefault("classifier_activation", None)
+    if "weights" in kwargs:
+        return keras_mixer.loader.build(TINY, **kwargs)
     return keras_mixer.MlpMixer(**{**TINY, **kwargs})
 
 

@@ -539,7 +539,7 @@ def test_an_unreachable_preset_says_how_to_supply_the_file(tmp_path, monkeypatch
 def test_weights_of_another_width_are_named_plainly_with_no_misleading_log(tmp_path, caplog):
     keras_mixer.save_npz(randomize(tiny_mixer()), tmp_path / "narrow.npz")
     wide = keras_mixer.MlpMixer(**{**TINY, "hidden_dim": 32}, input_shape=(16, 16, 3), classes=7)
-    with caplog.at_level("INFO", logger="keras_mixer"), pytest.raises(keras_mixer.CheckpointError) as caught:
+    with caplog.at_level("INFO", logger="keras_mixer"), pytest.raises(keras_mixer.WeightsError) as caught:
         keras_mixer.load_weights(wide, tmp_path / "narrow.npz")
     message = str(caught.value)
     assert "different Mixer architecture (width differ)" in message

@@ -111,7 +111,8 @@ def test_keras_file_round_trip_is_exact(tmp_path, images):
 
 def test_from_config_rebuilds_the_same_architecture(images):
     model = randomize(tiny_mixer(input_shape=(8, 20, 3), drop_path_rate=0.2))
-    rebuilt = keras.Model.from_config(model.get_config())
+    rebuilt = keras_mixer.MlpMixer.from_config(model.get_config())
+    assert isinstance(rebuilt, keras_mixer.MlpMixer) and rebuilt.get_config() == model.get_config()
     assert [(w.path, tuple(w.shape)) for w in rebuilt.weights] == [(w.path, tuple(w.shape)) for w in model.weights]
     rebuilt.set_weights(model.get_weights())
     x = np.random.default_rng(0).uniform(0, 255, (2, 8, 20, 3)).astype("float32")

@@ -7,10 +7,10 @@ import zipfile
 import keras
 import numpy as np
 import pytest
-from conftest import randomize, tiny_mixer
+from conftest import TINY, randomize, tiny_mixer
 
 import keras_mixer
-from keras_mixer import CheckpointError, checkpoints, weights
+from keras_mixer import WeightsError, weight_files, weights
 
 torch = pytest.importorskip("torch")
 timm = pytest.importorskip("timm")
@@ -147,8 +147,8 @@ def test_format_is_recognised_by_content_not_name(tmp_path):
     keras_mixer.save_timm(model, tmp_path / "b.safetensors")
     os.rename(tmp_path / "a.npz", tmp_path / "weights.bin")
     os.rename(tmp_path / "b.safetensors", tmp_path / "other.npz")
-    assert checkpoints.detect_format(tmp_path / "weights.bin") == checkpoints.NPZ
-    assert checkpoints.detect_format(tmp_path / "other.npz") == checkpoints.TIMM_SAFETENSORS
+    assert weight_files.detect_format(tmp_path / "weights.bin") == weight_files.NPZ
+    assert weight_files.detect_format(tmp_path / "other.npz") == weight_files.TIMM_SAFETENSORS
     for name in ("weights.bin", "other.npz"):
         loaded = tiny_mixer(weights=tmp_path / name, gelu="tanh")
         for a, b in zip(model.get_weights(), loaded.get_weights()):
@@ -185,16 +185,56 @@ def test_presets_fetch_through_keras_cache(tmp_path, monkeypatch, images):
     monkeypatch.setenv("KERAS_MIXER_WEIGHTS_URL", (tmp_path / "mirror").as_uri())
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))
     loaded = keras_mixer.MixerS32(weights="gsam", input_shape=(64, 64, 3))
-    assert os.path.exists(tmp_path / "keras_home" / "models" / "keras_mixer" / "mixer_gsam_S_32.npz")
+    assert os.path.exists(tmp_path / "keras_home" / "models" / "keras_mixer" / "mixer_s32_gsam.npz")
     x = np.random.default_rng(0).uniform(0, 255, (2, 64, 64, 3)).astype("float32")
     np.testing.assert_array_equal(np.asarray(loaded(x)), np.asarray(source(x)))
 
-    with pytest.raises(ValueError, match=r"'imagenet21k' is published for B/16, L/16, not for S/32; presets for it: gsam"):
+    with pytest.raises(ValueError, match=r"'imagenet21k' is published for B/16, L/16, not for S/32; presets for it: mixer_s32_gsam"):
         keras_mixer.MixerS32(weights="imagenet21k")
-    with pytest.raises(ValueError, match=r"Unknown weights preset 'jft'; presets: imagenet1k"):
+    with pytest.raises(ValueError, match=r"Unknown weights preset 'jft'; presets: mixer_b16_imagenet1k"):
         keras_mixer.MixerS32(weights="jft")
     with pytest.raises(ValueError, match=r"not for this custom configuration"):
         tiny_mixer(weights="gsam")
+
+    # keras-hub style: the preset name alone gives the architecture, the size and the head.
+    model = keras_mixer.MlpMixer.from_preset("mixer_s32_gsam", input_shape=(64, 64, 3))
+    assert isinstance(model, keras_mixer.MlpMixer) and model.variant == "S/32" and model.name == "mixer_s32_gsam"
+    np.testing.assert_array_equal(np.asarray(model(x)), np.asarray(source(x)))
+    with pytest.raises(ValueError, match=r"Preset 'mixer_s32_gsam' holds S/32 weights, not B/16"):
+        keras_mixer.MixerB16(weights="mixer_s32_gsam")
+
+
+def test_from_preset_reads_the_architecture_and_size_from_a_weights_file(tmp_path, images):
+    source = randomize(tiny_mixer(input_shape=(16, 8, 3)))
+    keras_mixer.save_timm(source, tmp_path / "tiny.safetensors")
+    keras_mixer.save_npz(randomize(tiny_mixer(), seed=3), tmp_path / "square.npz")
+    # timm's form: exact GELU; a non-square grid cannot be guessed from the token count.
+    with pytest.raises(ValueError, match=r"trained on 8 patches, not a square grid: give input_shape"):
+        keras_mixer.MlpMixer.from_preset(tmp_path / "tiny.safetensors")
+    model = keras_mixer.MlpMixer.from_preset(tmp_path / "tiny.safetensors", input_shape=(16, 8, 3))
+    assert model.get_config() == {**source.get_config(), "gelu": "exact", "name": "tiny", "classifier_activation": "softmax"}
+    square = keras_mixer.MlpMixer.from_preset(tmp_path / "square.npz", classifier_activation=None)
+    assert (square.image_shape, square.classes, square.gelu) == ((16, 16, 3), 7, "tanh")
+    np.testing.assert_array_equal(np.asarray(square(images)), np.asarray(randomize(tiny_mixer(), seed=3)(images)))
+    # A .keras file carries its whole config; a larger size expands the resolution.
+    tiny_mixer().save(tmp_path / "m.keras")
+    assert keras_mixer.MlpMixer.from_preset(tmp_path / "m.keras").get_config() == {**tiny_mixer().get_config(), "name": "m"}
+    big = keras_mixer.MlpMixer.from_preset(tmp_path / "square.npz", input_shape=(32, 16, 3))
+    assert (big.grid_size, big.tokens_mlp_dim) == ((8, 4), 2 * TINY["tokens_mlp_dim"])
+
+
+def test_preset_listing_names_every_release_with_its_metadata():
+    listed = keras_mixer.list_presets()
+    # The published files: imagenet1k B/16, L/16; imagenet21k B/16, L/16; sam B/16, B/32; gsam S/8..B/32.
+    assert len(listed) == 11 and listed["mixer_l16_imagenet21k"]["classes"] == 21843
+    for name, meta in listed.items():
+        assert name == "mixer_" + meta["variant"].replace("/", "").lower() + "_" + meta["release"]
+        assert meta["file"] == f"{meta['release']}/Mixer-{meta['variant'].replace('/', '_')}.npz"
+        assert meta["eval_preprocessing"] == {"eval_resize": "crop", "crop_ratio": 0.875}  # resize 256, crop 224
+        assert meta["variant"] in keras_mixer.VARIANTS and meta["gelu"] == "tanh"
+    assert listed["mixer_b16_imagenet1k"]["top1"] == pytest.approx(0.7644)  # the paper's Table 2
+    listed["mixer_b16_sam"]["classes"] = 5  # a copy: the table itself is not changed
+    assert keras_mixer.list_presets()["mixer_b16_sam"]["classes"] == 1000
 
 
 def _npz_with(tmp_path, params):
@@ -214,20 +254,20 @@ def test_key_and_shape_errors_leave_the_model_unchanged(tmp_path):
     before = target.get_weights()
 
     missing = {k: v for k, v in params.items() if k != "MixerBlock_1/LayerNorm_0/scale"}
-    with pytest.raises(CheckpointError, match=r"missing keys \(1\): MixerBlock_1/LayerNorm_0/scale"):
+    with pytest.raises(WeightsError, match=r"missing keys \(1\): MixerBlock_1/LayerNorm_0/scale"):
         keras_mixer.load_weights(target, _npz_with(tmp_path, missing))
-    with pytest.raises(CheckpointError, match=r"unexpected keys \(1\): extra/thing"):
+    with pytest.raises(WeightsError, match=r"unexpected keys \(1\): extra/thing"):
         keras_mixer.load_weights(target, _npz_with(tmp_path, {**params, "extra/thing": np.zeros(2)}))
     wide = {**params, "MixerBlock_0/channel_mixing/Dense_0/kernel": np.zeros((24, 50), "float32")}
-    with pytest.raises(CheckpointError, match=r"'MixerBlock_0/channel_mixing/Dense_0/kernel': checkpoint \(24, 50\), model \(24, 48\)"):
+    with pytest.raises(WeightsError, match=r"'MixerBlock_0/channel_mixing/Dense_0/kernel': weights file \(24, 50\), model \(24, 48\)"):
         keras_mixer.load_weights(target, _npz_with(tmp_path, wide))
     _assert_unchanged(target, before)
 
     bigger = tiny_mixer(input_shape=(32, 16, 3))
-    with pytest.raises(CheckpointError, match=r"token_mixing/Dense_0/kernel.*\(16, 12\).*\(32, 12\).*resolution expansion"):
+    with pytest.raises(WeightsError, match=r"token_mixing/Dense_0/kernel.*\(16, 12\).*\(32, 12\).*resolution expansion"):
         keras_mixer.load_weights(bigger, _npz_with(tmp_path, params))
     grey = tiny_mixer(input_shape=(16, 16, 1))
-    with pytest.raises(CheckpointError, match=r"'stem/kernel': checkpoint \(4, 4, 3, 24\), model \(4, 4, 1, 24\)"):
+    with pytest.raises(WeightsError, match=r"'stem/kernel': weights file \(4, 4, 3, 24\), model \(4, 4, 1, 24\)"):
         keras_mixer.load_weights(grey, _npz_with(tmp_path, params))
 
 
@@ -241,20 +281,20 @@ def test_corrupt_and_unsafe_files_are_refused(tmp_path):
     for name in ("good.npz", "good.safetensors", "good.pth"):
         data = (tmp_path / name).read_bytes()
         (tmp_path / f"cut-{name}").write_bytes(data[: len(data) // 2])
-        with pytest.raises(CheckpointError, match=r"corrupt|truncated|could not be read"):
+        with pytest.raises(WeightsError, match=r"corrupt|truncated|could not be read"):
             keras_mixer.load_weights(target, tmp_path / f"cut-{name}")
     np.savez(tmp_path / "objects.npz", **{"stem/kernel": np.array([{"a": 1}], dtype=object)})
-    with pytest.raises(CheckpointError, match=r"object arrays.*pickle"):
+    with pytest.raises(WeightsError, match=r"object arrays.*pickle"):
         keras_mixer.load_weights(target, tmp_path / "objects.npz")
     (tmp_path / "legacy.pth").write_bytes(b"\x80\x02}q\x00.")
-    with pytest.raises(CheckpointError, match=r"legacy pickled torch file"):
+    with pytest.raises(WeightsError, match=r"legacy pickled torch file"):
         keras_mixer.load_weights(target, tmp_path / "legacy.pth")
     (tmp_path / "notes.txt").write_text("not weights")
-    with pytest.raises(CheckpointError, match=r"Unrecognised weights file .*notes.txt"):
+    with pytest.raises(WeightsError, match=r"Unrecognised weights file .*notes.txt"):
         keras_mixer.load_weights(target, tmp_path / "notes.txt")
     with zipfile.ZipFile(tmp_path / "other.zip", "w") as archive:
         archive.writestr("readme.md", "hi")
-    with pytest.raises(CheckpointError, match=r"neither a .npz, a .keras nor a torch file"):
+    with pytest.raises(WeightsError, match=r"neither a .npz, a .keras nor a torch file"):
         keras_mixer.load_weights(target, tmp_path / "other.zip")
     with pytest.raises(FileNotFoundError, match=r"missing.npz"):
         keras_mixer.load_weights(target, tmp_path / "missing.npz")

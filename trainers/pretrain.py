@@ -7,9 +7,10 @@ import os
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
-
-from keras_mixer.training import cli  # noqa: E402
+try:
+    from keras_mixer.training import cli
+except ImportError as e:  # run from a checkout that was not installed
+    sys.exit(f"error: {e}. Install the package first, from the checkout: pip install -e .")
 
 if __name__ == "__main__":
     cli.run_pretrain()

@@ -12,9 +12,8 @@ import numpy as np
 import tensorflow as tf
 
 from keras_mixer.data import transforms
-from keras_mixer.layers import to_pair
-
-EVAL_RESIZE = ("crop", "resize")
+from keras_mixer.preprocessing import EvalPreprocessing
+from keras_mixer.validation import to_pair
 
 
 def make_pipeline(
@@ -71,10 +70,7 @@ def make_pipeline(
         plus mask float32 [B] with `pad_to_steps`.
     """
     image_size = to_pair("image_size", image_size)
-    if eval_resize not in EVAL_RESIZE:
-        raise ValueError(f"eval_resize must be one of {EVAL_RESIZE}, got {eval_resize!r}")
-    if not 0 < crop_ratio <= 1:
-        raise ValueError(f"crop_ratio must be in (0, 1], got {crop_ratio!r}")
+    preprocessing = EvalPreprocessing(eval_resize, crop_ratio)
     if permutation is not None and tuple(permutation.image_size) != image_size:
         raise ValueError(f"the permutation is for {permutation.image_size}, the pipeline makes {image_size} images")
     per_replica = input_context.get_per_replica_batch_size(batch_size) if input_context else batch_size
@@ -97,10 +93,8 @@ def make_pipeline(
             image = tf.ensure_shape(image, [*image_size, 3])  # RandAugment needs the static shape
             if randaug is not None:
                 image = randaug(image)
-        elif eval_resize == "crop":
-            image = transforms.resize_and_center_crop(image, image_size, crop_ratio)
         else:
-            image = transforms.plain_resize(image, image_size)
+            image = transforms.eval_image(image, image_size, preprocessing)
         image = tf.ensure_shape(tf.cast(image, tf.float32), [*image_size, 3])
         if permutation is not None:
             image = permutation(image)

@@ -8,6 +8,8 @@ so a pipeline with a fixed seed is reproducible.
 import keras
 import tensorflow as tf
 
+from keras_mixer.preprocessing import scale_pixels
+
 AREA_RANGE = (0.05, 1.0)
 ASPECT_RATIO_RANGE = (3.0 / 4.0, 4.0 / 3.0)
 
@@ -59,9 +61,17 @@ def plain_resize(image, image_size):
     return tf.image.resize(image, image_size, method="bilinear")
 
 
+def eval_image(image, image_size, preprocessing):
+    """An image of any size -> float32 [H, W, 3] as `preprocessing` (an `EvalPreprocessing`) says:
+    the one evaluation transform of the data pipeline and the serving signature."""
+    if preprocessing.eval_resize == "resize":
+        return plain_resize(image, image_size)
+    return resize_and_center_crop(image, image_size, preprocessing.crop_ratio)
+
+
 def rescale_to_unit_range(image):
-    """[0, 255] -> [-1, 1] as the official pipeline: (x - 127.5) / 127.5."""
-    return (tf.cast(image, tf.float32) - 127.5) / 127.5
+    """[0, 255] -> [-1, 1], the models' own scaling, for models built without it."""
+    return scale_pixels(tf.cast(image, tf.float32))
 
 
 def randaugment_layer(magnitude, seed=None, num_ops=2):

@@ -18,10 +18,9 @@ from absl import app, flags
 from absl import logging as absl_logging
 
 from keras_mixer.models import MODEL_NAMES
-from keras_mixer.training.config import PRECISIONS, STRATEGIES, XLA
+from keras_mixer.training.config import PRECISIONS, STRATEGIES, XLA, recipe_names
 
 FLAGS = flags.FLAGS
-CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "trainers", "configs")
 
 
 def _error_line(error):
@@ -83,7 +82,9 @@ def _dataset_ok(value):
 
 
 def _common_flags(recipe):
-    flags.DEFINE_string("config", recipe, "Recipe name (trainers/configs/NAME.py) or path; flags override its fields.")
+    flags.DEFINE_string(
+        "config", recipe, f"Recipe: {', '.join(recipe_names())}, or a path to a .py file; flags override its fields."
+    )
     flags.DEFINE_string("model", None, f"Mixer variant: {', '.join(MODEL_NAMES)}.")
     flags.DEFINE_string("dataset", None, "A TFDS name (imagenet2012, cifar10, ...), folder:PATH or digits.")
     flags.DEFINE_string("data_dir", None, "TFDS data directory.")
@@ -171,7 +172,7 @@ def _train_main(extra=(), mode="pretrain"):
         from keras_mixer.training.config import TrainConfig
 
         with user_errors():
-            config = load_config(FLAGS.config, CONFIGS_DIR, mode=mode, **_overrides(extra)).validate()
+            config = load_config(FLAGS.config, mode=mode, **_overrides(extra)).validate()
             unknown = sorted(set(FLAGS.accept_changes) - set(TrainConfig.__dataclass_fields__) - {"all"})
             if unknown:
                 raise ValueError(f"--accept_changes names unknown fields {unknown}; valid: recipe field names or 'all'")
@@ -200,7 +201,9 @@ def run_finetune():
 
 
 def _source_flags():
-    flags.DEFINE_string("source", None, "A SavedModel (or export base), a .keras file, a workdir or a checkpoint.")
+    flags.DEFINE_string(
+        "source", None, "A SavedModel (or export base), a .keras file, a workdir, a checkpoint, a preset or a weights file."
+    )
     flags.mark_flag_as_required("source")
 
 
@@ -222,7 +225,8 @@ def run_evaluate():
         _quiet_logs()
         from keras_mixer import data
         from keras_mixer.training.inference import load_predictor
-        from keras_mixer.training.loop import make_evaluator
+        from keras_mixer.preprocessing import EvalPreprocessing
+        from keras_mixer.training.evaluation import make_evaluator
 
         import tensorflow as tf
 
@@ -233,9 +237,13 @@ def run_evaluate():
                 raise ValueError(f"give --dataset: {FLAGS.source!r} does not record what it was trained on")
             split = FLAGS.split or data.eval_split(dataset, FLAGS.data_dir)
             source = data.load_source(dataset, split, data_dir=FLAGS.data_dir, class_names=predictor.class_names)
+            recorded = predictor.preprocessing
+            preprocessing = EvalPreprocessing(
+                FLAGS.eval_resize or recorded.eval_resize, FLAGS.crop_ratio or recorded.crop_ratio
+            )
             evaluate = make_evaluator(
                 tf.distribute.get_strategy(), predictor.predict, source, FLAGS.batch_size, predictor.image_size,
-                FLAGS.eval_resize or predictor.eval_resize, FLAGS.crop_ratio or predictor.crop_ratio,
+                preprocessing,
             )
             top1, top5 = evaluate()
         print(f"top-1: {top1:.4f}  top-5: {top5:.4f}  ({source.num_examples} images of {dataset}/{split}, {FLAGS.source})")
@@ -251,8 +259,10 @@ def run_export():
         flags.DEFINE_string("export_base", None, "TF Serving model base path; the version folder goes inside.")
         flags.DEFINE_integer("version", None, "Version number (default: next free).", lower_bound=1)
         flags.DEFINE_string("class_names", None, "Text file with one class name per line, in label order.")
-        flags.DEFINE_string("model", None, "Variant, for a preset --source (e.g. B/16).")
-        flags.DEFINE_integer("image_size", None, "Input size, for a preset --source (default 224).", lower_bound=1)
+        flags.DEFINE_string("model", None, "Variant, for a release name as --source (imagenet21k with B/16).")
+        flags.DEFINE_integer(
+            "image_size", None, "Input size, for a preset or weights file --source (default its own).", lower_bound=1
+        )
         flags.DEFINE_integer(
             "max_pixels", DEFAULT_MAX_PIXELS, "The bytes signature refuses images with more pixels (width x height).",
             lower_bound=1,
@@ -278,8 +288,7 @@ def run_export():
                 with open(FLAGS.class_names) as f:
                     class_names = [line.strip() for line in f if line.strip()]
             path = export_saved_model(
-                model, FLAGS.export_base, version=FLAGS.version, class_names=class_names,
-                crop_ratio=about.get("crop_ratio", 0.875), eval_resize=about.get("eval_resize", "crop"),
+                model, FLAGS.export_base, version=FLAGS.version, class_names=class_names, preprocessing=about,
                 max_pixels=FLAGS.max_pixels, metadata={k: v for k, v in about.items() if k == "dataset"},
             )  # fmt: skip
             if FLAGS.onnx:

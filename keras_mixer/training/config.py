@@ -1,7 +1,8 @@
 """Training configuration: one dataclass, filled from a recipe file and then from flags.
 
-A recipe is a small Python file with `get_config()` returning a dict of `TrainConfig` fields
-(`trainers/configs/*.py`); fields not in the recipe keep the defaults below.
+A recipe is a small Python file with `get_config()` returning a dict of `TrainConfig` fields (the
+shipped ones are package data in `keras_mixer/configs/`); fields not in the recipe keep the
+defaults below.
 """
 
 import dataclasses
@@ -11,12 +12,14 @@ import traceback
 from typing import Optional
 
 from keras_mixer.models import MODEL_NAMES
+from keras_mixer.preprocessing import EvalPreprocessing
 
 STRATEGIES = ("auto", "default", "mirrored", "multi_worker", "tpu")
 PRECISIONS = ("bfloat16", "float16")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("warmup_linear", "warmup_cosine")
 XLA = ("auto", "on", "off")
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
 @dataclasses.dataclass
@@ -86,8 +89,8 @@ class TrainConfig:
             raise ValueError("give exactly one of epochs and steps")
         if self.mode == "finetune" and not self.init:
             raise ValueError("fine-tuning needs --init (a .keras, official .npz or timm file, or a preset name)")
-        if self.model is None and not (self.init or "").endswith(".keras"):
-            raise ValueError("give --model (only a .keras --init carries its own architecture)")
+        if self.model is None and not self.init:
+            raise ValueError("give --model (or an --init whose weights carry the architecture)")
         if self.tpu is not None and self.strategy not in ("auto", "tpu"):
             raise ValueError(f"--tpu conflicts with --strategy={self.strategy}")
         for name in ("batch_size", "checkpoint_every", "log_every", "steps_per_loop", "image_size", "keep_checkpoints"):
@@ -99,12 +102,17 @@ class TrainConfig:
             raise ValueError(f"epochs must be positive, got {self.epochs}")
         if self.eval_every < 0:
             raise ValueError(f"eval_every must be 0 (only at the end) or positive, got {self.eval_every}")
-        for name in ("learning_rate", "crop_area_min", "crop_ratio"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.crop_area_min > 1 or self.crop_ratio > 1:
-            raise ValueError(f"crop_area_min and crop_ratio must be at most 1, got {self.crop_area_min}, {self.crop_ratio}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+        if not 0 < self.crop_area_min <= 1:
+            raise ValueError(f"crop_area_min must be in (0, 1], got {self.crop_area_min}")
+        self.eval_preprocessing  # checks eval_resize and crop_ratio
         return self
+
+    @property
+    def eval_preprocessing(self):
+        """How this run evaluates (and its export serves): recorded with everything it writes."""
+        return EvalPreprocessing(self.eval_resize, self.crop_ratio)
 
 
 # Fields that say where and how a run is looked after, not what it computes: a resumed run may
@@ -181,18 +189,24 @@ def _choice(name, value, choices):
         raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(map(str, choices))}")
 
 
-def recipe_path(name_or_path, configs_dir):
+def recipe_names(configs_dir=CONFIGS_DIR):
+    """The shipped recipes' names, sorted."""
+    return sorted(f[:-3] for f in os.listdir(configs_dir) if f.endswith(".py") and not f.startswith("_"))
+
+
+def recipe_path(name_or_path, configs_dir=CONFIGS_DIR):
     """A recipe name ("demo") -> configs_dir/demo.py; a path is returned as is."""
     if os.path.isfile(name_or_path):
         return name_or_path
     path = os.path.join(configs_dir, f"{name_or_path}.py")
     if not os.path.isfile(path):
-        names = sorted(f[:-3] for f in os.listdir(configs_dir) if f.endswith(".py") and not f.startswith("_"))
-        raise ValueError(f"unknown recipe {name_or_path!r}; recipes: {', '.join(names)} (or a path to a .py file)")
+        raise ValueError(
+            f"unknown recipe {name_or_path!r}; recipes: {', '.join(recipe_names(configs_dir))} (or a path to a .py file)"
+        )
     return path
 
 
-def load_config(name_or_path, configs_dir, **overrides):
+def load_config(name_or_path, configs_dir=CONFIGS_DIR, **overrides):
     """Reads a recipe file, then applies `overrides` (flags; None values are ignored)."""
     path = recipe_path(name_or_path, configs_dir)
     spec = importlib.util.spec_from_file_location(f"keras_mixer_recipe_{os.path.basename(path)[:-3]}", path)

@@ -2,7 +2,10 @@
 
 Accepted: a SavedModel folder (or a TF Serving base holding numbered versions), a `.keras` file,
 a training workdir (its latest checkpoint) or one checkpoint path (`.../checkpoints/ckpt-N`), and,
-for export, a preset name with a variant.
+for export, a preset or a weights file.
+
+Each comes with what it records of its training (`about`: dataset, class_names, eval_resize,
+crop_ratio), so evaluation and serving prepare images as the model was evaluated.
 """
 
 import dataclasses
@@ -12,10 +15,11 @@ from typing import Callable, Optional
 import keras
 import tensorflow as tf
 
+from keras_mixer import loader, presets
 from keras_mixer.export import export_metadata
 from keras_mixer.files import read_json
-from keras_mixer.models import MlpMixer, create_model
-from keras_mixer.presets import is_preset_name
+from keras_mixer.models import MlpMixer
+from keras_mixer.preprocessing import EvalPreprocessing
 from keras_mixer.training.checkpointing import checkpoint_steps, newest_intact
 from keras_mixer.weights import keras_metadata
 
@@ -26,8 +30,7 @@ class Predictor:
     image_size: tuple
     class_names: Optional[list] = None
     dataset: Optional[str] = None
-    eval_resize: str = "crop"  # the training run's evaluation preprocessing, when known
-    crop_ratio: float = 0.875
+    preprocessing: EvalPreprocessing = EvalPreprocessing()  # as the source was evaluated, when it records it
 
 
 def _saved_model_dir(path):
@@ -42,11 +45,10 @@ def _saved_model_dir(path):
 
 
 def _about_run(record):
-    config = record.get("config", {})
-    return dict(
-        dataset=record.get("dataset", config.get("dataset")), class_names=record.get("class_names"),
-        eval_resize=config.get("eval_resize", "crop"), crop_ratio=config.get("crop_ratio", 0.875),
-    )  # fmt: skip
+    if "about" in record:
+        return record["about"]
+    config = record.get("config", {})  # a run.json written by version 0.1
+    return dict(dataset=config.get("dataset"), class_names=record.get("class_names"), **EvalPreprocessing.from_dict(config).to_dict())
 
 
 def _run_record(source):
@@ -79,26 +81,29 @@ def _restore_newest(model, prefixes):
 
 
 def load_keras_model(source, model_name=None, image_size=None):
-    """(Keras model, what it was trained on) from a .keras file, a workdir/checkpoint or a preset.
+    """(Keras model, what it was trained on) from a .keras file, a workdir/checkpoint, a preset or
+    a weights file.
 
     The second item is a dict with any of dataset, class_names, eval_resize, crop_ratio that the
-    source records (empty for a preset or a .keras saved by other code)."""
+    source records (empty for a file that records none). `model_name` (a variant) is needed only
+    for a release name such as "imagenet21k"; `image_size` builds a preset or weights file at
+    another (larger, multiple) size."""
     if os.path.isfile(source) and source.endswith(".keras"):
         model = keras.saving.load_model(source, safe_mode=True, compile=False)
         return model, keras_metadata(source) or {}
     found = _run_record(source) if os.path.exists(source) or os.path.exists(source + ".index") else None
     if found:
         record, prefixes = found
-        model = MlpMixer(**record["architecture"])
+        model = MlpMixer.from_config(record["architecture"])
         _restore_newest(model, prefixes)
         return model, _about_run(record)
-    if is_preset_name(source):
-        if model_name is None:
-            raise ValueError(f"preset {source!r} needs --model (the variant, e.g. B/16)")
-        size = image_size or 224
-        return create_model(model_name, weights=source, input_shape=(size, size, 3)), {}
+    if presets.is_preset_name(source) or os.path.isfile(source):
+        weights = loader.open_weights(source, model_name)
+        size = {} if image_size is None else dict(input_shape=(image_size, image_size, 3))
+        return loader.from_preset(weights, **size), weights.about
     raise FileNotFoundError(
-        f"{source!r} is neither a .keras file, a training workdir, a checkpoint, a SavedModel nor a preset name"
+        f"{source!r} is neither a .keras file, a training workdir, a checkpoint, a SavedModel, a weights file nor a "
+        f"preset name ({', '.join(presets.PRESETS)})"
     )
 
 
@@ -126,5 +131,5 @@ def load_predictor(source):
         def predict(images):
             return model(images, training=False)
 
-    known = {k: about[k] for k in ("class_names", "dataset", "eval_resize", "crop_ratio") if about.get(k) is not None}
-    return Predictor(predict, size, **known)
+    known = {k: about[k] for k in ("class_names", "dataset") if about.get(k) is not None}
+    return Predictor(predict, size, preprocessing=EvalPreprocessing.from_dict(about), **known)

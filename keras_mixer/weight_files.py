@@ -1,4 +1,4 @@
-"""Reading and writing Mixer checkpoint files, without pickle.
+"""Reading and writing Mixer weights files, without pickle.
 
 Every format is read into one canonical form: a dict from the official Flax key
 (`MixerBlock_3/token_mixing/Dense_0/kernel`) to a NumPy array in the Flax layout (conv kernels
@@ -27,8 +27,8 @@ _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 _ZIP_MAGIC = b"PK\x03\x04"
 
 
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be read or does not fit the model."""
+class WeightsError(ValueError):
+    """A weights file that cannot be read or does not fit the model."""
 
 
 def detect_format(path):
@@ -45,29 +45,29 @@ def detect_format(path):
             with zipfile.ZipFile(path) as archive:
                 names = archive.namelist()
         except zipfile.BadZipFile as e:
-            raise CheckpointError(f"{path!r} is a corrupt or truncated zip archive: {e}") from None
+            raise WeightsError(f"{path!r} is a corrupt or truncated zip archive: {e}") from None
         if "config.json" in names and any(n.endswith(".weights.h5") for n in names):
             return KERAS
         if any(n.endswith("data.pkl") for n in names):
             return TIMM_TORCH
         if names and all(n.endswith(".npy") for n in names):
             return NPZ
-        raise CheckpointError(f"{path!r} is a zip archive but neither a .npz, a .keras nor a torch file")
+        raise WeightsError(f"{path!r} is a zip archive but neither a .npz, a .keras nor a torch file")
     if len(head) >= 9 and head[8:9] == b"{":
         return TIMM_SAFETENSORS  # 8-byte little-endian header length, then a JSON header
     if head[:1] == b"\x80":
-        raise CheckpointError(
+        raise WeightsError(
             f"{path!r} looks like a legacy pickled torch file; only zip-format torch files (torch >= 1.6) "
             f"are read, with weights_only=True. Re-save it with torch.save or convert it to .safetensors."
         )
-    raise CheckpointError(
+    raise WeightsError(
         f"Unrecognised weights file {path!r}: expected an official .npz, a timm .pth/.safetensors, "
         f"a .keras or a .weights.h5 file"
     )
 
 
 def read_arrays(path, fmt=None):
-    """Reads a non-Keras checkpoint: returns (format, {official key: array})."""
+    """Reads a non-Keras weights file: returns (format, {official key: array})."""
     fmt = fmt or detect_format(path)
     if fmt == NPZ:
         return fmt, _read_npz(path)
@@ -75,7 +75,7 @@ def read_arrays(path, fmt=None):
         return fmt, timm_to_official(_read_safetensors(path))
     if fmt == TIMM_TORCH:
         return fmt, timm_to_official(_read_torch(path))
-    raise CheckpointError(f"{path!r} is a Keras file ({fmt}); load it through keras_mixer.load_weights")
+    raise WeightsError(f"{path!r} is a Keras file ({fmt}); open it with keras_mixer.loader.WeightsFile")
 
 
 def _read_npz(path):
@@ -83,9 +83,9 @@ def _read_npz(path):
         with np.load(path, allow_pickle=False) as data:
             return {key: np.asarray(data[key]) for key in data.files}
     except ValueError as e:  # numpy refuses object arrays without pickle
-        raise CheckpointError(f"{path!r} holds object arrays, which would need pickle; refused ({e})") from None
+        raise WeightsError(f"{path!r} holds object arrays, which would need pickle; refused ({e})") from None
     except (zipfile.BadZipFile, EOFError, OSError) as e:
-        raise CheckpointError(f"{path!r} is a corrupt or truncated .npz file: {e}") from None
+        raise WeightsError(f"{path!r} is a corrupt or truncated .npz file: {e}") from None
 
 
 def _read_safetensors(path):
@@ -95,7 +95,7 @@ def _read_safetensors(path):
     try:
         return load_file(path)
     except (SafetensorError, OSError, ValueError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path!r} is a corrupt or truncated .safetensors file: {e}") from None
+        raise WeightsError(f"{path!r} is a corrupt or truncated .safetensors file: {e}") from None
 
 
 def _read_torch(path):
@@ -106,11 +106,11 @@ def _read_torch(path):
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for corrupt files and refused pickles
-        raise CheckpointError(f"{path!r} could not be read as a torch state_dict: {e}") from None
+        raise WeightsError(f"{path!r} could not be read as a torch state_dict: {e}") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
-        raise CheckpointError(f"{path!r} holds a {type(state).__name__}, not a state_dict")
+        raise WeightsError(f"{path!r} holds a {type(state).__name__}, not a state_dict")
     return {k: v.detach().float().numpy() for k, v in state.items() if hasattr(v, "detach")}
 
 

@@ -1,0 +1,225 @@
+"""From a weights source to a ready Mixer: open the weights file, decide the build, build, load,
+expand the resolution.
+
+    source: preset name | official .npz | timm .pth/.safetensors | .keras | .weights.h5
+      -> WeightsFile (format, GELU form, {official key: array}, what it records)
+      -> decide: classes (the file's unless asked), GELU form (the file's unless asked),
+         trained patch grid vs the requested one (a larger multiple: block-diagonal expansion)
+      -> MlpMixer(...) with the weights assigned, all or nothing
+
+This is the only module that knows both files and models; the model module knows neither.
+"""
+
+import logging
+import os
+
+import keras
+
+from keras_mixer import presets, weight_files
+from keras_mixer.models import ARCHITECTURE, DEFAULT_INPUT_SHAPE, MlpMixer, variant_config, variant_name, variant_of
+from keras_mixer.resolution import expand_params, expansion_factors, trained_grid
+from keras_mixer.validation import check_gelu, check_image_size, to_pair
+from keras_mixer.weights import WeightsError, assign, keras_metadata, model_params
+
+log = logging.getLogger("keras_mixer")
+
+
+class WeightsFile:
+    """A weights file read into memory.
+
+    Attributes:
+        path, format: where it is and what it is (`weight_files.NPZ`, ...).
+        gelu: the GELU form it was trained with, or None when unknown.
+        params: {official key: array}; None for a bare `.weights.h5`, readable only into a model.
+        config: the `MlpMixer` config a `.keras` file records, else None.
+        about: what the source records of its training: eval_resize, crop_ratio and, where known,
+            dataset and class_names (a preset or a `.keras` written by the trainers), else {}.
+        name: a model name for it (the preset name or the file's stem).
+    """
+
+    def __init__(self, path, about=None, name=None):
+        self.path = os.fspath(path)
+        self.format = weight_files.detect_format(self.path)
+        self.gelu = weight_files.SOURCE_GELU.get(self.format)
+        self.params, self.config, self.about = None, None, dict(about or {})
+        self.name = name or os.path.basename(self.path).split(".")[0].lower().replace("-", "_")
+        if self.format == weight_files.KERAS:
+            model = keras.saving.load_model(self.path, safe_mode=True, compile=False)
+            self.params = model_params(model)
+            if isinstance(model, MlpMixer):
+                self.config, self.gelu = model.get_config(), model.gelu
+            self.about = {**(keras_metadata(self.path) or {}), **self.about}
+        elif self.format != weight_files.KERAS_H5:
+            self.format, self.params = weight_files.read_arrays(self.path, self.format)
+
+    @property
+    def classes(self):
+        """The head's class count, or None when headless or unknown before loading (.weights.h5)."""
+        if self.params is not None and "head/bias" in self.params:
+            return int(self.params["head/bias"].shape[0])
+        return None
+
+    def token_count(self):
+        """S of the first block's token MLP (the trained number of patches), or None when unknown."""
+        kernel = (self.params or {}).get("MixerBlock_0/token_mixing/Dense_0/kernel")
+        return None if kernel is None else int(kernel.shape[0])
+
+    def architecture(self):
+        """The `MlpMixer` architecture arguments the weights' shapes give (patch, C, N, D_S, D_C)."""
+        if self.config is not None:
+            return {k: self.config[k] for k in ARCHITECTURE}
+        p = self.params or {}
+        needed = ("stem/kernel", "MixerBlock_0/token_mixing/Dense_0/kernel", "MixerBlock_0/channel_mixing/Dense_0/kernel")
+        if any(key not in p for key in needed):
+            raise WeightsError(f"{self.path!r} lacks {', '.join(k for k in needed if k not in p)}: not Mixer weights")
+        stem = p["stem/kernel"].shape  # [patch_h, patch_w, channels, C]
+        return dict(
+            patch_size=(int(stem[0]), int(stem[1])),
+            hidden_dim=int(stem[3]),
+            num_blocks=len({key.split("/")[0] for key in p if key.startswith("MixerBlock_")}),
+            tokens_mlp_dim=int(p["MixerBlock_0/token_mixing/Dense_0/kernel"].shape[1]),
+            channels_mlp_dim=int(p["MixerBlock_0/channel_mixing/Dense_0/kernel"].shape[1]),
+        )
+
+    def trained_input_shape(self):
+        """The (H, W, channels) the weights were trained at: recorded, else a square patch grid."""
+        if self.config is not None:
+            return tuple(self.config["input_shape"])
+        stem, tokens = self.params["stem/kernel"].shape, self.token_count()
+        side = int(round(tokens**0.5))
+        if side * side != tokens:
+            raise ValueError(
+                f"{self.path!r} was trained on {tokens} patches, not a square grid: give input_shape=(H, W, channels)"
+            )
+        return (side * int(stem[0]), side * int(stem[1]), int(stem[2]))
+
+    def arrays_for(self, model):
+        """{official key: array}; a bare .weights.h5 is read through Keras into a twin of `model`."""
+        if self.params is not None:
+            return self.params
+        # A bare weights file has no architecture: Keras' own rule, it must fit the model's.
+        twin = MlpMixer.from_config(model.get_config())
+        try:
+            twin.load_weights(self.path)
+        except Exception as e:
+            raise WeightsError(f"{self.path!r} does not fit model {model.name!r}: {e}") from None
+        return model_params(twin)
+
+
+def open_weights(source, variant=None):
+    """A preset name (or a release such as "imagenet21k" with `variant`), a weights file path, or
+    an open `WeightsFile` -> a `WeightsFile`."""
+    if isinstance(source, WeightsFile):
+        return source
+    path = os.fspath(source)
+    if os.path.exists(path):
+        return WeightsFile(path)
+    if presets.is_preset_name(path):
+        name = presets.resolve(path, variant)
+        meta = presets.PRESETS[name]
+        about = dict(meta["eval_preprocessing"])
+        if meta["classes"] == 1000:  # the ImageNet-1k label order of decode_predictions
+            from keras_mixer.imagenet import class_names
+
+            about.update(dataset="imagenet2012", class_names=class_names())
+        return WeightsFile(presets.fetch_preset(name), about=about, name=name)
+    if os.sep not in path and "." not in path:
+        presets.resolve(path, variant)  # raises, listing the presets
+    raise FileNotFoundError(f"weights file {path!r} does not exist")
+
+
+def _load(model, weights, expansion=None):
+    """Assigns an open `WeightsFile` to `model`, warning on a GELU mismatch. `expansion`: (trained
+    grid, factors) when the model is the block-diagonal expansion of the weights' size."""
+    if weights.gelu and model.gelu != weights.gelu:
+        log.warning(
+            "%s was trained with the %s GELU but the model uses %s: outputs will differ slightly; "
+            "build the model with gelu=%r for parity",
+            weights.path, weights.gelu, model.gelu, weights.gelu,
+        )
+    params = weights.arrays_for(model) if expansion is None else expand_params(weights.params, *expansion)
+    assign(model, params, weights.path)
+    return model
+
+
+def load_weights(model, source):
+    """Loads any Mixer weights file (or preset) into a built `MlpMixer`, in place; returns the model.
+
+    The head is loaded when its class count matches, set to zeros (logged) when it differs, and
+    skipped for models without a head. Missing or unexpected keys and shape mismatches raise
+    `WeightsError` (a ValueError) before any weight changes; the model is left as it was.
+    """
+    return _load(model, open_weights(source, model.variant))
+
+
+def _requested_shape(input_tensor, input_shape):
+    if input_tensor is not None:
+        return tuple(input_tensor.shape[1:])
+    return tuple(input_shape) if input_shape is not None else DEFAULT_INPUT_SHAPE
+
+
+def build(architecture, weights=None, *, classes=None, gelu=None, input_shape=None, input_tensor=None, **kwargs):
+    """An `MlpMixer` of `architecture` (the five `ARCHITECTURE` numbers), with `weights` loaded.
+
+    Args:
+        weights: None (fresh), a preset name (or a release with a paper variant), a weights file
+            path or a `WeightsFile`.
+        classes: head width; default the weights' class count when they have a head, else 1000.
+            Another count than the weights' gives a zero head (logged).
+        gelu: default the form the weights were trained with, else "tanh".
+        input_shape / input_tensor: the input; weights trained on a smaller patch grid whose sides
+            divide the requested grid's are expanded block-diagonally (paper, Appendix C).
+        **kwargs: the other `MlpMixer` arguments.
+    """
+    architecture = {k: architecture[k] for k in ARCHITECTURE}
+    if weights is None:
+        classes = 1000 if classes is None else classes
+        return MlpMixer(
+            **architecture, classes=classes, gelu=gelu or "tanh", input_shape=input_shape, input_tensor=input_tensor,
+            **kwargs,
+        )  # fmt: skip
+    weights = open_weights(weights, variant_of(architecture))
+    gelu = check_gelu(gelu or weights.gelu or "tanh")
+    classes = weights.classes if classes is None else classes
+    classes = 1000 if classes is None else classes
+    shape = _requested_shape(input_tensor, input_shape)
+    patch = to_pair("patch_size", architecture["patch_size"])
+    check_image_size(shape[:2], patch)  # the size error first, before any weights are compared
+    grid = (shape[0] // patch[0], shape[1] // patch[1])
+    trained_tokens = weights.token_count()
+    common = dict(classes=classes, gelu=gelu, input_shape=input_shape, input_tensor=input_tensor, **kwargs)
+    if trained_tokens in (None, grid[0] * grid[1]):
+        return _load(MlpMixer(**architecture, **common), weights)
+    # Weights trained at a smaller size: the token MLPs become block-diagonal (paper, Appendix C).
+    trained = trained_grid(trained_tokens, grid)
+    factors = expansion_factors(trained, grid)
+    copies = factors[0] * factors[1]
+    log.info("%s: weights trained on a %dx%d patch grid, expanding to %dx%d", weights.path, *trained, *grid)
+    model = MlpMixer(**{**architecture, "tokens_mlp_dim": architecture["tokens_mlp_dim"] * copies}, **common)
+    return _load(model, weights, expansion=(trained, factors))
+
+
+def from_preset(source, **kwargs):
+    """`MlpMixer.from_preset`: a preset name or a weights file; the architecture, input size, GELU
+    form and classes come from the source unless `kwargs` say otherwise."""
+    weights = open_weights(source)
+    kwargs.setdefault("name", weights.name)
+    if kwargs.get("input_tensor") is None and kwargs.get("input_shape") is None:
+        kwargs["input_shape"] = _trained_shape(weights)
+    if weights.config is not None:
+        for key in ("include_preprocessing", "classifier_activation"):
+            kwargs.setdefault(key, weights.config.get(key))
+    return build(weights.architecture(), weights, **kwargs)
+
+
+def _trained_shape(weights):
+    if weights.name in presets.PRESETS:
+        size = presets.PRESETS[weights.name]["image_size"]
+        return (size, size, 3)
+    return weights.trained_input_shape()
+
+
+def create(variant, weights=None, **kwargs):
+    """A named variant ("B/16", or a small "T/2") with `build` arguments."""
+    kwargs.setdefault("name", variant_name(variant))
+    return build(variant_config(variant), weights, **kwargs)

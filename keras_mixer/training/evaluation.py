@@ -1,0 +1,61 @@
+"""Top-1 / top-5 over a whole split, on every replica at once: the trainers' evaluator, also used
+by `evaluate.py` for SavedModels and `.keras` files."""
+
+import math
+
+import tensorflow as tf
+
+from keras_mixer import data
+from keras_mixer.preprocessing import EvalPreprocessing
+
+
+def make_evaluator(strategy, predict, source, batch_size, image_size, preprocessing=None):
+    """() -> (top-1, top-5) over the whole split, as fractions.
+
+    Args:
+        predict: images float32 [B, H, W, 3] in [0, 255] -> scores [B, classes] (logits or
+            probabilities).
+        source: a `data.Source` split with a known size.
+        preprocessing: an `EvalPreprocessing` (default the paper's centre crop).
+
+    Every worker runs the same number of full, padded batches; padding is masked out.
+    """
+    preprocessing = preprocessing or EvalPreprocessing()
+    workers = strategy.extended._num_workers if hasattr(strategy.extended, "_num_workers") else 1
+    per_worker = math.ceil(source.num_examples / workers) if source.num_examples else None
+    if per_worker is None:
+        raise ValueError(f"evaluation needs the size of {source.name!r} split {source.split!r}")
+    local_batch = batch_size // workers
+    steps = max(1, math.ceil(per_worker / local_batch))
+    k = min(5, source.num_classes)
+
+    def replica_eval(images, labels, mask):
+        logits = tf.cast(predict(images), tf.float32)
+        top1 = tf.cast(tf.math.in_top_k(labels, logits, 1), tf.float32) * mask
+        topk = tf.cast(tf.math.in_top_k(labels, logits, k), tf.float32) * mask
+        return tf.reduce_sum(top1), tf.reduce_sum(topk), tf.reduce_sum(mask)
+
+    @tf.function
+    def run(iterator):
+        totals = tf.zeros([3])
+        for _ in tf.range(steps):
+            images, labels, mask = next(iterator)
+            per_replica = strategy.run(replica_eval, args=(images, labels, mask))
+            totals += tf.stack([strategy.reduce("SUM", v, axis=None) for v in per_replica])
+        return totals
+
+    def evaluate():
+        stream = data.distribute(
+            strategy,
+            source,
+            batch_size=batch_size,
+            training=False,
+            image_size=image_size,
+            eval_resize=preprocessing.eval_resize,
+            crop_ratio=preprocessing.crop_ratio,
+            pad_to_steps=steps,
+        )
+        top1, top5, count = (float(v) for v in run(iter(stream)))
+        return top1 / count, top5 / count
+
+    return evaluate

@@ -1,0 +1,84 @@
+"""What a training run tells while it runs: the progress bar, TensorBoard scalars, the loss history
+and `metrics.json` (rewritten at every checkpoint, so a resumed run continues its history)."""
+
+import logging
+import os
+import time
+
+import keras
+import tensorflow as tf
+
+from keras_mixer.files import write_json
+
+log = logging.getLogger("keras_mixer")
+
+
+class Throughput:
+    """Images per second of steady-state training: wall clock inside the training calls, so waiting
+    for input counts. The first call on each input stream (tracing, compilation, filling the
+    prefetch buffers) is left out; checkpointing, logging and evaluation between calls are not
+    training and are not counted."""
+
+    def __init__(self, global_batch):
+        self.global_batch = global_batch
+        self.images, self.seconds = 0, 0.0
+        self._warm = False
+
+    def restart(self):
+        self._warm = False
+
+    def start(self):
+        self._started = time.perf_counter()
+
+    def stop(self, steps):
+        """After a call of `steps` steps; returns the rate so far (None before any counted call)."""
+        if self._warm:
+            self.images += steps * self.global_batch
+            self.seconds += time.perf_counter() - self._started
+        self._warm = True
+        return self.rate()
+
+    def rate(self):
+        return self.images / self.seconds if self.seconds > 0 else None
+
+
+class Report:
+    """The run's outputs for people: `metrics` (the dict written to metrics.json) plus the
+    progress bar and TensorBoard. Only the chief writes; other workers keep the numbers."""
+
+    def __init__(self, workdir, chief, total_steps, metrics):
+        self.path = os.path.join(workdir, "metrics.json")
+        self.chief = chief
+        self.metrics = metrics
+        self.writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard")) if chief else None
+        self.progress = keras.utils.Progbar(total_steps, stateful_metrics=["loss", "img/s"], verbose=1 if chief else 0)
+        self.progress.update(metrics["step"])
+
+    def trained(self, step, loss, top1, norm, learning_rate, rate, log_point):
+        """After a host call of training steps; `log_point`: add to the history and TensorBoard."""
+        self.metrics.update(step=step, train_loss=loss, train_top1=top1)
+        self.progress.update(step, [("loss", loss)] + ([("img/s", rate)] if rate else []))
+        if not log_point:
+            return
+        self.metrics["loss_history"].append([step, loss])
+        self._scalars(step, {"train/loss": loss, "train/top1": top1, "train/learning_rate": learning_rate,
+                             "train/gradient_norm": norm, "train/images_per_second": rate})  # fmt: skip
+
+    def evaluated(self, step, top1, top5):
+        log.info("step %d: eval top-1 %.4f, top-5 %.4f", step, top1, top5)
+        self.metrics.update(eval_top1=top1, eval_top5=top5)
+        self._scalars(step, {"eval/top1": top1, "eval/top5": top5})
+
+    def save(self, **updates):
+        """Writes metrics.json (progress, or with finished=True the final record)."""
+        self.metrics.update(updates)
+        if self.chief:
+            write_json(self.path, self.metrics)
+
+    def _scalars(self, step, values):
+        if self.writer is None:
+            return
+        with self.writer.as_default(step=step):
+            for name, value in values.items():
+                if value is not None:
+                    tf.summary.scalar(name, value)

@@ -1,0 +1,107 @@
+"""One training step on every tf.distribute engine, and what it needs: optimizer and clipping.
+
+    per replica:  loss = CE(labels, model(images)) / global batch      (XLA-compiled fwd + bwd)
+    all-reduce:   g = sum over replicas of dloss/dw                    (the full-batch gradient)
+    clip:         g *= min(1, clip / ||g||)                            (global norm, as the paper)
+    apply:        optimizer.apply(g / replicas)   (Keras sums replicas' gradients again itself)
+
+Why not `model.fit`: in Keras 3.15 it fails under MultiWorkerMirroredStrategy, and the paper's
+clipping must act on the *global* gradient. Only forward and backward are XLA-compiled: the
+all-reduce (merge_call) cannot run inside XLA.
+"""
+
+import logging
+
+import keras
+import tensorflow as tf
+
+from keras_mixer.training.schedules import WarmupDecay
+
+log = logging.getLogger("keras_mixer")
+
+
+def make_optimizer(config, total_steps):
+    """AdamW (pre-training) or SGD with momentum (fine-tuning) on the recipe's schedule.
+
+    Clipping is not set here: the step clips the all-reduced gradient. Weight decay is decoupled
+    (Keras AdamW: w -= lr * wd * w) and spares biases and LayerNorm parameters.
+    """
+    decay = "linear" if config.schedule == "warmup_linear" else "cosine"
+    schedule = WarmupDecay(config.learning_rate, config.warmup_steps, total_steps, decay)
+    if config.optimizer == "sgd":
+        return keras.optimizers.SGD(schedule, momentum=config.momentum)
+    optimizer = keras.optimizers.AdamW(
+        schedule, weight_decay=config.weight_decay, beta_1=config.beta_1, beta_2=config.beta_2
+    )
+    optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
+    return optimizer
+
+
+def clip_by_global_norm(gradients, max_norm):
+    """(gradients scaled so their global norm is at most `max_norm`, the norm before clipping).
+    `max_norm` None: no clipping."""
+    norm = tf.linalg.global_norm(gradients)
+    if max_norm is None:
+        return gradients, norm
+    scale = tf.minimum(1.0, max_norm / tf.maximum(norm, 1e-12))
+    return [g * scale for g in gradients], norm
+
+
+def decide_xla(config, kind):
+    """XLA for the forward/backward pass, on purpose: Keras' jit_compile="auto" would turn it off on
+    CPU and under tf.distribute. TPUs compile everything anyway."""
+    on = kind != "tpu" if config.xla == "auto" else config.xla == "on"
+    log.info("XLA %s for the forward/backward pass (--xla=%s, strategy %s)", "on" if on else "off", config.xla, kind)
+    return on
+
+
+def make_train_steps(strategy, model, optimizer, config, step_var, use_xla):
+    """A tf.function (iterator, count) -> (mean loss, mean gradient norm, train top-1) that runs
+    `count` steps in one host call and advances `step_var` by `count`."""
+    global_batch = config.batch_size
+    replicas = strategy.num_replicas_in_sync
+    fp16 = config.mixed_precision == "float16"
+    clip = config.grad_clip_norm
+
+    def forward_backward(images, labels):
+        with tf.GradientTape() as tape:
+            logits = tf.cast(model(images, training=True), tf.float32)
+            per_example = keras.losses.categorical_crossentropy(labels, logits, from_logits=True)
+            loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
+            scaled = optimizer.scale_loss(loss) if fp16 else loss
+        gradients = tape.gradient(scaled, model.trainable_variables)
+        correct = tf.reduce_sum(tf.cast(tf.argmax(logits, -1) == tf.argmax(labels, -1), tf.float32))
+        return loss, gradients, correct
+
+    forward_backward_fn = tf.function(forward_backward, jit_compile=True) if use_xla else forward_backward
+
+    def replica_step(images, labels):
+        loss, gradients, correct = forward_backward_fn(images, labels)
+        gradients = tf.distribute.get_replica_context().all_reduce("sum", gradients)
+        if fp16:  # clip the true gradient; the loss-scale optimizer unscales and skips overflows
+            unscaled, norm = clip_by_global_norm([g / optimizer.dynamic_scale for g in gradients], clip)
+            gradients = [g * optimizer.dynamic_scale for g in unscaled]
+        else:
+            gradients, norm = clip_by_global_norm(gradients, clip)
+        optimizer.apply([g / replicas for g in gradients], model.trainable_variables)
+        return loss, norm, correct
+
+    @tf.function
+    def train_steps(iterator, count):
+        loss_sum, norm_sum, correct_sum = tf.constant(0.0), tf.constant(0.0), tf.constant(0.0)
+        for _ in tf.range(count):
+            images, labels = next(iterator)
+            loss, norm, correct = strategy.run(replica_step, args=(images, labels))
+            loss_sum += strategy.reduce("SUM", loss, axis=None)
+            norm_sum += strategy.reduce("MEAN", norm, axis=None)
+            correct_sum += strategy.reduce("SUM", correct, axis=None)
+            step_var.assign_add(1)
+        count = tf.cast(count, tf.float32)
+        return loss_sum / count, norm_sum / count, correct_sum / (count * global_batch)
+
+    return train_steps
+
+
+@tf.function
+def all_finite(variables):
+    return tf.reduce_all([tf.reduce_all(tf.math.is_finite(v)) for v in variables])

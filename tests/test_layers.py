@@ -83,7 +83,7 @@ def test_no_position_embedding_token_order_matters_and_weight_permutation_restor
     tokens = np.asarray(model(images))
     assert np.abs(np.asarray(model(shuffled))[:, np.argsort(order)] - tokens).max() > 1e-2
 
-    permuted = keras.Model.from_config(model.get_config())
+    permuted = type(model).from_config(model.get_config())
     permuted.set_weights(model.get_weights())
     for i in range(2):
         mlp = permuted.get_layer(f"MixerBlock_{i}").token_mixing

@@ -20,7 +20,7 @@ from multiworker import run_cluster
 from runs import ENV, ROOT, metrics, trainer
 
 from keras_mixer.training import TrainConfig, WarmupDecay, choose_strategy, clip_by_global_norm, load_config
-from keras_mixer.training.cli import CONFIGS_DIR
+from keras_mixer.training.config import CONFIGS_DIR
 
 
 # --- recipes, schedules, clipping, strategy choice ------------------------------------------------

@@ -4,7 +4,7 @@ Shapes use B batch, H x W image, P patch, S = HW / P^2 tokens, C channels (hidde
 Only `keras.layers` and `keras.ops` are used, so every layer runs on any Keras backend.
 
 Sub-layer names follow the official Flax parameter tree, so a variable's Keras path reads like the
-official checkpoint key: `MixerBlock_3/token_mixing/Dense_0/kernel`.
+official weights-file key: `MixerBlock_3/token_mixing/Dense_0/kernel`.
 """
 
 import keras

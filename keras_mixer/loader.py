@@ -19,7 +19,7 @@ from keras_mixer import presets, weight_files
 from keras_mixer.models import ARCHITECTURE, DEFAULT_INPUT_SHAPE, MlpMixer, variant_config, variant_name, variant_of
 from keras_mixer.resolution import expand_params, expansion_factors, trained_grid
 from keras_mixer.validation import check_gelu, check_image_size, to_pair
-from keras_mixer.weights import WeightsError, assign, keras_metadata, model_params
+from keras_mixer.weights import WeightsError, architecture_of, assign, keras_metadata, model_params
 
 log = logging.getLogger("keras_mixer")
 
@@ -72,11 +72,11 @@ class WeightsFile:
         needed = ("stem/kernel", "MixerBlock_0/token_mixing/Dense_0/kernel", "MixerBlock_0/channel_mixing/Dense_0/kernel")
         if any(key not in p for key in needed):
             raise WeightsError(f"{self.path!r} lacks {', '.join(k for k in needed if k not in p)}: not Mixer weights")
-        stem = p["stem/kernel"].shape  # [patch_h, patch_w, channels, C]
+        known = architecture_of(p)
         return dict(
-            patch_size=(int(stem[0]), int(stem[1])),
-            hidden_dim=int(stem[3]),
-            num_blocks=len({key.split("/")[0] for key in p if key.startswith("MixerBlock_")}),
+            patch_size=known["patch"],
+            hidden_dim=known["width"],
+            num_blocks=known["blocks"],
             tokens_mlp_dim=int(p["MixerBlock_0/token_mixing/Dense_0/kernel"].shape[1]),
             channels_mlp_dim=int(p["MixerBlock_0/channel_mixing/Dense_0/kernel"].shape[1]),
         )

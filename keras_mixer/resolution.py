@@ -10,8 +10,8 @@ Token order: the block structure assumes the tokens of one sub-image are contigu
 flattens the big grid row-major, which interleaves the sub-images row by row. We permute the
 *weights* (rows of Dense_0's kernel, columns of Dense_1's kernel, entries of Dense_1's bias) rather
 than the tokens. The expanded model is then a plain Mixer: same layers, row-major token order at
-its input and in its token outputs, no extra gather op, and it saves, loads, exports and loads
-checkpoints like any other Mixer of its size.
+its input and in its token outputs, no extra gather op, and it saves, loads, exports and trains
+like any other Mixer of its size.
 """
 
 import logging
@@ -114,7 +114,7 @@ def expand_resolution(model, image_size):
 
 
 def trained_grid(token_count, new_grid):
-    """The patch grid (h, w) weights with `token_count` tokens was trained on, given the grid of
+    """The patch grid (h, w) that weights with `token_count` tokens were trained on, given the grid of
     the requested input, for automatic expansion. Prefers a square grid (all published weights are
     224x224); raises ValueError when no grid fits or several non-square ones do."""
     candidates = [

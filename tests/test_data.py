@@ -164,6 +164,19 @@ def test_mixup_labels_are_mixed_and_sum_to_one():
     assert labels.min() >= 0
 
 
+def test_paper_augmentation_under_a_mixed_precision_policy_stays_float32():
+    """The paper recipes train in mixed_bfloat16 with RandAugment and mixup: the pipeline's layers must
+    not take the global policy (they would multiply bfloat16 by float32 and fail)."""
+    import keras
+
+    keras.config.set_dtype_policy("mixed_bfloat16")  # reset by conftest
+    source = data.digits_source("train")
+    stream = data.make_pipeline(source, training=True, image_size=8, batch_size=16, seed=0, randaugment=15, mixup=0.5)
+    images, labels = next(iter(stream))
+    assert images.dtype == tf.float32 and labels.dtype == tf.float32
+    np.testing.assert_allclose(labels.numpy().sum(axis=1), 1.0, atol=1e-5)
+
+
 def test_seeded_training_pipelines_repeat_and_randaugment_changes_images():
     source = data.digits_source("train")
     kwargs = dict(training=True, image_size=16, batch_size=32)

@@ -12,7 +12,7 @@ from conftest import TINY, randomize, tiny_mixer
 
 import keras_mixer
 
-# Table 1 of the paper (FACTS.md): 224x224 input, 1000-class head.
+# Table 1 of the paper: 224x224 input, 1000-class head.
 PAPER_PARAMS = {
     "MixerS32": 19_104_624,
     "MixerS16": 18_528_264,
@@ -201,8 +201,9 @@ def test_same_model_on_the_jax_backend(tmp_path, images):
     np.save(tmp_path / "x.npy", images)
     script = textwrap.dedent(
         f"""
-        import keras, numpy as np, keras_mixer
+        import sys, keras, numpy as np, keras_mixer
         assert keras.backend.backend() == "jax"
+        assert "tensorflow" not in sys.modules  # the package runs where TensorFlow is not installed
         model = keras_mixer.MlpMixer(**{TINY!r}, input_shape=(16, 16, 3), classes=7,
                                      classifier_activation=None, gelu="exact")
         model.load_weights({str(tmp_path / "w.weights.h5")!r})

@@ -28,7 +28,7 @@ def test_wheel_installs_and_its_console_script_trains_a_paper_recipe_from_anywhe
     assert where.stdout.strip().startswith(str(site)), where.stdout
 
     command = [sys.executable, str(site / "bin" / "keras-mixer-pretrain")]
-    helped = _run([*command, "--helpshort"], env=env, cwd=elsewhere)
+    helped = subprocess.run([*command, "--helpshort"], capture_output=True, text=True, env=env, cwd=elsewhere, timeout=300)
     assert "--config" in helped.stdout and "imagenet1k_b16" in helped.stdout  # the recipes inside the wheel
 
     # A paper recipe (ImageNet-1k B/16: RandAugment 15, mixup 0.5, bfloat16) shrunk to a CPU-sized run.

@@ -79,7 +79,11 @@ def randaugment_layer(magnitude, seed=None, num_ops=2):
     RandAugment 0-30 scale) becomes Keras' normalised factor m / 30."""
     if not 0 <= magnitude <= 30:
         raise ValueError(f"RandAugment magnitude must be in [0, 30], got {magnitude!r}")
-    return keras.layers.RandAugment(value_range=(0, 255), num_ops=num_ops, factor=magnitude / 30.0, seed=seed)
+    # float32 whatever the global policy: under mixed_bfloat16 the layer would otherwise compute in
+    # bfloat16 on float32 images (the input pipeline is float32; the model casts for itself).
+    return keras.layers.RandAugment(
+        value_range=(0, 255), num_ops=num_ops, factor=magnitude / 30.0, seed=seed, dtype="float32"
+    )
 
 
 def mixup_layer(alpha, seed=None):
@@ -87,4 +91,4 @@ def mixup_layer(alpha, seed=None):
     one-hot labels mixed with the same weight."""
     if alpha <= 0:
         raise ValueError(f"mixup alpha must be positive, got {alpha!r}")
-    return keras.layers.MixUp(alpha=alpha, seed=seed)
+    return keras.layers.MixUp(alpha=alpha, seed=seed, dtype="float32")  # as RandAugment: not the global policy

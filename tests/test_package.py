@@ -16,7 +16,7 @@ def _run(args, **kwargs):
 
 
 def test_wheel_installs_and_its_console_script_trains_a_paper_recipe_from_anywhere(tmp_path):
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", tmp_path / "dist", ROOT])
+    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", tmp_path / "dist", ROOT])
     (wheel,) = glob.glob(str(tmp_path / "dist" / "keras_mixer-*.whl"))
     site = tmp_path / "site"
     _run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", site, wheel])

@@ -255,7 +255,7 @@ def paper_pretraining(**row):
 
 def paper_finetuning(**task):
     """The paper's fine-tuning setup (SGD momentum 0.9, 500 warmup steps then cosine, clipping at 1,
-    no weight decay, batch 512, zero head) with one task on top."""
+    no weight decay, batch 512, a zero head for a new class count) with one task on top."""
     defaults = dict(
         mode="finetune",
         model="B/16",

@@ -81,8 +81,9 @@ class StopSignals:
 
 def build_model(config, num_classes):
     """The Mixer to train, outputting logits: fresh (pre-training) or from `config.init` (any
-    weights source) with a zero head and, for a larger `image_size`, the block-diagonal resolution
-    expansion (fine-tuning). Without `config.model` the architecture is the init weights'."""
+    weights source; its head is kept when the class counts match, else set to zeros) and, for a
+    larger `image_size`, the block-diagonal resolution expansion (fine-tuning). Without
+    `config.model` the architecture is the init weights'."""
     size = config.image_size
     common = dict(
         input_shape=(size, size, 3),

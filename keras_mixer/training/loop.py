@@ -189,6 +189,13 @@ def _prepare(config, strategy, kind, restart, accept_changes):
         for source in (train_source, eval_source):
             if source.problems():
                 print(f"warning: {source.describe_problems()}", flush=True)
+        if config.crop_area_min >= 1 and config.eval_resize == "crop":
+            print(
+                f"warning: training sees whole images (crop_area_min 1) but evaluation centre-crops them "
+                f"(eval_resize crop, crop_ratio {config.crop_ratio}), showing objects larger than training did; "
+                f"--eval_resize resize matches training",
+                flush=True,
+            )
     replicas = strategy.num_replicas_in_sync
     if config.batch_size % replicas:
         raise ValueError(f"batch_size {config.batch_size} is not divisible by the {replicas} replicas")

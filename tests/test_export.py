@@ -174,3 +174,21 @@ def test_export_command_line(tmp_path):
     assert os.path.getsize(tmp_path / "m.onnx") > 0
     again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert again.returncode != 0 and "version 7 already exists" in again.stderr
+
+
+def test_a_preset_carries_its_class_names_and_evaluation_preprocessing(tmp_path, monkeypatch):
+    """What an exported or evaluated preset is served with comes from the preset's own record."""
+    from keras_mixer.training.inference import load_keras_model
+
+    mirror = tmp_path / "mirror" / "gsam"
+    mirror.mkdir(parents=True)
+    keras_mixer.save_npz(keras_mixer.MixerS32(), mirror / "Mixer-S_32.npz")
+    monkeypatch.setenv("KERAS_MIXER_WEIGHTS_URL", (tmp_path / "mirror").as_uri())
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))
+    model, about = load_keras_model("mixer_s32_gsam")
+    assert isinstance(model, keras_mixer.MlpMixer) and model.input_shape == (None, 224, 224, 3)
+    assert len(about["class_names"]) == 1000 and about["class_names"][281] == "tabby"
+    assert (about["eval_resize"], about["crop_ratio"]) == ("crop", 0.875) and about["dataset"] == "imagenet2012"
+    # A release name needs the variant; a larger size expands.
+    bigger, _ = load_keras_model("gsam", model_name="S/32", image_size=448)
+    assert bigger.grid_size == (14, 14) and bigger.tokens_mlp_dim == 4 * model.tokens_mlp_dim

@@ -172,22 +172,21 @@ def build(architecture, weights=None, *, classes=None, gelu=None, input_shape=No
         **kwargs: the other `MlpMixer` arguments.
     """
     architecture = {k: architecture[k] for k in ARCHITECTURE}
+    if weights is not None:
+        weights = open_weights(weights, variant_of(architecture))
+        gelu = gelu or weights.gelu
+        classes = weights.classes if classes is None else classes
+    common = dict(
+        classes=1000 if classes is None else classes, gelu=check_gelu(gelu or "tanh"), input_shape=input_shape,
+        input_tensor=input_tensor, **kwargs,
+    )  # fmt: skip
     if weights is None:
-        classes = 1000 if classes is None else classes
-        return MlpMixer(
-            **architecture, classes=classes, gelu=gelu or "tanh", input_shape=input_shape, input_tensor=input_tensor,
-            **kwargs,
-        )  # fmt: skip
-    weights = open_weights(weights, variant_of(architecture))
-    gelu = check_gelu(gelu or weights.gelu or "tanh")
-    classes = weights.classes if classes is None else classes
-    classes = 1000 if classes is None else classes
+        return MlpMixer(**architecture, **common)
     shape = _requested_shape(input_tensor, input_shape)
     patch = to_pair("patch_size", architecture["patch_size"])
     check_image_size(shape[:2], patch)  # the size error first, before any weights are compared
     grid = (shape[0] // patch[0], shape[1] // patch[1])
     trained_tokens = weights.token_count()
-    common = dict(classes=classes, gelu=gelu, input_shape=input_shape, input_tensor=input_tensor, **kwargs)
     if trained_tokens in (None, grid[0] * grid[1]):
         return _load(MlpMixer(**architecture, **common), weights)
     # Weights trained at a smaller size: the token MLPs become block-diagonal (paper, Appendix C).

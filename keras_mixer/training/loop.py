@@ -407,6 +407,6 @@ def _finish(run, model, report):
     print(
         f"Finished step {metrics['step']}: eval top-1 {metrics['eval_top1']:.4f}, top-5 {metrics['eval_top5']:.4f}, "
         f"{metrics['images_per_second'] or 0:.0f} img/s. Workdir: {os.path.abspath(run.workdir)} "
-        f"(checkpoints/, tensorboard/, model.keras, export/, metrics.json)",
+        f"(checkpoints/, tensorboard/, model.keras, {'export/, ' if config.export else ''}metrics.json)",
         flush=True,
     )

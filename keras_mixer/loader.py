@@ -204,18 +204,11 @@ def from_preset(source, **kwargs):
     weights = open_weights(source)
     kwargs.setdefault("name", weights.name)
     if kwargs.get("input_tensor") is None and kwargs.get("input_shape") is None:
-        kwargs["input_shape"] = _trained_shape(weights)
+        kwargs["input_shape"] = weights.trained_input_shape()
     if weights.config is not None:
         for key in ("include_preprocessing", "classifier_activation"):
             kwargs.setdefault(key, weights.config.get(key))
     return build(weights.architecture(), weights, **kwargs)
-
-
-def _trained_shape(weights):
-    if weights.name in presets.PRESETS:
-        size = presets.PRESETS[weights.name]["image_size"]
-        return (size, size, 3)
-    return weights.trained_input_shape()
 
 
 def create(variant, weights=None, **kwargs):

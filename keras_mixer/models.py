@@ -259,9 +259,6 @@ class MlpMixer(keras.Model):
         # JSON turns tuples into lists.
         config["patch_size"] = tuple(config["patch_size"])
         config["input_shape"] = tuple(config["input_shape"])
-        if not config.get("include_top", True):
-            config.pop("classes", None)
-            config.pop("classifier_activation", None)
         return cls(**config)
 
     @classmethod

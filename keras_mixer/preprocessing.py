@@ -24,7 +24,7 @@ class EvalPreprocessing:
 
     eval_resize: "crop" resizes so the image covers size / crop_ratio (aspect kept) and takes the
         centred crop (the paper's 256 -> 224 at crop_ratio 0.875); "resize" squeezes the whole
-        image to the size (better for small images, whose borders carry the object).
+        image to the size (right for a model trained on whole images, without random crops).
     crop_ratio: the crop's share of the resized image's side, in (0, 1]; "crop" only.
     """
 

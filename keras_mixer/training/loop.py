@@ -318,7 +318,8 @@ def _train(run, signals):
                 _diverged(f"loss is {loss} at step {step + count}", store)
             step += count
             log_point = step % config.log_every == 0 or step == run.total_steps
-            report.trained(step, loss, top1, norm, float(optimizer.learning_rate), rate, log_point)
+            learning_rate = float(optimizer.learning_rate) if log_point else None
+            report.trained(step, loss, top1, norm, learning_rate, rate, log_point)
             if step % config.checkpoint_every == 0 or step == run.total_steps or signals.received:
                 # A finite loss can still come with an update that overflowed: never save such weights.
                 if not bool(all_finite(model.trainable_variables)):

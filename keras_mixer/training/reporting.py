@@ -55,7 +55,8 @@ class Report:
         self.progress.update(metrics["step"])
 
     def trained(self, step, loss, top1, norm, learning_rate, rate, log_point):
-        """After a host call of training steps; `log_point`: add to the history and TensorBoard."""
+        """After a host call of training steps; `log_point`: add to the history and TensorBoard
+        (`learning_rate` is read only for those)."""
         self.metrics.update(step=step, train_loss=loss, train_top1=top1)
         self.progress.update(step, [("loss", loss)] + ([("img/s", rate)] if rate else []))
         if not log_point:

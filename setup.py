@@ -15,6 +15,9 @@ setup(
             "keras-mixer-finetune=keras_mixer.training.cli:run_finetune",
             "keras-mixer-evaluate=keras_mixer.training.cli:run_evaluate",
             "keras-mixer-export=keras_mixer.training.cli:run_export",
+            "keras-mixer-study-permutation=keras_mixer.studies.permutation_cli:run",
+            "keras-mixer-visualize=keras_mixer.studies.token_pictures_cli:run",
+            "keras-mixer-fewshot=keras_mixer.studies.fewshot_cli:run",
         ]
     },
     python_requires=">=3.10",
@@ -27,6 +30,7 @@ setup(
         "numpy>=1.26",
         "scikit-learn>=1.3",  # the embedded digits data set of the main job
         "safetensors>=0.4",  # timm checkpoints
+        "matplotlib>=3.7",  # the studies' pictures
     ],
     extras_require={
         # ONNX export (keras_mixer.export.export_onnx, trainers/export.py --onnx) and running it.

@@ -18,6 +18,10 @@ import pytest  # noqa: E402
 
 import keras_mixer  # noqa: E402
 
+import time  # noqa: E402
+
+from runs import trainer  # noqa: E402
+
 # patch 4 on 16x16 images: a 4x4 grid of S=16 tokens, C=24, D_S=12, D_C=48.
 TINY = dict(patch_size=4, hidden_dim=24, num_blocks=2, tokens_mlp_dim=12, channels_mlp_dim=48)
 
@@ -52,3 +56,13 @@ def _float32_policy():
     # A test that sets a mixed policy must not leak it into the next one.
     yield
     keras.config.set_dtype_policy("float32")
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory):
+    """`python trainers/pretrain.py` with the demo recipe, only the workdir moved: (workdir, the
+    finished process, seconds). One run shared by every test file that needs a trained model."""
+    workdir = tmp_path_factory.mktemp("demo")
+    started = time.perf_counter()
+    result = trainer("pretrain", "--workdir", workdir)
+    return workdir, result, time.perf_counter() - started

@@ -109,15 +109,6 @@ def test_finetune_without_init_is_a_usage_error(tmp_path):
 # --- the demo, end to end -------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    """`python trainers/pretrain.py` with the demo recipe, only the workdir moved."""
-    workdir = tmp_path_factory.mktemp("demo")
-    started = time.perf_counter()
-    result = trainer("pretrain", "--workdir", workdir)
-    return workdir, result, time.perf_counter() - started
-
-
 def test_demo_recipe_reaches_95_percent_and_writes_its_workdir(demo):
     workdir, result, seconds = demo
     m = metrics(workdir)

@@ -16,21 +16,30 @@ from keras_mixer.validation import check_image_size, to_pair
 KINDS = ("patches", "pixels")
 
 
-def permutation_index(kind, image_size, patch_size=None, seed=0):
-    """int array [H * W]: output pixel i (row-major) takes input pixel index[i]."""
+def patch_shuffle(image_size, patch_size, seed=0):
+    """(patch_order int [S], pixel_order int [P_h * P_w]) of the "patches" permutation: output
+    token i (row-major) takes input patch patch_order[i], and inside every patch output pixel j
+    takes input pixel pixel_order[j]. A Mixer trained on such images is the same Mixer with its
+    stem kernel and token-mixing weights relabelled (see `keras_mixer.studies.permutation`)."""
     height, width = to_pair("image_size", image_size)
-    rng = np.random.default_rng(seed)
-    if kind == "pixels":
-        return rng.permutation(height * width)
-    if kind != "patches":
-        raise ValueError(f"permutation must be one of {KINDS}, got {kind!r}")
     if patch_size is None:
         raise ValueError("the 'patches' permutation needs the model's patch_size")
     ph, pw = to_pair("patch_size", patch_size)
     check_image_size((height, width), (ph, pw))
+    rng = np.random.default_rng(seed)
+    return rng.permutation((height // ph) * (width // pw)), rng.permutation(ph * pw)
+
+
+def permutation_index(kind, image_size, patch_size=None, seed=0):
+    """int array [H * W]: output pixel i (row-major) takes input pixel index[i]."""
+    height, width = to_pair("image_size", image_size)
+    if kind == "pixels":
+        return np.random.default_rng(seed).permutation(height * width)
+    if kind != "patches":
+        raise ValueError(f"permutation must be one of {KINDS}, got {kind!r}")
+    patch_order, pixel_order = patch_shuffle((height, width), patch_size, seed)
+    ph, pw = to_pair("patch_size", patch_size)
     grid_w = width // pw
-    patch_order = rng.permutation((height // ph) * grid_w)
-    pixel_order = rng.permutation(ph * pw)
     rows, cols = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
     patch = patch_order[(rows // ph) * grid_w + cols // pw]  # source patch of each output pixel
     pixel = pixel_order[(rows % ph) * pw + cols % pw]  # source position inside that patch
@@ -45,6 +54,7 @@ class ImagePermutation:
     def __init__(self, kind, image_size, patch_size=None, seed=0):
         self.kind, self.seed = kind, seed
         self.image_size = to_pair("image_size", image_size)
+        self.patch_size = to_pair("patch_size", patch_size) if patch_size is not None else None
         self.index = permutation_index(kind, self.image_size, patch_size, seed)
         self.inverse_index = np.argsort(self.index)
 

@@ -1,7 +1,9 @@
 """Where images come from: TFDS, an image folder, or the embedded digits set.
 
 Every source gives a `Source`: metadata plus a function that makes a `tf.data.Dataset` of
-(image uint8 [h, w, 3] of any size, label int64) for one input pipeline (worker).
+(image uint8 [h, w, 3] of any size, label int64) for one input pipeline (worker). A source can also
+give its labels and a subset of its examples without decoding the images it does not keep: the
+few-shot probe keeps 1-25 images per class of a split that may hold a million.
 """
 
 import dataclasses
@@ -30,6 +32,10 @@ class Source:
         make: (input_context, shuffle_files, seed) -> Dataset of (uint8 [h, w, 3], int64 label),
             already sharded for `input_context` (a `tf.distribute.InputContext` or None).
         skipped: {reason: [paths]} of the files an image folder left out of the split.
+        make_labels: () -> int64 [N] the labels in split order, read without decoding images; None
+            falls back to one decoding pass over `dataset()`.
+        make_subset: positions (sorted distinct int64 [n]) -> the `Source` of those examples,
+            decoding none of the others; None falls back to filtering the decoded `dataset()`.
     """
 
     name: str
@@ -39,9 +45,37 @@ class Source:
     num_examples: Optional[int]
     make: Callable = dataclasses.field(repr=False)
     skipped: dict = dataclasses.field(default_factory=dict)
+    make_labels: Optional[Callable] = dataclasses.field(default=None, repr=False)
+    make_subset: Optional[Callable] = dataclasses.field(default=None, repr=False)
 
     def dataset(self, input_context=None, shuffle_files=False, seed=None):
         return self.make(input_context, shuffle_files, seed)
+
+    def labels(self):
+        """The labels of the split in its order, int64 [N]."""
+        if self.make_labels is not None:
+            return self.make_labels()
+        return _labels_of(self.dataset().map(_label))
+
+    def subset(self, indices):
+        """The examples at positions `indices` (ints in 0 .. N - 1, in the split's unshuffled order)
+        as a `Source` of their own, in split order, each once. Its `dataset()` ignores
+        `shuffle_files` (the order is the split's) and shards the kept examples by input context."""
+        positions = self._positions(indices)
+        if self.make_subset is not None:
+            return self.make_subset(positions)
+        return _filtered_source(self, positions, lambda input_context: self.dataset(), decode=None)
+
+    def _positions(self, indices):
+        positions = np.unique(np.asarray(indices, dtype=np.int64).reshape(-1))
+        if not len(positions):
+            raise ValueError(f"A subset of {self.name} split {self.split!r} needs at least one position")
+        if positions[0] < 0 or (self.num_examples is not None and positions[-1] >= self.num_examples):
+            raise ValueError(
+                f"Subset positions of {self.name} split {self.split!r} must be in 0 .. {self.num_examples} - 1, got "
+                f"{positions[0] if positions[0] < 0 else positions[-1]}"
+            )
+        return positions
 
     def problems(self, shown=10):
         """{reason: {"count": n, "first": [paths]}} of the files left out; {} when none."""
@@ -62,12 +96,58 @@ def _shard(dataset, input_context):
     return dataset.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
 
 
+def _label(image, label):
+    return label
+
+
+def _labels_of(labels):
+    """int64 [N] the elements of a Dataset of scalar labels, in order."""
+    # Batched: one host transfer per 64k labels, not one per example (ImageNet has 1.28M).
+    batches = labels.batch(1 << 16).as_numpy_iterator()
+    return np.concatenate([np.zeros([0], np.int64), *batches]).astype(np.int64)
+
+
+def _at_positions(examples, positions):
+    """The elements of `examples` at `positions` (sorted distinct int64 [n]), in order."""
+    keep = np.zeros(positions[-1] + 1, dtype=bool)
+    keep[positions] = True
+    keep = tf.constant(keep)
+    # take(): nothing after the last kept position is read.
+    indexed = examples.take(len(keep)).enumerate()
+    return indexed.filter(lambda position, example: keep[position]).map(lambda position, example: example)
+
+
+def _filtered_source(source, positions, read, decode):
+    """The `Source` of `source`'s examples at `positions`, picked from the stream `read(input_context)`
+    (the split, in order, unsharded) before `decode` (example -> (image, label), None for none) runs."""
+
+    def make(input_context, shuffle_files, seed):
+        del shuffle_files, seed  # positions are those of the split's own order
+        kept = _at_positions(read(input_context), positions)
+        if decode is not None:
+            kept = kept.map(decode, num_parallel_calls=tf.data.AUTOTUNE)
+        return _shard(kept, input_context)
+
+    subset = dataclasses.replace(source, num_examples=len(positions), make=make, make_labels=None, make_subset=None)
+    # The labels and nested subsets of a subset come from the same picked stream, still undecoded.
+    subset.make_labels = lambda: _labels_of(_at_positions(read(None), positions).map(_label))
+    subset.make_subset = lambda chosen: _filtered_source(source, positions[chosen], read, decode)
+    return subset
+
+
 def _in_memory(name, split, images, labels, class_names):
+    """A `Source` of arrays: images uint8 [N, h, w, 3], labels int64 [N]."""
+
     def make(input_context, shuffle_files, seed):
         del shuffle_files, seed  # examples are shuffled by the pipeline
         return _shard(tf.data.Dataset.from_tensor_slices((images, labels)), input_context)
 
-    return Source(name, split, len(class_names), list(class_names), len(labels), make)
+    def make_subset(positions):
+        return _in_memory(name, split, images[positions], labels[positions], class_names)
+
+    source = Source(name, split, len(class_names), list(class_names), len(labels), make)
+    source.make_labels, source.make_subset = labels.copy, make_subset
+    return source
 
 
 # --- the embedded digits set ---------------------------------------------------------------------
@@ -174,20 +254,30 @@ def folder_source(root, split="train", class_names=None, verify=True):
             )
         paths += good
         labels += [label] * len(good)
-    source = Source(f"folder:{root}", split, len(class_names), class_names, len(paths), None, skipped)
+    source = _files(f"folder:{root}", split, class_names, np.array(paths), np.array(labels, dtype="int64"), skipped)
     if source.problems():
         log.warning("%s", source.describe_problems())
-    paths, labels = np.array(paths), np.array(labels, dtype="int64")
+    return source
+
+
+def _files(name, split, class_names, paths, labels, skipped):
+    """A `Source` of image files: paths str [N], labels int64 [N]. The labels and subsets come from
+    the file list: no file is read for them."""
 
     def make(input_context, shuffle_files, seed):
         files = _shard(tf.data.Dataset.from_tensor_slices((paths, labels)), input_context)
         if shuffle_files:  # the whole file list: cheap, and a full shuffle of the examples
             files = files.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
         images = files.map(_decode_file, num_parallel_calls=tf.data.AUTOTUNE)
-        # Verified above; a file changed since then is dropped with TensorFlow's warning.
+        # Verified when the folder was opened; a file changed since then is dropped with
+        # TensorFlow's warning.
         return images.ignore_errors(log_warning=True)
 
-    source.make = make
+    def make_subset(positions):
+        return _files(name, split, class_names, paths[positions], labels[positions], skipped)
+
+    source = Source(name, split, len(class_names), class_names, len(paths), make, skipped)
+    source.make_labels, source.make_subset = labels.copy, make_subset
     return source
 
 
@@ -233,13 +323,29 @@ def tfds_source(name, split="train", data_dir=None, download=False):
         raise ValueError(f"TFDS data set {name!r} has no class label feature; an image classification set is needed")
     splits = builder.info.splits
     num_examples = splits[split].num_examples if splits and split in splits else None
+    read = _tfds_reader(builder, name, split, data_dir)
 
     def make(input_context, shuffle_files, seed):
+        examples = read(input_context, shuffle_files, seed, as_supervised=True)
+        return examples.map(_to_rgb, num_parallel_calls=tf.data.AUTOTUNE)
+
+    make(None, False, None)  # fails now, not at the first training step, when the data are missing
+    names = list(label.names) if getattr(label, "names", None) else None
+    source = Source(name, split, int(label.num_classes), names, num_examples, make)
+    source.make_labels = lambda: _tfds_labels(read)
+    source.make_subset = lambda positions: _tfds_subset(source, builder, read, positions)
+    return source
+
+
+def _tfds_reader(builder, name, split, data_dir):
+    """(input_context, shuffle_files, seed, **as_dataset arguments) -> the split's Dataset, with the
+    data missing or the split unknown said as one-line ValueErrors."""
+    import tensorflow_datasets as tfds
+
+    def read(input_context=None, shuffle_files=False, seed=None, **kwargs):
         read_config = tfds.ReadConfig(input_context=input_context, shuffle_seed=seed)
         try:
-            dataset = builder.as_dataset(
-                split=split, as_supervised=True, shuffle_files=shuffle_files, read_config=read_config
-            )
+            return builder.as_dataset(split=split, shuffle_files=shuffle_files, read_config=read_config, **kwargs)
         except (AssertionError, FileNotFoundError, tf.errors.NotFoundError) as e:
             raise ValueError(
                 f"TFDS data set {name!r} is not prepared in {builder.data_dir!r} ({e}); "
@@ -247,11 +353,37 @@ def tfds_source(name, split="train", data_dir=None, download=False):
             ) from None
         except ValueError as e:
             raise ValueError(f"TFDS data set {name!r}: split {split!r} is not available ({e})") from None
-        return dataset.map(_to_rgb, num_parallel_calls=tf.data.AUTOTUNE)
 
-    make(None, False, None)  # fails now, not at the first training step, when the data are missing
-    names = list(label.names) if getattr(label, "names", None) else None
-    return Source(name, split, int(label.num_classes), names, num_examples, make)
+    return read
+
+
+def _tfds_labels(read):
+    """int64 [N] the split's labels in order: only the label feature of each record is parsed."""
+    import tensorflow_datasets as tfds
+
+    # Under `tfds.testing.mock_data` this selection draws other random labels than the whole
+    # examples (the fake generator's random stream depends on the features asked for); real
+    # records give the same labels either way.
+    labels = read(decoders=tfds.decode.PartialDecoding({"label": True}))
+    return _labels_of(labels.map(lambda example: example["label"]))
+
+
+def _tfds_subset(source, builder, read, positions):
+    """`source`'s examples at `positions`: the records are read with the images still encoded, and
+    only the kept ones are decoded, by the image feature's own decoder (as `as_dataset` would)."""
+    import tensorflow_datasets as tfds
+
+    image_key = builder.info.supervised_keys[0]
+    image_feature = builder.info.features[image_key]
+
+    def records(input_context):
+        del input_context  # positions are those of the whole split: shard after picking
+        return read(as_supervised=True, decoders={image_key: tfds.decode.SkipDecoding()})
+
+    def decode(encoded, label):
+        return _to_rgb(image_feature.decode_example(encoded), label)
+
+    return _filtered_source(source, positions, records, decode)
 
 
 def _to_rgb(image, label):

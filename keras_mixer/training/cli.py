@@ -114,6 +114,11 @@ def _common_flags(recipe):
     flags.DEFINE_integer("checkpoint_every", None, "Steps between checkpoints.")
     flags.DEFINE_integer("log_every", None, "Steps between TensorBoard points.")
     flags.DEFINE_integer("eval_every", None, "Steps between evaluations (0: only at the end).")
+    flags.DEFINE_integer(
+        "fewshot_every", None, "Steps between linear few-shot probes of the pre-logits on the run's data set, also run "
+        "at the end (TensorBoard fewshot/{k}shot, metrics.json fewshot; 0: none).",
+    )  # fmt: skip
+    flags.DEFINE_string("fewshot_shots", None, "Shots per class of the few-shot probes, a comma list (default 1,5,10,25).")
     flags.DEFINE_integer("steps_per_loop", None, "Steps per host call (raise on TPUs).")
     flags.DEFINE_boolean("write_worker_weights", None, "Every worker writes its final weights (diagnostics).")
     flags.DEFINE_boolean(
@@ -158,9 +163,14 @@ def _overrides(extra=()):
         "model", "dataset", "data_dir", "download", "image_size", "batch_size", "epochs", "steps", "workdir",
         "seed", "tpu", "strategy", "xla", "learning_rate", "warmup_steps", "weight_decay", "randaugment",
         "mixup", "drop_path", "dropout", "crop_area_min", "flip", "eval_resize", "crop_ratio", "export",
-        "checkpoint_every", "log_every", "eval_every", "steps_per_loop", "write_worker_weights", *extra,
+        "checkpoint_every", "log_every", "eval_every", "fewshot_every", "steps_per_loop", "write_worker_weights",
+        *extra,
     ]  # fmt: skip
     values = {name: FLAGS[name].value for name in names}
+    if FLAGS.fewshot_shots is not None:
+        from keras_mixer.studies.fewshot import parse_shots
+
+        values["fewshot_shots"] = parse_shots(FLAGS.fewshot_shots, "--fewshot_shots")
     if FLAGS.mixed_precision is not None:
         values["mixed_precision"] = None if FLAGS.mixed_precision == "none" else FLAGS.mixed_precision
     return values

@@ -63,6 +63,8 @@ class TrainConfig:
     keep_checkpoints: int = 3
     log_every: int = 50
     eval_every: int = 0  # steps; 0: only at the end
+    fewshot_every: int = 0  # steps between linear few-shot probes (keras_mixer.studies.fewshot), also at the end; 0: off
+    fewshot_shots: tuple = (1, 5, 10, 25)  # shots per class of those probes
     steps_per_loop: int = 1
     export: bool = True
     write_worker_weights: bool = False  # multi-worker diagnostics: every worker writes its final weights
@@ -102,6 +104,11 @@ class TrainConfig:
             raise ValueError(f"epochs must be positive, got {self.epochs}")
         if self.eval_every < 0:
             raise ValueError(f"eval_every must be 0 (only at the end) or positive, got {self.eval_every}")
+        if isinstance(self.fewshot_every, bool) or not isinstance(self.fewshot_every, int) or self.fewshot_every < 0:
+            raise ValueError(f"fewshot_every must be 0 (no few-shot probes) or a positive number of steps, got {self.fewshot_every!r}")
+        shots = self.fewshot_shots
+        if not isinstance(shots, (list, tuple)) or not shots or any(isinstance(k, bool) or not isinstance(k, int) or k <= 0 for k in shots):
+            raise ValueError(f"fewshot_shots must be a non-empty list of positive integers (e.g. 1,5,10,25), got {shots!r}")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
         if not 0 < self.crop_area_min <= 1:
@@ -117,11 +124,14 @@ class TrainConfig:
 
 # Fields that say where and how a run is looked after, not what it computes: a resumed run may
 # change them freely. Every other field changes the computation (or its reported results), and a
-# resumed run must keep it unless the change is accepted (`--accept_changes`).
+# resumed run must keep it unless the change is accepted (`--accept_changes`). The few-shot probes
+# only read the model in inference mode, through unshuffled pipelines and their own random
+# generator: a run ends with bit-identical weights with or without them (tests/test_fewshot.py).
 OPERATIONAL_FIELDS = frozenset(
     {
         "workdir", "data_dir", "download", "cache", "checkpoint_every", "keep_checkpoints", "log_every",
-        "eval_every", "steps_per_loop", "export", "write_worker_weights", "strategy", "tpu", "xla",
+        "eval_every", "fewshot_every", "fewshot_shots", "steps_per_loop", "export", "write_worker_weights",
+        "strategy", "tpu", "xla",
     }
 )  # fmt: skip
 

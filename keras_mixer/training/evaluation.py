@@ -9,7 +9,7 @@ from keras_mixer import data
 from keras_mixer.preprocessing import EvalPreprocessing
 
 
-def make_evaluator(strategy, predict, source, batch_size, image_size, preprocessing=None):
+def make_evaluator(strategy, predict, source, batch_size, image_size, preprocessing=None, permutation=None):
     """() -> (top-1, top-5) over the whole split, as fractions.
 
     Args:
@@ -17,6 +17,7 @@ def make_evaluator(strategy, predict, source, batch_size, image_size, preprocess
             probabilities).
         source: a `data.Source` split with a known size.
         preprocessing: an `EvalPreprocessing` (default the paper's centre crop).
+        permutation: None or a `data.ImagePermutation` applied to every image (section 3.4).
 
     Every worker runs the same number of full, padded batches; padding is masked out.
     """
@@ -53,6 +54,7 @@ def make_evaluator(strategy, predict, source, batch_size, image_size, preprocess
             image_size=image_size,
             eval_resize=preprocessing.eval_resize,
             crop_ratio=preprocessing.crop_ratio,
+            permutation=permutation,
             pad_to_steps=steps,
         )
         top1, top5, count = (float(v) for v in run(iter(stream)))

@@ -6,8 +6,8 @@
       -> _build: model (fresh or from weights), optimizer, training state, CheckpointStore;
                  restore the newest checkpoint that restores completely
       -> _run: host calls of `steps_per_loop` steps (step.make_train_steps), each followed by the
-               report, a checkpoint and an evaluation when due
-      -> _finish: final evaluation, model.keras, the export, metrics.json
+               report, a checkpoint, an evaluation and a few-shot probe when due
+      -> _finish: final evaluation (and probe), model.keras, the export, metrics.json
 
 Preemption: a checkpoint (model, optimizer, step, the run's data seed, the dropout/drop-path RNG
 states) every `checkpoint_every` steps and at the end. A restart with the same workdir restores the
@@ -29,6 +29,7 @@ import tensorflow as tf
 
 from keras_mixer import data, loader
 from keras_mixer.files import read_json, write_json
+from keras_mixer.studies.fewshot import TRAINING_DRAWS, FewshotProbe, features_function
 from keras_mixer.training.checkpointing import CheckpointStore, NoCheckpointRestores, has_checkpoint_files
 from keras_mixer.training.config import TrainConfig, check_resumed_recipe
 from keras_mixer.training.evaluation import make_evaluator
@@ -121,6 +122,7 @@ class _Run:
     eval_split: str
     total_steps: int
     steps_per_epoch: int
+    fewshot: Optional[FewshotProbe]  # with config.fewshot_every: the shots drawn, their labels read
 
     @property
     def workdir(self):
@@ -207,9 +209,17 @@ def _prepare(config, strategy, kind, restart, accept_changes):
         raise ValueError(f"the size of {config.dataset!r} is unknown: give --steps instead of --epochs")
     else:
         total_steps = max(1, int(math.ceil(config.epochs * steps_per_epoch)))
+    fewshot = None
+    if config.fewshot_every:
+        # Drawn now, so shots the data cannot give fail before anything is built.
+        fewshot = FewshotProbe(
+            train_source, eval_source, config.fewshot_shots, config.image_size, config.eval_preprocessing,
+            config.batch_size, draws=TRAINING_DRAWS, seed=config.seed or 0,
+        )  # fmt: skip
     return _Run(
         config, strategy, kind, chief, record, changes, train_source, eval_source, eval_split, total_steps,
         steps_per_epoch or total_steps,  # an unknown size: one long epoch
+        fewshot,
     )  # fmt: skip
 
 
@@ -291,6 +301,8 @@ def _train(run, signals):
         strategy, lambda images: model(images, training=False), run.eval_source, config.batch_size,
         config.image_size, config.eval_preprocessing,
     )  # fmt: skip
+    # The probe reads the model in inference mode only: no dropout or drop-path draws, no training data.
+    fewshot_features = features_function(model) if run.fewshot else None
     step = int(step_var.numpy())
     previous = previous or {}
     data_problems = {s.split: s.problems() for s in (run.train_source, run.eval_source) if s.problems()}
@@ -301,7 +313,7 @@ def _train(run, signals):
         # The loss history of the steps before the restored checkpoint survives in metrics.json.
         loss_history=[h for h in previous.get("loss_history", []) if h[0] <= step],
         resumed_from_step=resumed_from or 0, model=config.model, dataset=config.dataset, strategy=run.kind,
-        replicas=strategy.num_replicas_in_sync, xla=use_xla, data_problems=data_problems,
+        replicas=strategy.num_replicas_in_sync, xla=use_xla, data_problems=data_problems, fewshot=None,
     ))  # fmt: skip
     speed = Throughput(config.batch_size)
     while step < run.total_steps:
@@ -334,7 +346,11 @@ def _train(run, signals):
                 )
             if config.eval_every and step % config.eval_every == 0 and step < run.total_steps:
                 report.evaluated(step, *evaluate())
+            if config.fewshot_every and step % config.fewshot_every == 0 and step < run.total_steps:
+                report.fewshot(step, run.fewshot(fewshot_features))
     report.evaluated(step, *evaluate())
+    if run.fewshot:
+        report.fewshot(step, run.fewshot(fewshot_features))
     report.metrics.update(finished=True, images_per_second=speed.rate())
     store.discard_worker_copies()
     if config.write_worker_weights:
@@ -376,11 +392,12 @@ def _diverged(what, store):
 
 
 def _next_boundary(step, config, epoch_end):
-    """The next step at which the loop must stop to log, checkpoint, evaluate or change epoch."""
+    """The next step at which the loop must stop to log, checkpoint, evaluate, probe or change epoch."""
     candidates = [epoch_end, (step // config.checkpoint_every + 1) * config.checkpoint_every]
     candidates.append((step // config.log_every + 1) * config.log_every)
-    if config.eval_every:
-        candidates.append((step // config.eval_every + 1) * config.eval_every)
+    for every in (config.eval_every, config.fewshot_every):
+        if every:
+            candidates.append((step // every + 1) * every)
     return min(candidates)
 
 

@@ -70,6 +70,13 @@ class Report:
         self.metrics.update(eval_top1=top1, eval_top5=top5)
         self._scalars(step, {"eval/top1": top1, "eval/top5": top5})
 
+    def fewshot(self, step, results):
+        """After a few-shot probe: `results` {k: dict(mean, ...)} (keras_mixer.studies.fewshot)."""
+        means = {f"{k}shot": r["mean"] for k, r in results.items()}
+        log.info("step %d: few-shot top-1 %s", step, ", ".join(f"{name} {v:.4f}" for name, v in means.items()))
+        self.metrics["fewshot"] = dict(step=step, **means)
+        self._scalars(step, {f"fewshot/{name}": v for name, v in means.items()})
+
     def save(self, **updates):
         """Writes metrics.json (progress, or with finished=True the final record)."""
         self.metrics.update(updates)

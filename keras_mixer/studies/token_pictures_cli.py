@@ -1,0 +1,100 @@
+"""`trainers/visualize.py`: the token-mixing pictures of paper section 3.5 (Fig. 5) for any Mixer.
+
+    python trainers/visualize.py --source /tmp/demo_wd --out tokens.png
+
+Writes the PNG and `tokens.json` beside it (per block: the grid, the units drawn, the opposite-phase
+pairs with their cosines). The user's errors end with one `error: ...` line and exit code 1, as
+in the training commands (`keras_mixer.training.cli`).
+"""
+
+import os
+import sys
+
+from absl import app, flags
+
+from keras_mixer.models import MODEL_NAMES
+from keras_mixer.studies.token_pictures import DEFAULT_BLOCKS, SCALES
+from keras_mixer.training.cli import _program_flags, _quiet_logs, user_errors
+
+FLAGS = flags.FLAGS
+
+
+def _define():
+    flags.DEFINE_string(
+        "source", None, "A .keras file, a training workdir or checkpoint, a preset name or a weights file (.npz, timm)."
+    )
+    flags.DEFINE_string("out", "tokens.png", "The PNG to write; the JSON sidecar goes beside it (same name, .json).")
+    flags.DEFINE_list(
+        "blocks", [str(b) for b in DEFAULT_BLOCKS],
+        "Block indices to draw, from 0 (the default list is cut to the model's depth; an explicit one is not).",
+    )  # fmt: skip
+    flags.DEFINE_integer(
+        "units", None, "Units drawn per block, the first in pairing order (default: all).", lower_bound=1
+    )
+    flags.DEFINE_enum("scale", "unit", list(SCALES), "Colour limits: each unit's own max |w|, or one per block.")
+    flags.DEFINE_float(
+        "pair_below", None, "Two units are an opposite-phase pair when their weights' cosine is at most this "
+        "(default: -0.5, or lower where random units would reach it by chance: -sqrt(2 ln(D^2/2) / S)).",
+        lower_bound=-1.0, upper_bound=0.0,
+    )  # fmt: skip
+    flags.DEFINE_string("model", None, "Variant, for a release name as --source (imagenet21k with B/16).")
+    flags.DEFINE_integer(
+        "image_size", None, "Input size, for a preset or weights file --source (default its own).", lower_bound=1
+    )
+    flags.mark_flag_as_required("source")
+    flags.register_validator(
+        "model", lambda v: v is None or v in MODEL_NAMES, message=f"unknown model; valid: {', '.join(MODEL_NAMES)}"
+    )
+
+
+def _block_list(values):
+    """--blocks as a list of distinct non-negative ints, in the given order."""
+    blocks = []
+    for value in values:
+        if not value.strip().isdigit():
+            raise ValueError(f"--blocks {','.join(values)!r}: {value!r} is not a block index (0, 1, 2, ...)")
+        if int(value) not in blocks:
+            blocks.append(int(value))
+    if not blocks:
+        raise ValueError("--blocks is empty: give block indices such as 0,1,2")
+    return blocks
+
+
+def _output_folder(out):
+    """Checks that --out names a .png and creates its folder when missing."""
+    if not out.lower().endswith(".png"):
+        raise ValueError(f"--out {out!r} must name a .png file")
+    folder = os.path.dirname(os.path.abspath(out))
+    existing = folder
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"--out {out!r}: {existing!r} is a file, not a folder")
+    os.makedirs(folder, exist_ok=True)
+
+
+def run():
+    _program_flags(_define)
+
+    def main(argv):
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+        _quiet_logs()
+        from keras_mixer.studies.token_pictures import draw
+        from keras_mixer.training.inference import load_keras_model
+
+        with user_errors():
+            blocks = _block_list(FLAGS.blocks)
+            _output_folder(FLAGS.out)
+            model, _ = load_keras_model(FLAGS.source, FLAGS.model, FLAGS.image_size)
+            if not FLAGS["blocks"].present:
+                blocks = [b for b in blocks if b < getattr(model, "num_blocks", len(blocks))]
+            results = draw(
+                model, FLAGS.out, blocks, units=FLAGS.units, scale=FLAGS.scale, pair_below=FLAGS.pair_below,
+                title=FLAGS.source,
+            )  # fmt: skip
+        sidecar = os.path.splitext(FLAGS.out)[0] + ".json"
+        drawn = ", ".join(f"block {r['block']}: {len(r['drawn'])} units, {len(r['pairs'])} pairs" for r in results)
+        print(f"Wrote {FLAGS.out} and {sidecar} ({drawn})")
+
+    app.run(main, argv=sys.argv)

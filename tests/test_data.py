@@ -130,6 +130,94 @@ def test_image_folder_errors(image_folder, tmp_path):
         data.load_source(f"folder:{image_folder}", "train")
 
 
+def _examples(source):
+    """[(image uint8 [h, w, 3], label)] of the source's unshuffled split, decoded, in order."""
+    return list(source.dataset().as_numpy_iterator())
+
+
+def _assert_subset_is(subset, examples, positions):
+    chosen = _examples(subset)
+    assert [label for _, label in chosen] == [examples[p][1] for p in positions]
+    for (image, _), p in zip(chosen, positions):
+        np.testing.assert_array_equal(image, examples[p][0])
+    np.testing.assert_array_equal(subset.labels(), [examples[p][1] for p in positions])
+
+
+def test_folder_labels_and_subset_read_no_unchosen_file(image_folder):
+    train = data.load_source(f"folder:{image_folder}", "train")
+    examples = _examples(train)
+    np.testing.assert_array_equal(train.labels(), [label for _, label in examples])
+    # The first file and the last (cat/0.png, dog/4.png) are not chosen; broken after the folder
+    # was opened, they would be dropped by a decoding pass and shift every later position.
+    (image_folder / "train" / "cat" / "0.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    (image_folder / "train" / "dog" / "4.png").write_bytes(b"garbage")
+    np.testing.assert_array_equal(train.labels(), [label for _, label in examples])
+    subset = train.subset([9, 1, 6, 1])
+    assert subset.num_examples == 3
+    _assert_subset_is(subset, examples, [1, 6, 9])
+    _assert_subset_is(subset.subset([2, 0]), examples, [1, 9])  # positions of the subset
+    assert len(_examples(train)) == 9  # the whole split does see the broken files
+    with pytest.raises(ValueError, match=r"positions of folder:.* split 'train' must be in 0 \.\. 11 - 1, got 11"):
+        train.subset([3, 11])
+
+
+class KerasMixerTinyPictures(tfds.core.GeneratorBasedBuilder):
+    """A real (not mocked) TFDS image set of 10 grey PNGs of various sizes, prepared in seconds."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+        features = {"image": tfds.features.Image(shape=(None, None, 1)), "label": tfds.features.ClassLabel(num_classes=3)}
+        return tfds.core.DatasetInfo(
+            builder=self, features=tfds.features.FeaturesDict(features), supervised_keys=("image", "label")
+        )
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+        rng = np.random.default_rng(0)
+        for i in range(10):
+            yield i, {"image": rng.integers(0, 255, (5 + i, 7, 1), dtype=np.uint8), "label": i % 3}
+
+
+def _count_image_decodes(monkeypatch):
+    """Counts, from now on, the images TFDS's Image feature decodes (in tf.data graphs too)."""
+    calls = []
+    original = tfds.features.Image.decode_example
+
+    def counted(self, example):
+        image = original(self, example)
+        with tf.control_dependencies([tf.py_function(lambda: calls.append(1) or 0, [], tf.int64)]):
+            return tf.identity(image)
+
+    monkeypatch.setattr(tfds.features.Image, "decode_example", counted)
+    return calls
+
+
+def test_tfds_labels_and_subset_decode_only_the_chosen_images(tmp_path, monkeypatch):
+    source = data.tfds_source("keras_mixer_tiny_pictures", "train", data_dir=str(tmp_path), download=True)
+    examples = _examples(source)
+    assert len(examples) == 10 and all(image.shape[-1] == 3 for image, _ in examples)  # grey becomes RGB
+    decodes = _count_image_decodes(monkeypatch)
+    np.testing.assert_array_equal(source.labels(), [label for _, label in examples])  # in TFDS's order
+    assert not decodes
+    subset = source.subset([8, 3, 5])
+    _assert_subset_is(subset, examples, [3, 5, 8])
+    assert len(decodes) == 3  # read once by _assert_subset_is; its labels() decode nothing
+    _assert_subset_is(subset.subset([2]), examples, [8])
+
+
+def test_tfds_subset_under_mock_data_decodes_only_the_chosen_images(monkeypatch):
+    with tfds.testing.mock_data(num_examples=12):
+        source = data.load_source("mnist", "test")  # grey: the subset makes RGB too
+        examples = _examples(source)
+        decodes = _count_image_decodes(monkeypatch)
+        _assert_subset_is(source.subset([11, 0, 4]), examples, [0, 4, 11])
+        assert len(decodes) == 3
+        assert examples[0][0].shape == (28, 28, 3)
+
+
 # --- transforms, by their statistics ------------------------------------------------------------
 
 

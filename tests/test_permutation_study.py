@@ -74,24 +74,24 @@ def test_relabelling_is_exact_at_initialisation_on_a_non_square_grid():
         permutation.relabel_weights(model, data.ImagePermutation("pixels", (8, 16), seed=2))
 
 
-def test_the_cnn_loses_more_than_the_mixer_under_the_global_pixel_shuffle():
-    # Seeds 0-3 at 200 steps gave CNN drops 2.5-6 points larger than the Mixer's (README);
-    # the assertion keeps a margin of 1 point.
+def test_the_mixer_does_not_need_locality_under_the_global_pixel_shuffle():
+    # One fixed permutation of all pixels destroys locality; the Mixer, whose token mixing is global,
+    # learns the shuffled digits as well as the originals: over six runs (150-330 steps, seeds 0-1,
+    # 16 and 32 px) its top-1 moved by -0.8 to +1.4 points. The ResNet lost 0.6-1.4 points, more
+    # than the Mixer every time but within the seed spread of 360 test images (README), so only
+    # the Mixer's side is asserted.
     import tensorflow as tf
 
     tf.config.experimental.enable_op_determinism()
     study = _study(steps=200, seed=0)
     train, test = _sources()
     top1 = {}
-    for kind in ("mixer", "resnet"):
-        for order in ("original", "pixels"):
-            shuffle = permutation.make_permutation(order, 16, 4, seed=0)
-            model = permutation.build(kind, study, 10)
-            top1[kind, order] = permutation.train_cell(model, study.config, train, test, shuffle)[-1]["eval_top1"]
-    mixer_loss = top1["mixer", "original"] - top1["mixer", "pixels"]
-    cnn_loss = top1["resnet", "original"] - top1["resnet", "pixels"]
-    assert top1["mixer", "original"] > 0.9 and top1["resnet", "original"] > 0.9, top1
-    assert cnn_loss > mixer_loss + 0.01, top1
+    for order in ("original", "pixels"):
+        shuffle = permutation.make_permutation(order, 16, 4, seed=0)
+        model = permutation.build("mixer", study, 10)
+        top1[order] = permutation.train_cell(model, study.config, train, test, shuffle)[-1]["eval_top1"]
+    assert top1["original"] > 0.93, top1
+    assert top1["pixels"] > top1["original"] - 0.02, top1
 
 
 def _cells(workdir):
@@ -119,8 +119,7 @@ def test_the_command_survives_a_kill_continues_and_refuses_another_recipe(tmp_pa
     assert list(cells) == ["mixer/original", "mixer/patches", "mixer/pixels"]
     assert cells["mixer/original"] == first["mixer/original"]  # nothing finished is lost or redone
     assert all(len(c["curve"]) == 20 and c["curve"][-1]["step"] == 40 for c in cells.values())
-    table = result.stdout.splitlines()
-    row = next(line for line in table if line.startswith("Mixer T/4"))
+    row = [line for line in result.stdout.splitlines() if line.startswith("Mixer T/4")][-1]  # the table's
     assert [float(v) for v in row.split()[2:]] == [round(100 * cells[f"mixer/{o}"]["eval_top1"], 1) for o in permutation.ORDERS]
     with open(os.path.join(workdir, permutation.PICTURE), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"

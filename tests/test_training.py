@@ -259,9 +259,9 @@ def test_mixed_precision_training_runs(tmp_path, precision):
 
 
 def test_bare_tpu_flag_means_the_local_tpu_vm():
-    from keras_mixer.training.cli import _normalise_argv
+    from keras_mixer.training.cli import normalise_argv
 
-    assert _normalise_argv(["p", "--tpu"]) == ["p", "--tpu=local"]
-    assert _normalise_argv(["p", "--tpu", "--config", "x"]) == ["p", "--tpu=local", "--config", "x"]
-    assert _normalise_argv(["p", "--tpu", "my-tpu"]) == ["p", "--tpu", "my-tpu"]
-    assert _normalise_argv(["p", "--tpu=grpc://1.2.3.4:8470"]) == ["p", "--tpu=grpc://1.2.3.4:8470"]
+    assert normalise_argv(["p", "--tpu"]) == ["p", "--tpu=local"]
+    assert normalise_argv(["p", "--tpu", "--config", "x"]) == ["p", "--tpu=local", "--config", "x"]
+    assert normalise_argv(["p", "--tpu", "my-tpu"]) == ["p", "--tpu", "my-tpu"]
+    assert normalise_argv(["p", "--tpu=grpc://1.2.3.4:8470"]) == ["p", "--tpu=grpc://1.2.3.4:8470"]

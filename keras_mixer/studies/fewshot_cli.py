@@ -14,7 +14,7 @@ import sys
 from absl import app, flags
 
 from keras_mixer.studies.fewshot import L2, SHOTS
-from keras_mixer.training.cli import _program_flags, _quiet_logs, user_errors
+from keras_mixer.training.cli import program_flags, quiet_logs, user_errors
 
 FLAGS = flags.FLAGS
 
@@ -68,7 +68,7 @@ def plot(results, num_classes, title):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    _quiet_logs()
+    quiet_logs()
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     from keras_mixer import data
@@ -122,5 +122,5 @@ def main(argv):
 
 
 def run():
-    _program_flags(_define)
+    program_flags(_define)
     app.run(main, argv=sys.argv)

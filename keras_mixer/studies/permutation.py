@@ -78,7 +78,7 @@ class Study:
     config: object  # keras_mixer.training.TrainConfig
     orders: tuple = ORDERS
     models: tuple = MODELS
-    resnet_widths: tuple = (32, 64)
+    resnet_widths: tuple = (16, 32)
     eval_every: int = 0  # steps between points of the curves; 0: about 20 points
 
     def recipe(self):

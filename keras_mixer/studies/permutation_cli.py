@@ -15,7 +15,7 @@ import sys
 from absl import app, flags
 
 from keras_mixer.models import MODEL_NAMES
-from keras_mixer.training.cli import _dataset_ok, _normalise_argv, _program_flags, _quiet_logs, user_errors
+from keras_mixer.training.cli import dataset_ok, normalise_argv, program_flags, quiet_logs, user_errors
 
 FLAGS = flags.FLAGS
 
@@ -49,7 +49,7 @@ def _define():
         "model", lambda v: v is None or v in MODEL_NAMES, message=f"unknown model; valid: {', '.join(MODEL_NAMES)}"
     )
     flags.register_validator(
-        "dataset", _dataset_ok, message="unknown data set; valid: digits, folder:PATH (an existing folder) or a TFDS name"
+        "dataset", dataset_ok, message="unknown data set; valid: digits, folder:PATH (an existing folder) or a TFDS name"
     )
 
 
@@ -72,12 +72,12 @@ def _widths():
 
 
 def run():
-    _program_flags(_define)
+    program_flags(_define)
 
     def main(argv):
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-        _quiet_logs()
+        quiet_logs()
         import tensorflow as tf
 
         from keras_mixer.studies import permutation
@@ -113,4 +113,4 @@ def run():
         print(f"Eval top-1 (%) on {results['dataset']}/{results['eval_split']}, {results['total_steps']} steps each. "
               f"Wrote {os.path.join(folder, permutation.RESULTS)} and {os.path.join(folder, permutation.PICTURE)}")  # fmt: skip
 
-    app.run(main, argv=_normalise_argv(sys.argv))
+    app.run(main, argv=normalise_argv(sys.argv))

@@ -1,8 +1,8 @@
 """The CNN baseline of the permutation study: a small ResNet of Keras layers.
 
-    ResNet-10 (widths 32, 64; 2 basic blocks per stage):
-      rescale to [-1, 1] -> stem -> stage 1 (2 blocks, width 32)
-      -> stage 2 (2 blocks, width 64, stride 2) -> global average pool -> Dense(classes)
+    ResNet-10 (widths 16, 32; 2 basic blocks per stage):
+      rescale to [-1, 1] -> stem -> stage 1 (2 blocks, width 16)
+      -> stage 2 (2 blocks, width 32, stride 2) -> global average pool -> Dense(classes)
 
 The stem is a 3x3 convolution at stride 1 for small images (side <= 32 px, as CIFAR ResNets) and
 the ImageNet stem (7x7 at stride 2, then 3x3 max-pool at stride 2) for larger ones. Depth: stem +
@@ -22,13 +22,13 @@ from keras_mixer.validation import check_positive_int
 SMALL_IMAGE_SIDE = 32  # up to this side the stem keeps the full resolution
 
 
-def resnet_name(widths=(32, 64), blocks_per_stage=2):
-    """"ResNet-10 (widths 32-64)": its depth and widths, as the study's table names it."""
+def resnet_name(widths=(16, 32), blocks_per_stage=2):
+    """"ResNet-10 (widths 16-32)": its depth and widths, as the study's table names it."""
     depth = 2 + 2 * blocks_per_stage * len(widths)
     return f"ResNet-{depth} (widths {'-'.join(map(str, widths))})"
 
 
-def small_resnet(input_shape, classes, widths=(32, 64), blocks_per_stage=2, name="resnet"):
+def small_resnet(input_shape, classes, widths=(16, 32), blocks_per_stage=2, name="resnet"):
     """A ResNet of `len(widths)` stages; every stage after the first halves the resolution."""
     widths = [check_positive_int("resnet width", w) for w in widths]
     if not widths:

@@ -14,7 +14,7 @@ from absl import app, flags
 
 from keras_mixer.models import MODEL_NAMES
 from keras_mixer.studies.token_pictures import DEFAULT_BLOCKS, SCALES
-from keras_mixer.training.cli import _program_flags, _quiet_logs, user_errors
+from keras_mixer.training.cli import program_flags, quiet_logs, user_errors
 
 FLAGS = flags.FLAGS
 
@@ -74,12 +74,12 @@ def _output_folder(out):
 
 
 def run():
-    _program_flags(_define)
+    program_flags(_define)
 
     def main(argv):
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-        _quiet_logs()
+        quiet_logs()
         from keras_mixer.studies.token_pictures import draw
         from keras_mixer.training.inference import load_keras_model
 

@@ -60,7 +60,7 @@ def user_errors():
         sys.exit(128 + e.signum if hasattr(e, "signum") else 1)  # 143 after SIGTERM, as a shell reports it
 
 
-def _program_flags(define):
+def program_flags(define):
     """Runs `define()` (flag definitions) and lists the new flags as the program's own, so `--help`
     and `--helpshort` show them (absl shows only the main module's key flags there)."""
     before = set(FLAGS)
@@ -70,7 +70,7 @@ def _program_flags(define):
         FLAGS.register_key_flag_for_module(sys.argv[0], FLAGS[name])
 
 
-def _dataset_ok(value):
+def dataset_ok(value):
     """digits, folder:PATH with an existing folder, or a registered TFDS name."""
     if value is None or value == "digits":
         return True
@@ -133,7 +133,7 @@ def _common_flags(recipe):
     )
     flags.register_validator(
         "dataset",
-        _dataset_ok,
+        dataset_ok,
         message="unknown data set; valid: digits, folder:PATH (an existing folder) or a TFDS name from tfds.list_builders()",
     )
     flags.register_multi_flags_validator(
@@ -143,13 +143,13 @@ def _common_flags(recipe):
     )
 
 
-def _quiet_logs():
+def quiet_logs():
     """TensorFlow's INFO chatter off; keras_mixer's own INFO lines (resume, XLA, expansion) kept."""
     absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger("keras_mixer").setLevel(logging.INFO)
 
 
-def _normalise_argv(argv):
+def normalise_argv(argv):
     """A bare `--tpu` (last, or followed by another flag) means the local TPU VM."""
     out = []
     for i, arg in enumerate(argv):
@@ -180,7 +180,7 @@ def _train_main(extra=(), mode="pretrain"):
     def main(argv):
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-        _quiet_logs()
+        quiet_logs()
         from keras_mixer.training.config import load_config
         from keras_mixer.training.loop import train
 
@@ -199,8 +199,8 @@ def _train_main(extra=(), mode="pretrain"):
 
 
 def run_pretrain():
-    _program_flags(lambda: _common_flags("demo"))
-    app.run(_train_main(), argv=_normalise_argv(sys.argv))
+    program_flags(lambda: _common_flags("demo"))
+    app.run(_train_main(), argv=normalise_argv(sys.argv))
 
 
 def run_finetune():
@@ -208,8 +208,8 @@ def run_finetune():
         _common_flags("finetune_demo")
         flags.DEFINE_string("init", None, "Weights to start from: .keras, official .npz, timm file, or a preset name.")
 
-    _program_flags(define)
-    app.run(_train_main(extra=("init",), mode="finetune"), argv=_normalise_argv(sys.argv))
+    program_flags(define)
+    app.run(_train_main(extra=("init",), mode="finetune"), argv=normalise_argv(sys.argv))
 
 
 # --- evaluate and export ----------------------------------------------------------------------------
@@ -231,13 +231,13 @@ def run_evaluate():
         flags.DEFINE_integer("batch_size", 256, "Batch size.", lower_bound=1)
         flags.DEFINE_enum("eval_resize", None, ["crop", "resize"], "Resize then centre-crop, or plain resize (default: the run's, else crop).")
         flags.DEFINE_float("crop_ratio", None, "Centre-crop ratio (default: the run's, else 0.875).")
-        flags.register_validator("dataset", _dataset_ok, message="unknown data set; valid: digits, folder:PATH or a TFDS name")
+        flags.register_validator("dataset", dataset_ok, message="unknown data set; valid: digits, folder:PATH or a TFDS name")
 
-    _program_flags(define)
+    program_flags(define)
 
     def main(argv):
         del argv
-        _quiet_logs()
+        quiet_logs()
         from keras_mixer import data
         from keras_mixer.training.inference import load_predictor
         from keras_mixer.preprocessing import EvalPreprocessing
@@ -288,11 +288,11 @@ def run_export():
             "model", lambda v: v is None or v in MODEL_NAMES, message=f"unknown model; valid: {', '.join(MODEL_NAMES)}"
         )
 
-    _program_flags(define)
+    program_flags(define)
 
     def main(argv):
         del argv
-        _quiet_logs()
+        quiet_logs()
         from keras_mixer.export import export_onnx, export_saved_model
         from keras_mixer.training.inference import load_keras_model
 

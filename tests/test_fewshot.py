@@ -177,10 +177,8 @@ def test_fewshot_command_writes_its_numbers_and_picture(demo, tmp_path):
     "args, fragments",
     [
         (["--shots", "0"], ["--shots", "'0'", "positive integers"]),
-        (["--shots", "1,a"], ["--shots", "'1,a'"]),
         (["--shots", "1000"], ["1000 shots", "smallest class of digits/train"]),
         (["--dataset", "no_such_dataset_xyz"], ["no_such_dataset_xyz"]),
-        (["--l2", "0"], ["--l2 must be positive"]),
         (["--source", "{tmp}/missing.keras"], ["missing.keras"]),
     ],
 )

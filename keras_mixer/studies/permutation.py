@@ -118,6 +118,7 @@ def train_cell(model, config, train_source, eval_source, permutation=None, eval_
         optimizer = make_optimizer(config, total)
         if config.mixed_precision == "float16":
             optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+        optimizer.build(model.trainable_variables)  # now, or the first call traces the step twice
         step = tf.Variable(0, dtype=tf.int64, trainable=False)
     kind = "tpu" if isinstance(strategy, tf.distribute.TPUStrategy) else "other"
     train_steps = make_train_steps(strategy, model, optimizer, config, step, decide_xla(config, kind))

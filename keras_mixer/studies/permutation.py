@@ -14,6 +14,7 @@ the cell it was in and a rerun continues; WORKDIR/permutation.png draws the curv
 """
 
 import dataclasses
+import json
 import math
 import os
 
@@ -27,6 +28,7 @@ from keras_mixer.models import variant_config
 from keras_mixer.studies.resnet import resnet_name, small_resnet
 from keras_mixer.training.config import OPERATIONAL_FIELDS
 from keras_mixer.training.evaluation import make_evaluator
+from keras_mixer.training.loop import TrainingDiverged
 from keras_mixer.training.step import decide_xla, make_optimizer, make_train_steps
 
 ORDERS = ("original", "patches", "pixels")
@@ -63,7 +65,7 @@ def relabel_weights(model, permutation):
     kernel = stem.kernel.numpy()
     flat = kernel.reshape(-1, *kernel.shape[2:])  # [Ph * Pw, channels, C], row-major like pixel_order
     stem.kernel.assign(flat[pixel_order].reshape(kernel.shape))
-    for i in range(len([layer for layer in model.layers if layer.name.startswith("MixerBlock_")])):
+    for i in range(model.num_blocks):
         mlp = model.get_layer(f"MixerBlock_{i}").token_mixing
         mlp.dense_0.kernel.assign(mlp.dense_0.kernel.numpy()[patch_order])
         mlp.dense_1.kernel.assign(mlp.dense_1.kernel.numpy()[:, patch_order])
@@ -137,10 +139,10 @@ def train_cell(model, config, train_source, eval_source, permutation=None, eval_
         loss, _, _ = train_steps(iterator, tf.constant(count))
         done += count
         if not math.isfinite(float(loss)):
-            raise FloatingPointError(f"the loss became {float(loss)} at step {done}: lower --learning_rate")
+            raise TrainingDiverged(f"the loss became {float(loss)} at step {done} of this cell: lower --learning_rate")
         curve.append(dict(step=done, train_loss=float(loss), eval_top1=evaluate()[0]))
         if progress is not None:
-            progress.update(done, [("loss", float(loss)), ("top-1", curve[-1]["eval_top1"])])
+            progress.update(done, [("loss", float(loss)), ("eval_top1", curve[-1]["eval_top1"])])
     return curve
 
 
@@ -189,7 +191,7 @@ def run(study, workdir, strategy=None, progress=True, log=print):
             permutation = make_permutation(order, config.image_size, patch_size, config.seed)
             with strategy.scope():
                 model = build(kind, study, train_source.num_classes)
-            bar = keras.utils.Progbar(total, stateful_metrics=["loss", "top-1"]) if progress else None
+            bar = keras.utils.Progbar(total, stateful_metrics=["loss", "eval_top1"]) if progress else None
             curve = train_cell(model, config, train_source, eval_source, permutation, eval_every, bar, strategy)
             results["cells"][key] = dict(eval_top1=curve[-1]["eval_top1"], curve=curve, parameters=model.count_params())
             write_json(path, results)  # a finished cell is never lost
@@ -199,8 +201,6 @@ def run(study, workdir, strategy=None, progress=True, log=print):
 
 def json_roundtrip(value):
     """`value` as JSON gives it back (tuples become lists): comparable with a file's contents."""
-    import json
-
     return json.loads(json.dumps(value))
 
 

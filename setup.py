@@ -40,6 +40,7 @@ setup(
         # Peers used only by tests and benchmarks: timm (PyTorch) and Flax/JAX models to compare against.
         "test": [
             "pytest>=8",
+            "pytest-xdist>=3",  # the suite runs on 2 processes (pytest.ini)
             "torch==2.14.1",
             "torchvision==0.29.1",
             "timm>=1.0",

@@ -222,10 +222,6 @@ def test_training_probes_report_and_leave_the_training_unchanged(tmp_path):
     assert points["fewshot/5shot"][30] == pytest.approx(m["fewshot"]["5shot"])
     assert "few-shot top-1" in probed.stderr + probed.stdout
 
-    # An operational field: a finished run given it again is not a changed recipe.
-    again = trainer("pretrain", *common, "--fewshot_every", 5, "--workdir", tmp_path / "b")
-    assert "already finished" in again.stdout
-
 
 def test_training_probe_settings_are_checked():
     from keras_mixer.training import TrainConfig
@@ -236,6 +232,14 @@ def test_training_probe_settings_are_checked():
         with pytest.raises(ValueError, match="fewshot_shots must be a non-empty list of positive integers"):
             TrainConfig(steps=5, fewshot_every=10, fewshot_shots=shots).validate()
     TrainConfig(steps=5, fewshot_every=10, fewshot_shots=[1, 5]).validate()  # a recipe's list is fine
+    # Operational: a resumed run may switch the probes on or off without --accept_changes.
+    import dataclasses
+
+    from keras_mixer.training.config import recipe_changes
+
+    recorded = dataclasses.asdict(TrainConfig(steps=5))
+    assert recipe_changes(recorded, TrainConfig(steps=5, fewshot_every=5, fewshot_shots=(2,))) == []
+    assert recipe_changes(recorded, TrainConfig(steps=6))  # a computation field still counts
 
 
 def test_training_probe_with_too_many_shots_stops_before_training(tmp_path):

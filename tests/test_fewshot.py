@@ -118,16 +118,16 @@ def test_prelogits_are_the_head_input_also_without_the_top(images):
 
 def test_subset_reads_only_the_chosen_examples_in_split_order():
     train = data.load_source("digits", "train")
-    labels = fs.read_labels(train)
+    labels = train.labels()
     assert len(labels) == train.num_examples
-    chosen = fs.subset(train, [900, 2, 5])
+    chosen = train.subset([900, 2, 5])
     assert chosen.num_examples == 3
-    assert np.array_equal(fs.read_labels(chosen), labels[[2, 5, 900]])
+    assert np.array_equal(chosen.labels(), labels[[2, 5, 900]])
     images = np.stack([image for image, _ in train.dataset().as_numpy_iterator()])
     picked = np.stack([image for image, _ in chosen.dataset().as_numpy_iterator()])
     np.testing.assert_array_equal(picked, images[[2, 5, 900]])
     with pytest.raises(ValueError, match=r"positions of digits split 'train' must be in 0 \.\. 1437 - 1, got -1"):
-        fs.subset(train, [-1, 3])
+        train.subset([-1, 3])
 
 
 def test_demo_features_beat_chance_by_far(demo):

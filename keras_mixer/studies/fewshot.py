@@ -78,17 +78,6 @@ def features_function(model):
     return tf.function(lambda images: features(images, training=False), reduce_retracing=True)
 
 
-def read_labels(source):
-    """The labels of a split in its order, int64 [N]; no image is decoded where the source can help it."""
-    return source.labels()
-
-
-def subset(source, indices):
-    """The examples of `source` at positions `indices` (in split order) as a new `Source`; only they
-    are decoded when it is read (see `Source.subset`)."""
-    return source.subset(indices)
-
-
 def extract_features(features_fn, source, image_size, preprocessing=None, batch_size=256, verbose=1):
     """Pre-logits of every example of `source`, prepared as the model is evaluated.
 
@@ -238,12 +227,12 @@ class FewshotProbe:
         self.num_classes = train_source.num_classes
         self.eval_source = eval_source
         self.image_size, self.preprocessing, self.batch_size, self.l2 = image_size, preprocessing, batch_size, l2
-        labels = read_labels(train_source)
+        labels = train_source.labels()  # no image decoded
         where = f"{train_source.name}/{train_source.split}"
         drawn = draw_shots(labels, self.num_classes, max(self.shots), draws, seed, where)
         needed, local = np.unique(drawn, return_inverse=True)
         self.drawn = local.reshape(drawn.shape)  # positions in the subset
-        self.train_subset = subset(train_source, needed)
+        self.train_subset = train_source.subset(needed)  # only the shots are decoded
         self.train_labels = labels[needed]
         self.feature_dim = None  # known after the first call
 

@@ -26,7 +26,7 @@ from keras_mixer import data, loader
 from keras_mixer.files import atomic_write, read_json, write_json
 from keras_mixer.models import variant_config
 from keras_mixer.studies.resnet import resnet_name, small_resnet
-from keras_mixer.training.config import OPERATIONAL_FIELDS
+from keras_mixer.training.config import OPERATIONAL_FIELDS, run_length
 from keras_mixer.training.evaluation import make_evaluator
 from keras_mixer.training.loop import TrainingDiverged
 from keras_mixer.training.step import decide_xla, make_optimizer, make_train_steps
@@ -114,7 +114,7 @@ def train_cell(model, config, train_source, eval_source, permutation=None, eval_
     or the permutation (it is applied after augmentation).
     """
     strategy = strategy or tf.distribute.get_strategy()
-    total = total_steps(config, train_source)
+    total = run_length(config, train_source.num_examples)[0]
     eval_every = eval_every or total
     with strategy.scope():
         optimizer = make_optimizer(config, total)
@@ -146,12 +146,6 @@ def train_cell(model, config, train_source, eval_source, permutation=None, eval_
     return curve
 
 
-def total_steps(config, source):
-    if config.steps is not None:
-        return int(config.steps)
-    return max(1, math.ceil(config.epochs * max(1, source.num_examples // config.batch_size)))
-
-
 def run(study, workdir, strategy=None, progress=True, log=print):
     """Trains every (model, order) cell not yet in WORKDIR/permutation.json on `strategy` (default:
     the current one), writing the file after each; returns the results dict. A workdir holding
@@ -177,7 +171,7 @@ def run(study, workdir, strategy=None, progress=True, log=print):
     train_source = data.load_source(config.dataset, "train", data_dir=config.data_dir, download=config.download)
     eval_split = data.eval_split(config.dataset, config.data_dir)
     eval_source = data.load_source(config.dataset, eval_split, data_dir=config.data_dir, class_names=train_source.class_names)
-    total = total_steps(config, train_source)
+    total = run_length(config, train_source.num_examples)[0]
     eval_every = study.eval_every or max(1, total // 20)
     patch_size = variant_config(config.model)["patch_size"]
     results.update(dataset=config.dataset, eval_split=eval_split, total_steps=total, num_classes=train_source.num_classes)

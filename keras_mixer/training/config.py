@@ -7,6 +7,7 @@ defaults below.
 
 import dataclasses
 import importlib.util
+import math
 import os
 import traceback
 from typing import Optional
@@ -197,6 +198,19 @@ def check_resumed_recipe(recorded, config, accept=()):
 def _choice(name, value, choices):
     if value not in choices:
         raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(map(str, choices))}")
+
+
+def run_length(config, num_examples):
+    """(total steps, steps per epoch) of a run of `config` on a split of `num_examples` (None: unknown;
+    one long epoch, and the length must be given in steps)."""
+    steps_per_epoch = max(1, num_examples // config.batch_size) if num_examples else None
+    if config.steps is not None:
+        total = int(config.steps)
+    elif steps_per_epoch is None:
+        raise ValueError(f"the size of {config.dataset!r} is unknown: give --steps instead of --epochs")
+    else:
+        total = max(1, int(math.ceil(config.epochs * steps_per_epoch)))
+    return total, steps_per_epoch or total
 
 
 def recipe_names(configs_dir=CONFIGS_DIR):

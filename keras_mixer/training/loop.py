@@ -31,7 +31,7 @@ from keras_mixer import data, loader
 from keras_mixer.files import read_json, write_json
 from keras_mixer.studies.fewshot import TRAINING_DRAWS, FewshotProbe, features_function
 from keras_mixer.training.checkpointing import CheckpointStore, NoCheckpointRestores, has_checkpoint_files
-from keras_mixer.training.config import TrainConfig, check_resumed_recipe
+from keras_mixer.training.config import TrainConfig, check_resumed_recipe, run_length
 from keras_mixer.training.evaluation import make_evaluator
 from keras_mixer.training.reporting import Report, Throughput
 from keras_mixer.training.step import all_finite, decide_xla, make_optimizer, make_train_steps
@@ -201,14 +201,7 @@ def _prepare(config, strategy, kind, restart, accept_changes):
     replicas = strategy.num_replicas_in_sync
     if config.batch_size % replicas:
         raise ValueError(f"batch_size {config.batch_size} is not divisible by the {replicas} replicas")
-    examples = train_source.num_examples
-    steps_per_epoch = max(1, examples // config.batch_size) if examples else None
-    if config.steps is not None:
-        total_steps = int(config.steps)
-    elif steps_per_epoch is None:
-        raise ValueError(f"the size of {config.dataset!r} is unknown: give --steps instead of --epochs")
-    else:
-        total_steps = max(1, int(math.ceil(config.epochs * steps_per_epoch)))
+    total_steps, steps_per_epoch = run_length(config, train_source.num_examples)
     fewshot = None
     if config.fewshot_every:
         # Drawn now, so shots the data cannot give fail before anything is built.
@@ -218,8 +211,7 @@ def _prepare(config, strategy, kind, restart, accept_changes):
         )  # fmt: skip
     return _Run(
         config, strategy, kind, chief, record, changes, train_source, eval_source, eval_split, total_steps,
-        steps_per_epoch or total_steps,  # an unknown size: one long epoch
-        fewshot,
+        steps_per_epoch, fewshot,
     )  # fmt: skip
 
 

@@ -49,6 +49,7 @@ setup(
             "tf2onnx>=1.17",
             "onnx",
             "onnxruntime",
+            "scikit-image>=0.22",  # its bundled texture photos: the permutation study's test data
         ],
     },
 )

@@ -15,6 +15,10 @@ Data sets (all offline, from pip packages: `pip install -e ".[bench]"`):
     lfw       skimage lfw_subset(): 200 25x25 crops, face (first 100) / non-face (last 100). Tiny test set (40).
     textures  skimage brick, grass, gravel photos cut into non-overlapping 16x16 patches, 3 classes
               (natural, non-digit content; 1,024 patches per class).
+    ranked_textures  the same patches, each one's grey levels replaced by their ranks: only the
+              spatial arrangement tells the classes apart.
+
+`--write_only` writes the data sets' folders and trains nothing.
 
 Per data set the command line sets the model and image size by one rule (`size_rule`): a side of 16
 or more gets T/4 (4x4 patches), a smaller one T/2; the image size is the images' own side rounded
@@ -95,7 +99,21 @@ def load_textures(patch=16):
     return np.stack(images), np.array(labels), names
 
 
-DATASETS = {"digits": load_digits, "mnist": load_mnist, "lfw": load_lfw, "textures": load_textures}
+def load_ranked_textures():
+    """The textures with each patch's grey levels replaced by their ranks (0 .. 255, each once in a
+    16x16 patch): every patch then holds the same set of values, so no class can be told by its
+    brightness or contrast, only by where the values lie: a data set on which locality matters
+    (the permutation study's test uses it)."""
+    images, labels, names = load_textures()
+    flat = images.reshape(len(images), -1)
+    ranks = np.argsort(np.argsort(flat, axis=1, kind="stable"), axis=1, kind="stable")
+    return (ranks * 256 // flat.shape[1]).astype("uint8").reshape(images.shape), labels, names
+
+
+DATASETS = {
+    "digits": load_digits, "mnist": load_mnist, "lfw": load_lfw, "textures": load_textures,
+    "ranked_textures": load_ranked_textures,
+}  # fmt: skip
 
 
 def write_folder(root, name):
@@ -236,7 +254,12 @@ def main():
         help="no training: re-evaluate the finished runs of --recipes (labels) under these comma-separated eval "
         "modes ('resize', 'crop@0.875', ...) and write them to --out",
     )  # fmt: skip
+    parser.add_argument("--write_only", action="store_true", help="write the data set folders under --root, train nothing")
     args = parser.parse_args()
+    if args.write_only:
+        for name in args.datasets.split(","):
+            print(f"{name}: {write_folder(args.root, name)[0]}")
+        return
     out = args.out or os.path.join(args.root, "results.json")
     if args.eval_modes:
         table = eval_ablation(

@@ -74,24 +74,38 @@ def test_relabelling_is_exact_at_initialisation_on_a_non_square_grid():
         permutation.relabel_weights(model, data.ImagePermutation("pixels", (8, 16), seed=2))
 
 
-def test_the_mixer_does_not_need_locality_under_the_global_pixel_shuffle():
-    # One fixed permutation of all pixels destroys locality; the Mixer, whose token mixing is global,
-    # learns the shuffled digits as well as the originals: over six runs (150-330 steps, seeds 0-1,
-    # 16 and 32 px) its top-1 moved by -0.8 to +1.4 points. The ResNet lost 0.6-1.4 points, more
-    # than the Mixer every time but within the seed spread of 360 test images (README), so only
-    # the Mixer's side is asserted.
+@pytest.fixture(scope="module")
+def ranked_textures(tmp_path_factory):
+    """brick, grass and gravel photo patches, 16x16, each patch's grey levels replaced by their
+    ranks: only where the values lie tells the classes apart, so locality matters."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import small_images
+
+    folder = small_images.write_folder(str(tmp_path_factory.mktemp("data")), "ranked_textures")[0]
+    train = data.load_source(f"folder:{folder}", "train")
+    return folder, train, data.load_source(f"folder:{folder}", "test", class_names=train.class_names)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_cnn_loses_more_than_the_mixer_when_the_pixels_are_shuffled(ranked_textures, seed):
+    # One fixed permutation of all pixels takes away the locality a CNN is built on; the Mixer's
+    # token mixing is global and leans on it less (paper, section 3.4). Measured with 200 steps,
+    # seeds 0-2 (615 test images, one is 0.16 points): the ResNet fell 22.8-24.2 points, the Mixer
+    # 11.7-16.4, so the ResNet lost 7.8-11.1 points more; the margin asserted is 5.
     import tensorflow as tf
 
     tf.config.experimental.enable_op_determinism()
-    study = _study(steps=200, seed=0)
-    train, test = _sources()
+    folder, train, test = ranked_textures
+    study = _study(steps=200, seed=seed, dataset=f"folder:{folder}")
     top1 = {}
-    for order in ("original", "pixels"):
-        shuffle = permutation.make_permutation(order, 16, 4, seed=0)
-        model = permutation.build("mixer", study, 10)
-        top1[order] = permutation.train_cell(model, study.config, train, test, shuffle)[-1]["eval_top1"]
-    assert top1["original"] > 0.93, top1
-    assert top1["pixels"] > top1["original"] - 0.02, top1
+    for kind in permutation.MODELS:
+        for order in ("original", "pixels"):
+            model = permutation.build(kind, study, train.num_classes)
+            shuffle = permutation.make_permutation(order, 16, 4, seed=seed)
+            top1[kind, order] = permutation.train_cell(model, study.config, train, test, shuffle)[-1]["eval_top1"]
+    drop = {kind: top1[kind, "original"] - top1[kind, "pixels"] for kind in permutation.MODELS}
+    assert top1["resnet", "original"] > 0.85 and top1["mixer", "original"] > 0.65, top1  # both learned the textures
+    assert drop["resnet"] > drop["mixer"] + 0.05, (drop, top1)
 
 
 def _cells(workdir):

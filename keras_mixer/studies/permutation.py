@@ -242,7 +242,10 @@ def draw(results, path, eval_source, config, patch_size):
         ax.set_xlabel("training step")
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right")
-    axes[0].set_ylabel(f"{results['dataset']} {results['eval_split']} top-1 (%)")
+    dataset = results["dataset"]
+    if dataset.startswith("folder:"):  # the folder's name, not its whole path
+        dataset = os.path.basename(os.path.normpath(dataset[len("folder:") :]))
+    axes[0].set_ylabel(f"{dataset} {results['eval_split']} top-1 (%)")
     image = next(iter(data.make_pipeline(
         eval_source, training=False, image_size=config.image_size, batch_size=1,
         eval_resize=config.eval_resize, crop_ratio=config.crop_ratio,

@@ -6,8 +6,9 @@
     apply:        optimizer.apply(g / replicas)   (Keras sums replicas' gradients again itself)
 
 Why not `model.fit`: in Keras 3.15 it fails under MultiWorkerMirroredStrategy, and the paper's
-clipping must act on the *global* gradient. Only forward and backward are XLA-compiled: the
-all-reduce (merge_call) cannot run inside XLA.
+clipping must act on the *global* gradient. On one replica XLA compiles the whole step (forward,
+backward, clipping, update: one program, no per-variable update ops); with several replicas only
+forward and backward, as the all-reduce (merge_call) cannot run inside XLA.
 """
 
 import logging
@@ -55,9 +56,20 @@ def decide_xla(config, kind):
     return on
 
 
-def make_train_steps(strategy, model, optimizer, config, step_var, use_xla):
+def single_replica(strategy):
+    """True for one replica on one machine: no all-reduce between the gradients and the update, so
+    XLA can compile the whole step."""
+    distributed = (tf.distribute.MirroredStrategy, tf.distribute.MultiWorkerMirroredStrategy, tf.distribute.TPUStrategy)
+    return strategy.num_replicas_in_sync == 1 and not isinstance(strategy, distributed)
+
+
+def make_train_steps(strategy, model, optimizer, config, step_var, use_xla, whole_step=None):
     """A tf.function (iterator, count) -> (mean loss, mean gradient norm, train top-1) that runs
-    `count` steps in one host call and advances `step_var` by `count`."""
+    `count` steps in one host call and advances `step_var` by `count`.
+
+    With `use_xla`, XLA compiles the forward and backward pass, and with `whole_step` (default: on
+    a single replica) the clipping and the optimizer update as well."""
+    whole_step = use_xla and (single_replica(strategy) if whole_step is None else whole_step)
     global_batch = config.batch_size
     replicas = strategy.num_replicas_in_sync
     fp16 = config.mixed_precision == "float16"
@@ -73,7 +85,7 @@ def make_train_steps(strategy, model, optimizer, config, step_var, use_xla):
         correct = tf.reduce_sum(tf.cast(tf.argmax(logits, -1) == tf.argmax(labels, -1), tf.float32))
         return loss, gradients, correct
 
-    forward_backward_fn = tf.function(forward_backward, jit_compile=True) if use_xla else forward_backward
+    forward_backward_fn = tf.function(forward_backward, jit_compile=True) if use_xla and not whole_step else forward_backward
 
     def replica_step(images, labels):
         loss, gradients, correct = forward_backward_fn(images, labels)
@@ -86,12 +98,14 @@ def make_train_steps(strategy, model, optimizer, config, step_var, use_xla):
         optimizer.apply([g / replicas for g in gradients], model.trainable_variables)
         return loss, norm, correct
 
+    step_fn = tf.function(replica_step, jit_compile=True) if whole_step else replica_step
+
     @tf.function
     def train_steps(iterator, count):
         loss_sum, norm_sum, correct_sum = tf.constant(0.0), tf.constant(0.0), tf.constant(0.0)
         for _ in tf.range(count):
             images, labels = next(iterator)
-            loss, norm, correct = strategy.run(replica_step, args=(images, labels))
+            loss, norm, correct = strategy.run(step_fn, args=(images, labels))
             loss_sum += strategy.reduce("SUM", loss, axis=None)
             norm_sum += strategy.reduce("MEAN", norm, axis=None)
             correct_sum += strategy.reduce("SUM", correct, axis=None)

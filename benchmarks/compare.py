@@ -1,0 +1,537 @@
+"""Speed side by side: keras_mixer against timm and the Flax model with the official parameter tree.
+
+    python benchmarks/compare.py [--models B/16,S/16] [--tasks inference,training] [--rounds 2]
+        [--batch 16] [--train_batch 16] [--steps 4] [--warmup 2] [--dtype float32|bfloat16] [--out DIR]
+
+Every measurement runs in a process of its own (frameworks never share a process; torchvision and
+TensorFlow cannot), the measurements of a round run one after another, and the order alternates
+from round to round, so slow phases of a shared machine spread over all of them. A measurement
+builds its model, runs `--warmup` untimed steps (tracing, compilation, allocator warm-up) and then
+times `--steps` steps, each ended by reading a result back to the host. Reported per measurement:
+images/s = batch / (median step time), the median over rounds.
+
+What is measured (training: AdamW, gradient clipping at global norm 1, softmax cross-entropy):
+
+    keras_mixer tf predict       TF backend, `model.predict_on_batch`
+    keras_mixer tf xla           TF backend, `tf.function(jit_compile=True)` of the model
+    keras_mixer tf trainers      the trainers' step (`keras_mixer.training.step.make_train_steps`)
+    keras_mixer tf trainers fwd+bwd   the same with XLA on the forward and backward pass only (as
+                                 under several replicas; left out unless named in --only)
+    keras_mixer tf loop          the whole training loop (`keras_mixer.training.train`) on the digits
+                                 resized to the image size, input pipeline included: the img/s it
+                                 reports itself (steady state: its first call left out; never expanded)
+    keras_mixer jax predict      JAX backend, `model.predict_on_batch`
+    keras_mixer jax jit          JAX backend, `jax.jit` of `model.stateless_call`
+    keras_mixer jax train_on_batch   JAX backend, compiled Keras `train_on_batch`
+    timm eager / timm compile    `timm.create_model("mixer_b16_224")`, eager and `torch.compile`
+    flax jit                     a Flax module with the official tree (`jax.jit`, optax for training)
+
+Alongside: the machine's matmul rate (2048^3 matmuls in torch, TF+XLA and JAX, the best of them,
+per round) and FLOPs per image from the architecture (2 per multiply-add of the stem, the token and
+channel MLPs and the head; a training step counts 3 forward passes), so every figure also reads as
+a share of what the machine can do; a share above 1 is a broken measurement. Peak memory is the
+accelerator's peak where there is one, else the process's peak resident size above its size with
+the framework imported.
+
+Where TensorFlow is not installed (a GPU machine with only JAX and torch) its measurements are
+listed as skipped, and the JAX backend stands for keras_mixer. Peers come from the test extra:
+`pip install -e ".[test]"`. Writes DIR/compare.md (a table), DIR/compare.json and DIR/compare.png.
+"""
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# name: (framework, task); the framework decides the process's imports.
+MEASUREMENTS = {
+    "keras_mixer tf predict": ("tf", "inference"),
+    "keras_mixer tf xla": ("tf", "inference"),
+    "keras_mixer jax predict": ("jax", "inference"),
+    "keras_mixer jax jit": ("jax", "inference"),
+    "timm eager": ("torch", "inference"),
+    "timm compile": ("torch", "inference"),
+    "flax jit": ("flax", "inference"),
+    "keras_mixer tf trainers": ("tf", "training"),
+    "keras_mixer tf trainers fwd+bwd": ("tf", "training"),
+    "keras_mixer tf loop": ("tf", "training"),
+    "keras_mixer jax train_on_batch": ("jax", "training"),
+    "timm eager train": ("torch", "training"),
+    "timm compile train": ("torch", "training"),
+    "flax optax": ("flax", "training"),
+}
+PEERS = ("timm", "flax")
+OPTIONAL = ("keras_mixer tf trainers fwd+bwd",)  # measured only when --only names it
+MODULES = dict(tf=["tensorflow", "keras"], jax=["jax", "keras"], torch=["torch", "timm"], flax=["jax", "flax", "optax"])
+ARCHITECTURES = {  # patch, hidden C, blocks, D_S, D_C (the paper's Table 1)
+    "S/16": (16, 512, 8, 256, 2048),
+    "B/16": (16, 768, 12, 384, 3072),
+    "L/16": (16, 1024, 24, 512, 4096),
+    "S/32": (32, 512, 8, 256, 2048),
+    "B/32": (32, 768, 12, 384, 3072),
+}
+TIMM_NAMES = {"S/16": "mixer_s16_224", "B/16": "mixer_b16_224", "L/16": "mixer_l16_224", "S/32": "mixer_s32_224", "B/32": "mixer_b32_224"}
+CLASSES = 1000
+
+
+def forward_flops(model, image_size, classes=CLASSES, expanded_from=0):
+    """FLOPs of one image's forward pass: 2 per multiply-add of the stem, the MLPs and the head
+    (LayerNorm, GELU and additions are a fraction of a percent and left out). `expanded_from`: the
+    side the model was trained at before the block-diagonal expansion, whose token MLP is K^2 times
+    wider (computed densely, zeros included)."""
+    patch, width, blocks, tokens_hidden, channels_hidden = ARCHITECTURES[model]
+    tokens = (image_size // patch) ** 2
+    if expanded_from:
+        tokens_hidden *= (image_size // expanded_from) ** 2
+    stem = tokens * patch * patch * 3 * width
+    block = 2 * width * tokens * tokens_hidden + 2 * tokens * width * channels_hidden
+    return 2 * (stem + blocks * block + width * classes)
+
+
+# --- workers: one measurement per process -----------------------------------------------------------
+
+
+def _timed(step, sync, warmup, steps):
+    """Seconds of each of `steps` calls of `step` after `warmup` untimed ones; `sync(result)` waits
+    for the result on the host."""
+    for _ in range(warmup):
+        sync(step())
+    seconds = []
+    for _ in range(steps):
+        started = time.perf_counter()
+        sync(step())
+        seconds.append(time.perf_counter() - started)
+    return seconds
+
+
+def _resident():
+    """The process's resident size now, in bytes."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _peak_memory(framework, baseline):
+    """Peak accelerator memory in bytes where there is one, else the process's peak resident size
+    above `baseline` (its size with the framework imported, before the model was built)."""
+    if framework == "torch":
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.max_memory_allocated()
+    if framework in ("jax", "flax"):
+        import jax
+
+        stats = jax.devices()[0].memory_stats() or {}
+        if "peak_bytes_in_use" in stats:
+            return stats["peak_bytes_in_use"]
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
+
+
+def _keras_model(model, image_size, dtype, expand_from=0):
+    """keras_mixer's `model` at `image_size`, or built at `expand_from` and expanded to it."""
+    import keras
+
+    import keras_mixer
+
+    if dtype == "bfloat16":
+        keras.config.set_dtype_policy("mixed_bfloat16")
+    side = expand_from or image_size
+    net = keras_mixer.create_model(model, input_shape=(side, side, 3), classes=CLASSES, classifier_activation=None)
+    return keras_mixer.expand_resolution(net, image_size) if expand_from else net
+
+
+def _images(batch, image_size, seed=0):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    images = rng.uniform(0, 255, (batch, image_size, image_size, 3)).astype("float32")
+    labels = rng.integers(0, CLASSES, batch)
+    return images, labels
+
+
+def worker_tf(name, model, batch, options):
+    image_size, dtype, warmup, steps = options.image_size, options.dtype, options.warmup, options.steps
+    import tensorflow as tf
+
+    images, labels = _images(batch, image_size)
+    if name == "keras_mixer tf loop":
+        import tempfile
+
+        from keras_mixer.training import TrainConfig, train
+
+        with tempfile.TemporaryDirectory() as workdir:
+            metrics = train(TrainConfig(
+                model=model, image_size=image_size, batch_size=batch, steps=warmup + steps, log_every=1, xla="on",
+                export=False, checkpoint_every=10**6, warmup_steps=1, workdir=workdir, seed=0,
+                mixed_precision="bfloat16" if dtype == "bfloat16" else None,
+            ))  # fmt: skip
+        return [batch / metrics["images_per_second"]]
+    if name.startswith("keras_mixer tf trainers"):
+        from keras_mixer.training import TrainConfig
+        from keras_mixer.training.step import make_optimizer, make_train_steps
+
+        config = TrainConfig(model=model, image_size=image_size, batch_size=batch, steps=10**6, warmup_steps=1, xla="on")
+        config = config.validate()
+        net = _keras_model(model, image_size, dtype, options.expand_from)
+        optimizer = make_optimizer(config, 10**6)
+        optimizer.build(net.trainable_variables)
+        step_var = tf.Variable(0, dtype=tf.int64, trainable=False)
+        whole_step = not name.endswith("fwd+bwd")
+        train_steps = make_train_steps(tf.distribute.get_strategy(), net, optimizer, config, step_var, True, whole_step)
+        one_hot = tf.one_hot(labels, CLASSES)
+        iterator = iter(tf.data.Dataset.from_tensors((images, one_hot)).repeat())
+        count = tf.constant(config.steps_per_loop)
+        seconds = _timed(lambda: train_steps(iterator, count)[0], lambda loss: float(loss), warmup, steps)
+        return [s / config.steps_per_loop for s in seconds]
+    net = _keras_model(model, image_size, dtype, options.expand_from)
+    if name == "keras_mixer tf predict":
+        return _timed(lambda: net.predict_on_batch(images), lambda out: out, warmup, steps)
+    forward = tf.function(lambda x: net(x, training=False), jit_compile=True)
+    tensor = tf.constant(images)
+    return _timed(lambda: forward(tensor), lambda out: out.numpy(), warmup, steps)
+
+
+def worker_jax(name, model, batch, options):
+    image_size, dtype, warmup, steps = options.image_size, options.dtype, options.warmup, options.steps
+    import jax
+    import keras
+
+    images, labels = _images(batch, image_size)
+    net = _keras_model(model, image_size, dtype, options.expand_from)
+    if name == "keras_mixer jax predict":
+        return _timed(lambda: net.predict_on_batch(images), lambda out: out, warmup, steps)
+    if name == "keras_mixer jax jit":
+        forward = jax.jit(lambda trainable, fixed, x: net.stateless_call(trainable, fixed, x, training=False)[0])
+        trainable = [v.value for v in net.trainable_variables]
+        fixed = [v.value for v in net.non_trainable_variables]
+        x = jax.numpy.asarray(images)
+        return _timed(lambda: forward(trainable, fixed, x), lambda out: out.block_until_ready(), warmup, steps)
+    optimizer = keras.optimizers.AdamW(1e-3, weight_decay=0.1, global_clipnorm=1.0)
+    net.compile(optimizer, keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=True)
+    return _timed(lambda: net.train_on_batch(images, labels), lambda loss: float(loss), warmup, steps)
+
+
+def worker_torch(name, model, batch, options):
+    image_size, dtype, warmup, steps = options.image_size, options.dtype, options.warmup, options.steps
+    import timm
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    net = timm.create_model(TIMM_NAMES[model], pretrained=False, num_classes=CLASSES, img_size=image_size).to(device)
+    images, labels = _images(batch, image_size)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device)
+    y = torch.from_numpy(labels).to(device)
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    compiled = "compile" in name
+    if "train" not in name:
+        net.eval()
+        forward = torch.compile(net) if compiled else net
+
+        def infer():
+            with torch.no_grad(), autocast:
+                return forward(x)
+
+        return _timed(infer, lambda out: (sync(), out.float().sum().item()), warmup, steps)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.1, fused=device == "cuda")
+    forward = torch.compile(net) if compiled else net
+
+    def train():
+        optimizer.zero_grad(set_to_none=True)
+        with autocast:
+            loss = torch.nn.functional.cross_entropy(forward(x).float(), y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        optimizer.step()
+        return loss
+
+    return _timed(train, lambda loss: loss.item(), warmup, steps)
+
+
+def worker_flax(name, model, batch, options):
+    image_size, dtype, warmup, steps = options.image_size, options.dtype, options.warmup, options.steps
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from flax_mixer import FlaxMixer
+
+    patch, width, blocks, tokens_hidden, channels_hidden = ARCHITECTURES[model]
+    module = FlaxMixer(patch, width, blocks, tokens_hidden, channels_hidden, CLASSES)
+    images, labels = _images(batch, image_size)
+    x, y = jnp.asarray(images / 127.5 - 1), jnp.asarray(labels)
+    params = module.init(jax.random.PRNGKey(0), x[:1])["params"]
+    compute = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
+
+    def logits(params, x):  # mixed precision: float32 parameters, the compute in `compute`
+        cast = jax.tree_util.tree_map(lambda p: p.astype(compute), params)
+        return module.apply({"params": cast}, x.astype(compute)).astype(jnp.float32)
+
+    if name == "flax jit":
+        forward = jax.jit(logits)
+        return _timed(lambda: forward(params, x), lambda out: out.block_until_ready(), warmup, steps)
+    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3, weight_decay=0.1))
+
+    @jax.jit
+    def train(params, state):
+        def loss_fn(p):
+            return optax.softmax_cross_entropy_with_integer_labels(logits(p, x), y).mean()
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, state = optimizer.update(grads, state, params)
+        return optax.apply_updates(params, updates), state, loss
+
+    carry = [params, optimizer.init(params)]
+
+    def step():
+        carry[0], carry[1], loss = train(*carry)
+        return loss
+
+    return _timed(step, lambda loss: float(loss), warmup, steps)
+
+
+def worker_matmul(framework, dtype, n=2048, repeats=10):
+    """FLOP/s of an n^3 matmul (the best of `repeats` timed calls after one warm-up)."""
+    if framework == "torch":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        kind = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+        a = torch.randn(n, n, device=device, dtype=kind)
+        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+        call, wait = (lambda: a @ a), (lambda out: (sync(), out))
+    elif framework == "tf":
+        import tensorflow as tf
+
+        a = tf.random.normal((n, n), dtype=tf.bfloat16 if dtype == "bfloat16" else tf.float32)
+        matmul = tf.function(lambda a: tf.linalg.matmul(a, a), jit_compile=True)
+        call, wait = (lambda: matmul(a)), (lambda out: out.numpy())
+    else:
+        import jax
+        import jax.numpy as jnp
+
+        a = jnp.ones((n, n), jnp.bfloat16 if dtype == "bfloat16" else jnp.float32)
+        matmul = jax.jit(lambda a: a @ a)
+        call, wait = (lambda: matmul(a)), (lambda out: out.block_until_ready())
+    seconds = _timed(call, wait, 1, repeats)
+    return 2 * n**3 / min(seconds)
+
+
+WORKERS = {"tf": worker_tf, "jax": worker_jax, "torch": worker_torch, "flax": worker_flax}
+
+
+def run_worker(args):
+    if args.worker.startswith("matmul "):
+        print(json.dumps(dict(flops=worker_matmul(args.worker.split()[1], args.dtype))))
+        return
+    framework, task = MEASUREMENTS[args.worker]
+    batch = args.train_batch if task == "training" else args.batch
+    for module in MODULES[framework]:
+        __import__(module)
+    baseline = _resident()
+    seconds = WORKERS[framework](args.worker, args.model, batch, args)
+    print(json.dumps(dict(seconds=seconds, peak_memory=_peak_memory(framework, baseline), batch=batch)))
+
+
+# --- the driver ---------------------------------------------------------------------------------------
+
+
+def available(framework):
+    """None when `framework`'s packages import here, else why not."""
+    import importlib.util
+
+    missing = [m for m in MODULES[framework] if importlib.util.find_spec(m) is None]
+    return f"not installed: {', '.join(missing)}" if missing else None
+
+
+def launch(args, worker, model):
+    framework = worker.split()[1] if worker.startswith("matmul ") else MEASUREMENTS[worker][0]
+    env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3")
+    if framework in ("tf", "jax"):
+        env["KERAS_BACKEND"] = "tensorflow" if framework == "tf" else "jax"
+    command = [
+        sys.executable, os.path.abspath(__file__), "--worker", worker, "--model", model, "--batch", str(args.batch),
+        "--train_batch", str(args.train_batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
+        "--image_size", str(args.image_size), "--dtype", args.dtype, "--expand_from", str(args.expand_from),
+    ]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        lines = (result.stderr or result.stdout).strip().splitlines() or ["(no output)"]
+        errors = [line for line in lines if "Error" in line.split(":")[0]]  # the exception's own line
+        return dict(error=f"exit {result.returncode}: {(errors or lines)[-1][:300]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def measure(args):
+    """{model: {name: {"rounds": [...]}}, "matmul": [...]} over `args.rounds` alternating rounds."""
+    names = [n for n in MEASUREMENTS if MEASUREMENTS[n][1] in args.tasks and (n in args.only or not args.only and n not in OPTIONAL)]
+    skipped = {n: why for n in names if (why := available(MEASUREMENTS[n][0]))}
+    matmul_frameworks = [f for f in ("torch", "tf", "jax") if not available(f)]
+    runs = {model: {n: [] for n in names if n not in skipped} for model in args.models}
+    matmul = {f: [] for f in matmul_frameworks}
+    for round_ in range(args.rounds):
+        order = [(m, n) for m in args.models for n in runs[m]]
+        if round_ % 2:
+            order.reverse()
+        for framework in matmul_frameworks:
+            result = launch(args, f"matmul {framework}", args.models[0])
+            matmul[framework].append(result.get("flops"))
+            print(f"round {round_ + 1}: matmul {framework}: {_gflops(result.get('flops'))}", flush=True)
+        for model, name in order:
+            result = launch(args, name, model)
+            runs[model][name].append(result)
+            shown = result.get("error") or f"{result['batch'] / statistics.median(result['seconds']):.2f} img/s"
+            print(f"round {round_ + 1}: {model} {name}: {shown}", flush=True)
+    return runs, matmul, skipped
+
+
+def _gflops(flops):
+    return f"{flops / 1e9:.0f} GFLOP/s" if flops else "failed"
+
+
+def summarise(args, runs, matmul, skipped):
+    rates = [r for values in matmul.values() for r in values if r]
+    machine = max(statistics.median([r for r in v if r]) for v in matmul.values() if any(v)) if rates else None
+    rows = []
+    for model, measured in runs.items():
+        for name, results in measured.items():
+            task = MEASUREMENTS[name][1]
+            good = [r for r in results if "seconds" in r]
+            row = dict(model=model, name=name, task=task, rounds=len(good))
+            if not good:
+                row["error"] = results[-1].get("error") if results else "not run"
+            else:
+                per_round = [r["batch"] / statistics.median(r["seconds"]) for r in good]
+                row.update(
+                    images_per_second=statistics.median(per_round), per_round=per_round, batch=good[0]["batch"],
+                    peak_memory=max(r["peak_memory"] for r in good),
+                )  # fmt: skip
+                expanded_from = args.expand_from if name.startswith("keras_mixer") else 0
+                flops = forward_flops(model, args.image_size, expanded_from=expanded_from) * (3 if task == "training" else 1)
+                row["flops_per_image"] = flops
+                if machine:
+                    row["matmul_share"] = row["images_per_second"] * flops / machine
+            rows.append(row)
+    for row in rows:
+        peers = [r["images_per_second"] for r in rows if r["model"] == row["model"] and r["task"] == row["task"]
+                 and r["name"].split()[0] in PEERS and "images_per_second" in r]  # fmt: skip
+        if peers and "images_per_second" in row:
+            row["ratio_to_best_peer"] = row["images_per_second"] / max(peers)
+    return dict(
+        machine=machine_name(), dtype=args.dtype, image_size=args.image_size, expand_from=args.expand_from,
+        steps=args.steps, warmup=args.warmup,
+        rounds=args.rounds, matmul_rate=machine, matmul={f: v for f, v in matmul.items()}, skipped=skipped, rows=rows,
+        command=shlex.join(["python", "benchmarks/compare.py", *sys.argv[1:]]),
+    )  # fmt: skip
+
+
+def machine_name():
+    import platform
+
+    cpu = platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    name = f"{os.cpu_count()} CPU cores ({cpu})"
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True)
+        if out.returncode == 0 and out.stdout.strip():
+            name = f"{out.stdout.strip().splitlines()[0]}, {name}"
+    except OSError:
+        pass
+    return name
+
+
+def markdown(summary):
+    lines = [
+        f"Machine: {summary['machine']}; {summary['dtype']}, {summary['image_size']}x{summary['image_size']}"
+        + (f" (keras_mixer: expanded from {summary['expand_from']})" if summary["expand_from"] else "") + "; "
+        f"median of {summary['rounds']} rounds of {summary['steps']} timed steps after {summary['warmup']} warm-up steps.",
+        f"Matmul rate (best median of 2048^3 matmuls): {_gflops(summary['matmul_rate'])}.",
+        f"Command: `{summary['command']}`",
+        "",
+        "| model | task | measurement | batch | images/s | ÷ best peer | share of matmul rate | peak memory (MiB) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in summary["rows"]:
+        if "error" in row:
+            lines.append(f"| {row['model']} | {row['task']} | {row['name']} | | failed: {row['error']} | | | |")
+            continue
+        ratio = f"{row['ratio_to_best_peer']:.2f}" if "ratio_to_best_peer" in row else ""
+        share = f"{row['matmul_share']:.0%}" if "matmul_share" in row else ""
+        lines.append(
+            f"| {row['model']} | {row['task']} | {row['name']} | {row['batch']} | {row['images_per_second']:.2f} | "
+            f"{ratio} | {share} | {row['peak_memory'] / 2**20:.0f} |"
+        )
+    for name, why in summary["skipped"].items():
+        lines.append(f"\nSkipped {name}: {why}.")
+    return "\n".join(lines) + "\n"
+
+
+def chart(summary, path):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    panels = sorted({(r["model"], r["task"]) for r in summary["rows"]})
+    figure = Figure(figsize=(6 * len(panels), 4.5), layout="constrained")
+    FigureCanvasAgg(figure)
+    for ax, (model, task) in zip(figure.subplots(1, len(panels), squeeze=False)[0], panels):
+        rows = [r for r in summary["rows"] if (r["model"], r["task"]) == (model, task) and "images_per_second" in r]
+        colours = ["tab:blue" if r["name"].startswith("keras_mixer") else "tab:gray" for r in rows]
+        ax.barh([r["name"] for r in rows], [r["images_per_second"] for r in rows], color=colours)
+        ax.invert_yaxis()
+        ax.set_title(f"{model} {task}")
+        ax.set_xlabel("images/s")
+    figure.suptitle(f"{summary['machine']}, {summary['dtype']}")
+    figure.savefig(path, format="png", dpi=100)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="B/16,S/16")
+    parser.add_argument("--tasks", default="inference,training")
+    parser.add_argument("--only", default="", help="comma-separated measurement names (default: all)")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=16, help="inference batch")
+    parser.add_argument("--train_batch", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--image_size", type=int, default=224)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument(
+        "--expand_from", type=int, default=0,
+        help="keras_mixer's models are built at this side and moved to --image_size by the block-diagonal expansion",
+    )  # fmt: skip
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--model", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return run_worker(args)
+    args.models = args.models.split(",")
+    args.tasks = args.tasks.split(",")
+    args.only = [n for n in args.only.split(",") if n]
+    unknown = [m for m in args.models if m not in ARCHITECTURES] + [n for n in args.only if n not in MEASUREMENTS]
+    if unknown:
+        parser.error(f"unknown {', '.join(map(repr, unknown))}; models: {', '.join(ARCHITECTURES)}; measurements: {', '.join(MEASUREMENTS)}")
+    summary = summarise(args, *measure(args))
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "compare.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    with open(os.path.join(args.out, "compare.md"), "w") as f:
+        f.write(markdown(summary))
+    chart(summary, os.path.join(args.out, "compare.png"))
+    print(markdown(summary))
+
+
+if __name__ == "__main__":
+    main()

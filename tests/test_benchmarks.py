@@ -1,0 +1,71 @@
+"""The speed benchmark's arithmetic: FLOPs per image, ratios to the best peer, shares of the matmul rate."""
+
+import os
+import sys
+from types import SimpleNamespace
+
+import pytest
+from runs import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import compare  # noqa: E402
+
+
+@pytest.mark.parametrize("variant, image_size", [("S/16", 224), ("B/16", 448)])
+def test_forward_flops_count_every_multiply_add_of_the_built_model(variant, image_size):
+    # Counted independently from the Keras model's kernels: a Dense kernel [n_in, n_out] applied to
+    # m rows costs m * n_in * n_out multiply-adds; the stem is one such kernel per token.
+    import keras_mixer
+
+    model = keras_mixer.create_model(variant, input_shape=(image_size, image_size, 3), classes=1000)
+    tokens, width = model.get_layer("MixerBlock_0").output.shape[1:]
+    macs = 0
+    for variable in model.weights:
+        if not variable.path.endswith("kernel"):
+            continue
+        shape = variable.shape
+        if variable.path.startswith("stem"):
+            macs += tokens * shape[0] * shape[1] * shape[2] * shape[3]
+        elif "token_mixing" in variable.path:
+            macs += width * shape[0] * shape[1]
+        elif "channel_mixing" in variable.path:
+            macs += tokens * shape[0] * shape[1]
+        else:  # the head, once per image
+            macs += shape[0] * shape[1]
+    assert compare.forward_flops(variant, image_size) == 2 * macs
+
+
+def test_the_expanded_model_costs_its_wider_token_mlp():
+    # B/16 moved from 224 to 448: 4 copies, D_S 384 -> 1536, computed densely.
+    plain, expanded = compare.forward_flops("B/16", 448), compare.forward_flops("B/16", 448, expanded_from=224)
+    assert expanded - plain == 2 * 12 * 2 * 768 * 784 * (1536 - 384)
+
+
+def _result(images_per_second, batch=16, memory=2**30):
+    return dict(seconds=[batch / images_per_second] * 3, batch=batch, peak_memory=memory)
+
+
+def test_the_summary_divides_by_the_best_peer_and_the_fastest_matmul():
+    args = SimpleNamespace(image_size=224, expand_from=0, dtype="float32", steps=3, warmup=1, rounds=2)
+    runs = {
+        "B/16": {
+            "keras_mixer tf xla": [_result(4.0), _result(6.0)],  # median over rounds: 5
+            "timm eager": [_result(2.0), _result(2.0)],
+            "flax jit": [_result(4.0), _result(4.0)],
+            "keras_mixer tf trainers": [dict(error="exit 1: ValueError: x")] * 2,
+            "flax optax": [_result(1.0), _result(1.0)],
+        }
+    }
+    matmul = {"torch": [100e9, 120e9, 110e9], "jax": [90e9, 95e9, 80e9]}  # medians 110 and 90: 110 counts
+    summary = compare.summarise(args, runs, matmul, skipped={})
+    rows = {r["name"]: r for r in summary["rows"]}
+    assert summary["matmul_rate"] == 110e9
+    assert rows["keras_mixer tf xla"]["images_per_second"] == pytest.approx(5.0)
+    assert rows["keras_mixer tf xla"]["ratio_to_best_peer"] == pytest.approx(5.0 / 4.0)  # flax is the best peer
+    assert rows["timm eager"]["ratio_to_best_peer"] == pytest.approx(0.5)
+    assert rows["keras_mixer tf xla"]["matmul_share"] == pytest.approx(5.0 * compare.forward_flops("B/16", 224) / 110e9)
+    assert rows["flax optax"]["matmul_share"] == pytest.approx(3 * compare.forward_flops("B/16", 224) / 110e9)
+    assert rows["keras_mixer tf trainers"]["error"] == "exit 1: ValueError: x"
+    table = compare.markdown(summary)
+    assert "| B/16 | inference | keras_mixer tf xla | 16 | 5.00 | 1.25 |" in table
+    assert "failed: exit 1: ValueError: x" in table

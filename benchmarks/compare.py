@@ -372,7 +372,8 @@ def launch(args, worker, model):
 
 
 def measure(args):
-    """{model: {name: {"rounds": [...]}}, "matmul": [...]} over `args.rounds` alternating rounds."""
+    """Runs `args.rounds` rounds in alternating order; returns (runs {model: {name: [worker result
+    per round]}}, matmul {framework: [FLOP/s per round]}, skipped {name: why})."""
     names = [n for n in MEASUREMENTS if MEASUREMENTS[n][1] in args.tasks and (n in args.only or not args.only and n not in OPTIONAL)]
     skipped = {n: why for n in names if (why := available(MEASUREMENTS[n][0]))}
     matmul_frameworks = [f for f in ("torch", "tf", "jax") if not available(f)]
@@ -399,8 +400,8 @@ def _gflops(flops):
 
 
 def summarise(args, runs, matmul, skipped):
-    rates = [r for values in matmul.values() for r in values if r]
-    machine = max(statistics.median([r for r in v if r]) for v in matmul.values() if any(v)) if rates else None
+    medians = [statistics.median(good) for values in matmul.values() if (good := [r for r in values if r])]
+    machine = max(medians) if medians else None  # the fastest framework's median
     rows = []
     for model, measured in runs.items():
         for name, results in measured.items():

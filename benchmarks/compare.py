@@ -1,7 +1,8 @@
 """Speed side by side: keras_mixer against timm and the Flax model with the official parameter tree.
 
     python benchmarks/compare.py [--models B/16,S/16] [--tasks inference,training] [--rounds 2]
-        [--batch 16] [--train_batch 16] [--steps 4] [--warmup 2] [--dtype float32|bfloat16] [--out DIR]
+        [--batch 16] [--train_batch 16] [--steps 3] [--warmup 2] [--dtype float32|bfloat16] [--out DIR]
+        [--image_size 224] [--expand_from 0] [--only NAMES] [--timeout 1800]
 
 Every measurement runs in a process of its own (frameworks never share a process; torchvision and
 TensorFlow cannot), the measurements of a round run one after another, and the order alternates
@@ -22,20 +23,24 @@ What is measured (training: AdamW, gradient clipping at global norm 1, softmax c
                                  reports itself (steady state: its first call left out; never expanded)
     keras_mixer jax predict      JAX backend, `model.predict_on_batch`
     keras_mixer jax jit          JAX backend, `jax.jit` of `model.stateless_call`
+    keras_mixer jax step         JAX backend, `keras_mixer.JaxTrainStep` (state on the device, donated)
     keras_mixer jax train_on_batch   JAX backend, compiled Keras `train_on_batch`
     timm eager / timm compile    `timm.create_model("mixer_b16_224")`, eager and `torch.compile`
     flax jit                     a Flax module with the official tree (`jax.jit`, optax for training)
 
-Alongside: the machine's matmul rate (2048^3 matmuls in torch, TF+XLA and JAX, the best of them,
-per round) and FLOPs per image from the architecture (2 per multiply-add of the stem, the token and
-channel MLPs and the head; a training step counts 3 forward passes), so every figure also reads as
+Alongside: the machine's matmul rate (n^3 matmuls in torch, TF+XLA and JAX, the best of them,
+per round; n = 2048 on a CPU, 8192 on a GPU, which small matmuls cannot fill) and FLOPs per image
+from the architecture (2 per multiply-add of the stem, the token and channel MLPs and the head; a
+training step counts 3 forward passes), so every figure also reads as
 a share of what the machine can do; a share above 1 is a broken measurement. Peak memory is the
 accelerator's peak where there is one, else the process's peak resident size above its size with
 the framework imported.
 
 Where TensorFlow is not installed (a GPU machine with only JAX and torch) its measurements are
 listed as skipped, and the JAX backend stands for keras_mixer. Peers come from the test extra:
-`pip install -e ".[test]"`. Writes DIR/compare.md (a table), DIR/compare.json and DIR/compare.png.
+`pip install -e ".[test]"`. Writes DIR/compare.md (a table), DIR/compare.json and DIR/compare.png,
+the table and JSON again after every measurement, so a run cut short keeps what it measured. A
+measurement that runs past --timeout seconds is stopped and listed as failed.
 """
 
 import argparse
@@ -61,6 +66,7 @@ MEASUREMENTS = {
     "keras_mixer tf trainers": ("tf", "training"),
     "keras_mixer tf trainers fwd+bwd": ("tf", "training"),
     "keras_mixer tf loop": ("tf", "training"),
+    "keras_mixer jax step": ("jax", "training"),
     "keras_mixer jax train_on_batch": ("jax", "training"),
     "timm eager train": ("torch", "training"),
     "timm compile train": ("torch", "training"),
@@ -214,6 +220,19 @@ def worker_jax(name, model, batch, options):
         fixed = [v.value for v in net.non_trainable_variables]
         x = jax.numpy.asarray(images)
         return _timed(lambda: forward(trainable, fixed, x), lambda out: out.block_until_ready(), warmup, steps)
+    # Inputs already on the device, as every peer's: the steps differ only in what they do.
+    images, labels = jax.numpy.asarray(images), jax.numpy.asarray(labels)
+    if name == "keras_mixer jax step":
+        import keras_mixer
+
+        train = keras_mixer.JaxTrainStep(net, keras.optimizers.AdamW(1e-3, weight_decay=0.1), clip_norm=1.0)
+        carry = [train.initial_state()]
+
+        def step():
+            carry[0], metrics = train(carry[0], images, labels)
+            return metrics["loss"]
+
+        return _timed(step, lambda loss: float(loss), warmup, steps)
     optimizer = keras.optimizers.AdamW(1e-3, weight_decay=0.1, global_clipnorm=1.0)
     net.compile(optimizer, keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=True)
     return _timed(lambda: net.train_on_batch(images, labels), lambda loss: float(loss), warmup, steps)
@@ -299,8 +318,10 @@ def worker_flax(name, model, batch, options):
     return _timed(step, lambda loss: float(loss), warmup, steps)
 
 
-def worker_matmul(framework, dtype, n=2048, repeats=10):
-    """FLOP/s of an n^3 matmul (the best of `repeats` timed calls after one warm-up)."""
+def worker_matmul(framework, dtype, repeats=10):
+    """FLOP/s of an n^3 matmul, n = matmul_size() (the best of `repeats` timed calls after one
+    warm-up)."""
+    n = matmul_size()
     if framework == "torch":
         import torch
 
@@ -355,7 +376,8 @@ def available(framework):
 
 def launch(args, worker, model):
     framework = worker.split()[1] if worker.startswith("matmul ") else MEASUREMENTS[worker][0]
-    env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3")
+    path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)  # keeps carried packages
+    env = dict(os.environ, PYTHONPATH=path, TF_CPP_MIN_LOG_LEVEL="3")
     if framework in ("tf", "jax"):
         env["KERAS_BACKEND"] = "tensorflow" if framework == "tf" else "jax"
     command = [
@@ -363,7 +385,10 @@ def launch(args, worker, model):
         "--train_batch", str(args.train_batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
         "--image_size", str(args.image_size), "--dtype", args.dtype, "--expand_from", str(args.expand_from),
     ]  # fmt: skip
-    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    try:
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return dict(error=f"timed out after {args.timeout} s")
     if result.returncode != 0:
         lines = (result.stderr or result.stdout).strip().splitlines() or ["(no output)"]
         errors = [line for line in lines if "Error" in line.split(":")[0]]  # the exception's own line
@@ -371,9 +396,10 @@ def launch(args, worker, model):
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def measure(args):
+def measure(args, progress=lambda runs, matmul, skipped: None):
     """Runs `args.rounds` rounds in alternating order; returns (runs {model: {name: [worker result
-    per round]}}, matmul {framework: [FLOP/s per round]}, skipped {name: why})."""
+    per round]}}, matmul {framework: [FLOP/s per round]}, skipped {name: why}). `progress` gets the
+    same three after every measurement."""
     names = [n for n in MEASUREMENTS if MEASUREMENTS[n][1] in args.tasks and (n in args.only or not args.only and n not in OPTIONAL)]
     skipped = {n: why for n in names if (why := available(MEASUREMENTS[n][0]))}
     matmul_frameworks = [f for f in ("torch", "tf", "jax") if not available(f)]
@@ -392,6 +418,7 @@ def measure(args):
             runs[model][name].append(result)
             shown = result.get("error") or f"{result['batch'] / statistics.median(result['seconds']):.2f} img/s"
             print(f"round {round_ + 1}: {model} {name}: {shown}", flush=True)
+            progress(runs, matmul, skipped)
     return runs, matmul, skipped
 
 
@@ -430,9 +457,24 @@ def summarise(args, runs, matmul, skipped):
     return dict(
         machine=machine_name(), dtype=args.dtype, image_size=args.image_size, expand_from=args.expand_from,
         steps=args.steps, warmup=args.warmup,
-        rounds=args.rounds, matmul_rate=machine, matmul={f: v for f, v in matmul.items()}, skipped=skipped, rows=rows,
+        rounds=args.rounds, matmul_rate=machine, matmul_size=matmul_size(),
+        matmul={f: v for f, v in matmul.items()}, skipped=skipped, rows=rows,
         command=shlex.join(["python", "benchmarks/compare.py", *sys.argv[1:]]),
     )  # fmt: skip
+
+
+def gpu_name():
+    """The first NVIDIA GPU's name, or None."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True)
+    except OSError:
+        return None
+    return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+
+
+def matmul_size():
+    """2048 on a CPU; 8192 on a GPU, which smaller matmuls cannot fill."""
+    return 8192 if gpu_name() else 2048
 
 
 def machine_name():
@@ -443,13 +485,8 @@ def machine_name():
         with open("/proc/cpuinfo") as f:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     name = f"{os.cpu_count()} CPU cores ({cpu})"
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True)
-        if out.returncode == 0 and out.stdout.strip():
-            name = f"{out.stdout.strip().splitlines()[0]}, {name}"
-    except OSError:
-        pass
-    return name
+    gpu = gpu_name()
+    return f"{gpu}, {name}" if gpu else name
 
 
 def markdown(summary):
@@ -457,7 +494,7 @@ def markdown(summary):
         f"Machine: {summary['machine']}; {summary['dtype']}, {summary['image_size']}x{summary['image_size']}"
         + (f" (keras_mixer: expanded from {summary['expand_from']})" if summary["expand_from"] else "") + "; "
         f"median of {summary['rounds']} rounds of {summary['steps']} timed steps after {summary['warmup']} warm-up steps.",
-        f"Matmul rate (best median of 2048^3 matmuls): {_gflops(summary['matmul_rate'])}.",
+        f"Matmul rate (best median of n^3 matmuls, n = {summary['matmul_size']}): {_gflops(summary['matmul_rate'])}.",
         f"Command: `{summary['command']}`",
         "",
         "| model | task | measurement | batch | images/s | ÷ best peer | share of matmul rate | peak memory (MiB) |",
@@ -513,6 +550,7 @@ def main():
         help="keras_mixer's models are built at this side and moved to --image_size by the block-diagonal expansion",
     )  # fmt: skip
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--timeout", type=int, default=1800, help="seconds one measurement may take")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--model", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -524,12 +562,17 @@ def main():
     unknown = [m for m in args.models if m not in ARCHITECTURES] + [n for n in args.only if n not in MEASUREMENTS]
     if unknown:
         parser.error(f"unknown {', '.join(map(repr, unknown))}; models: {', '.join(ARCHITECTURES)}; measurements: {', '.join(MEASUREMENTS)}")
-    summary = summarise(args, *measure(args))
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "compare.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    with open(os.path.join(args.out, "compare.md"), "w") as f:
-        f.write(markdown(summary))
+
+    def write(*measured):
+        summary = summarise(args, *measured)
+        for name, text in (("compare.json", json.dumps(summary, indent=1)), ("compare.md", markdown(summary))):
+            with open(os.path.join(args.out, name + ".part"), "w") as f:
+                f.write(text)
+            os.replace(os.path.join(args.out, name + ".part"), os.path.join(args.out, name))
+        return summary
+
+    summary = write(*measure(args, progress=write))
     chart(summary, os.path.join(args.out, "compare.png"))
     print(markdown(summary))
 

@@ -7,7 +7,8 @@
     features = keras_mixer.token_feature_model(model)               # every block's [B, S, C] tokens
 
 Layers: `keras_mixer.layers`. The model: `keras_mixer.models`. Weights files and presets:
-`keras_mixer.loader`. Nothing here imports TensorFlow, so the model runs on any Keras backend.
+`keras_mixer.loader`. A device-resident training step for the JAX backend: `JaxTrainStep`.
+Nothing here imports TensorFlow, so the model runs on any Keras backend.
 """
 
 from keras_mixer.applications import (
@@ -22,6 +23,7 @@ from keras_mixer.applications import (
     create_model,
 )
 from keras_mixer.imagenet import decode_predictions
+from keras_mixer.jax_step import JaxTrainStep
 from keras_mixer.layers import DropPath, MixerBlock, MlpBlock, PatchStem
 from keras_mixer.loader import load_weights
 from keras_mixer.models import VARIANTS, MlpMixer, drop_path_schedule, preprocess_input, token_feature_model
@@ -35,6 +37,7 @@ __version__ = "0.2.0"
 __all__ = [
     "VARIANTS",
     "DropPath",
+    "JaxTrainStep",
     "MixerB16",
     "MixerB32",
     "MixerBlock",

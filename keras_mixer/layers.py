@@ -16,10 +16,10 @@ _REGISTER = keras.saving.register_keras_serializable(package="keras_mixer")
 
 
 def float32_if_mixed(policy):
-    """The dtype for numerically sensitive layers (LayerNorm, pooling, head).
+    """The dtype for the numerically sensitive end of the model (pre-head LayerNorm, pooling, head).
 
     Under a mixed policy (`mixed_bfloat16`, `mixed_float16`) they run in float32, as is usual for
-    normalisation and logits; otherwise they follow `policy`.
+    logits; otherwise they follow `policy`.
     """
     policy = keras.dtype_policies.get(policy) if policy is not None else keras.config.dtype_policy()
     if policy.compute_dtype != policy.variable_dtype:
@@ -211,11 +211,14 @@ class MixerBlock(layers.Layer):
         self.gelu = check_gelu(gelu)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.seed = seed
-        norm_dtype = float32_if_mixed(self.dtype_policy)
         mlp_args = dict(dropout_rate=self.dropout_rate, gelu=self.gelu, kernel_initializer=self.kernel_initializer)
-        self.layer_norm_0 = layers.LayerNormalization(epsilon=1e-6, dtype=norm_dtype, name="LayerNorm_0")
+        # The LayerNorms follow the block's policy: under mixed_bfloat16 they emit bfloat16, which
+        # halves the bytes the transposes and elementwise ops move. Nothing is lost: the Keras op
+        # computes statistics, scale and offset in float32 (LayerNormalization never autocasts its
+        # variables), and the next Dense would round its input to bfloat16 anyway.
+        self.layer_norm_0 = layers.LayerNormalization(epsilon=1e-6, dtype=self.dtype_policy, name="LayerNorm_0")
         self.token_mixing = MlpBlock(self.tokens_mlp_dim, dtype=self.dtype_policy, name="token_mixing", **mlp_args)
-        self.layer_norm_1 = layers.LayerNormalization(epsilon=1e-6, dtype=norm_dtype, name="LayerNorm_1")
+        self.layer_norm_1 = layers.LayerNormalization(epsilon=1e-6, dtype=self.dtype_policy, name="LayerNorm_1")
         self.channel_mixing = MlpBlock(
             self.channels_mlp_dim, dtype=self.dtype_policy, name="channel_mixing", **mlp_args
         )

@@ -69,3 +69,10 @@ def test_the_summary_divides_by_the_best_peer_and_the_fastest_matmul():
     table = compare.markdown(summary)
     assert "| B/16 | inference | keras_mixer tf xla | 16 | 5.00 | 1.25 |" in table
     assert "failed: exit 1: ValueError: x" in table
+
+
+def test_a_measurement_past_its_timeout_is_stopped_and_listed_as_failed():
+    # A worker that hangs (here: any real measurement given 1 s) must not stall the whole run.
+    args = SimpleNamespace(batch=1, train_batch=1, steps=1, warmup=0, image_size=224, dtype="float32",
+                           expand_from=0, timeout=1)  # fmt: skip
+    assert compare.launch(args, "flax jit", "B/16") == dict(error="timed out after 1 s")

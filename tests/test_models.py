@@ -144,14 +144,24 @@ def test_jit_compile_matches_eager_and_trains(images):
     assert np.abs(jitted.get_layer("MixerBlock_1").token_mixing.dense_0.kernel.numpy() - before).max() > 0
 
 
-def test_mixed_bfloat16_keeps_norms_and_head_in_float32(images):
+def test_mixed_bfloat16_keeps_norm_statistics_and_head_in_float32(images):
     reference = randomize(tiny_mixer())
     keras.config.set_dtype_policy("mixed_bfloat16")
     model = tiny_mixer()
     model.set_weights(reference.get_weights())
     block = model.get_layer("MixerBlock_0")
     assert block.token_mixing.dense_0.compute_dtype == "bfloat16"
-    assert block.layer_norm_0.compute_dtype == "float32"
+    # A block's LayerNorm emits bfloat16, but equal bit for bit to a float32 LayerNorm's output
+    # rounded to bfloat16: statistics, scale and offset stay in float32.
+    tokens = keras.ops.cast(np.random.default_rng(2).normal(1.0, 3.0, (3, 16, 24)), "bfloat16")
+    as_float32 = keras.layers.LayerNormalization(epsilon=1e-6, dtype="float32")
+    as_float32.build(tokens.shape)
+    as_float32.set_weights(block.layer_norm_0.get_weights())
+    out = block.layer_norm_0(tokens)
+    assert keras.backend.standardize_dtype(out.dtype) == "bfloat16"
+    expected = keras.ops.cast(as_float32(tokens), "bfloat16")
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(keras.ops.cast(out, "float32")),
+                                  keras.ops.convert_to_numpy(keras.ops.cast(expected, "float32")))
     assert model.get_layer("pre_head_layer_norm").compute_dtype == "float32"
     assert model.get_layer("head").compute_dtype == "float32"
     assert all(w.dtype == "float32" for w in model.weights)

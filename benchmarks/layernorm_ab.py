@@ -1,0 +1,134 @@
+"""A/B of one speed lever: Keras' LayerNormalization against a two-pass float32 LayerNorm.
+
+    python benchmarks/layernorm_ab.py --formula keras|twopass --backend jax|tensorflow --mode gradient
+    python benchmarks/layernorm_ab.py --formula keras|twopass --mode step        # JAX backend, on a GPU
+
+Run each formula in its own process, alternating, and compare the printed images/s.
+
+    gradient  S/16, float32, batch 8: the gradient of softmax cross-entropy with respect to the
+              trainable weights, compiled with XLA (jax.jit / tf.function(jit_compile=True)).
+    step      B/16, mixed_bfloat16: jitted inference at batch 256 and `keras_mixer.JaxTrainStep`
+              (AdamW, clipping at 1) at batch 128.
+
+The two-pass formula computes mean, then the variance of the centred values, in float32, and
+casts the result to the compute dtype. It replaces Keras' layer in every block and before the head,
+keeping its variables, so weights and outputs are those of the same model.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+from compare import ROOT, _timed  # this folder is on sys.path when run as a script
+
+
+def use_two_pass_layernorm():
+    import keras
+    from keras import ops
+
+    import keras_mixer.layers
+    import keras_mixer.models
+
+    class TwoPassLayerNorm(keras.layers.LayerNormalization):
+        def call(self, x):
+            x32 = ops.cast(x, "float32")
+            centred = x32 - ops.mean(x32, axis=-1, keepdims=True)
+            variance = ops.mean(ops.square(centred), axis=-1, keepdims=True)
+            y = centred * (ops.rsqrt(variance + self.epsilon) * self.gamma) + self.beta
+            return ops.cast(y, self.compute_dtype)
+
+    keras_mixer.layers.layers.LayerNormalization = TwoPassLayerNorm
+    keras_mixer.models.layers.LayerNormalization = TwoPassLayerNorm
+
+
+def seconds_per_call(call, sync, warmup, steps):
+    """The median of `steps` timed calls after `warmup` untimed ones (compare.py's timing)."""
+    return float(np.median(_timed(call, sync, warmup, steps)))
+
+
+def gradient(backend, batch=8):
+    from keras_mixer.models import MlpMixer
+
+    net = MlpMixer(16, 512, 8, 256, 2048, input_shape=(224, 224, 3), classifier_activation=None, include_preprocessing=False)
+    rng = np.random.default_rng(0)
+    images = rng.uniform(-1, 1, (batch, 224, 224, 3)).astype("float32")
+    labels = rng.integers(0, 1000, batch)
+    if backend == "jax":
+        import jax
+        import jax.numpy as jnp
+
+        weights = [v.value for v in net.trainable_variables]
+        x, y = jnp.asarray(images), jnp.asarray(labels)
+
+        def loss(weights):
+            logits = net.stateless_call(weights, [], x, training=True)[0]
+            return -jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], 1).mean()
+
+        grad = jax.jit(jax.grad(loss))
+        return batch / seconds_per_call(lambda: grad(weights), jax.block_until_ready, 2, 4)
+    import tensorflow as tf
+
+    x, y = tf.constant(images), tf.constant(labels)
+
+    @tf.function(jit_compile=True)
+    def tf_grad():
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(y, net(x, training=True)))
+        return tape.gradient(loss, net.trainable_variables)
+
+    return batch / seconds_per_call(tf_grad, lambda out: out[0].numpy(), 2, 4)
+
+
+def step():
+    import jax
+    import jax.numpy as jnp
+    import keras
+
+    import keras_mixer
+
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    net = keras_mixer.create_model("B/16", input_shape=(224, 224, 3), classes=1000, classifier_activation=None)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.uniform(0, 255, (256, 224, 224, 3)).astype("float32"))
+    weights = [v.value for v in net.trainable_variables]
+    fixed = [v.value for v in net.non_trainable_variables]
+    forward = jax.jit(lambda weights, x: net.stateless_call(weights, fixed, x, training=False)[0])
+    inference = 256 / seconds_per_call(lambda: forward(weights, x), jax.block_until_ready, 3, 20)
+    del x
+    x = jnp.asarray(rng.uniform(0, 255, (128, 224, 224, 3)).astype("float32"))
+    y = jnp.asarray(rng.integers(0, 1000, 128))
+    train = keras_mixer.JaxTrainStep(net, keras.optimizers.AdamW(1e-3, weight_decay=0.1), clip_norm=1.0)
+    state = [train.initial_state()]
+
+    def one_step():
+        state[0], metrics = train(state[0], x, y)
+        return metrics["loss"]
+
+    return inference, 128 / seconds_per_call(one_step, float, 3, 20)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--formula", choices=["keras", "twopass"], required=True)
+    parser.add_argument("--backend", choices=["jax", "tensorflow"], default="jax")
+    parser.add_argument("--mode", choices=["gradient", "step"], default="gradient")
+    args = parser.parse_args()
+    if args.mode == "step" and args.backend != "jax":
+        parser.error("--mode step measures keras_mixer.JaxTrainStep: it needs --backend jax")
+    os.environ["KERAS_BACKEND"] = args.backend
+    sys.path.insert(0, ROOT)
+    if args.formula == "twopass":
+        use_two_pass_layernorm()
+    if args.mode == "gradient":
+        result = dict(gradient=gradient(args.backend))
+    else:
+        inference, training = step()
+        result = dict(inference=inference, training=training)
+    print(json.dumps(dict(formula=args.formula, backend=args.backend, mode=args.mode, **result)))
+
+
+if __name__ == "__main__":
+    main()

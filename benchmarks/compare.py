@@ -44,6 +44,7 @@ measurement that runs past --timeout seconds is stopped and listed as failed.
 """
 
 import argparse
+import functools
 import json
 import os
 import shlex
@@ -463,8 +464,9 @@ def summarise(args, runs, matmul, skipped):
     )  # fmt: skip
 
 
+@functools.cache
 def gpu_name():
-    """The first NVIDIA GPU's name, or None."""
+    """The first NVIDIA GPU's name, or None (asked once per process)."""
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True)
     except OSError:

@@ -38,7 +38,8 @@ class JaxTrainStep:
     Args:
         model: a Keras model whose outputs are logits [B, classes] (classifier_activation=None).
         optimizer: a Keras optimizer; built here for the model's trainable variables if needed.
-            Leave its own clipnorm/global_clipnorm unset: the step clips.
+            One that clips itself (clipnorm, global_clipnorm, clipvalue) is refused while
+            `clip_norm` is set: the step clips.
         clip_norm: the global gradient norm is scaled down to at most this; None: no clipping.
     """
 
@@ -68,27 +69,20 @@ class JaxTrainStep:
         step donates them: the Keras variables stay readable until `write_back`)."""
         import jax.numpy as jnp
 
-        def values(variables):
-            return [jnp.array(v.value, copy=True) for v in variables]
-
-        return TrainState(
-            values(self.model.trainable_variables),
-            values(self.model.non_trainable_variables),
-            values(self.optimizer.variables),
-        )
+        return TrainState(*([jnp.array(v.value, copy=True) for v in variables] for variables in self._variables()))
 
     def __call__(self, state, images, labels):
         return self._step(state, images, labels)
 
     def write_back(self, state):
         """Assigns `state` to the model's and the optimizer's variables (to save or evaluate)."""
-        for variables, values in (
-            (self.model.trainable_variables, state.trainable),
-            (self.model.non_trainable_variables, state.non_trainable),
-            (self.optimizer.variables, state.optimizer),
-        ):
+        for variables, values in zip(self._variables(), state):
             for variable, value in zip(variables, values):
                 variable.assign(value)
+
+    def _variables(self):
+        """The Keras variable lists, in TrainState's order."""
+        return self.model.trainable_variables, self.model.non_trainable_variables, self.optimizer.variables
 
     def _update(self, state, images, labels):
         import jax

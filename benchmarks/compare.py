@@ -24,6 +24,9 @@ What is measured (training: AdamW, gradient clipping at global norm 1, softmax c
     keras_mixer jax predict      JAX backend, `model.predict_on_batch`
     keras_mixer jax jit          JAX backend, `jax.jit` of `model.stateless_call`
     keras_mixer jax step         JAX backend, `keras_mixer.JaxTrainStep` (state on the device, donated)
+    keras_mixer jax step no recompute   the same with the model's `recompute=False`: the GELUs'
+                                 intermediates kept for the backward pass, not recomputed (the
+                                 default recomputes them on a GPU; left out unless named in --only)
     keras_mixer jax train_on_batch   JAX backend, compiled Keras `train_on_batch`
     timm eager / timm compile    `timm.create_model("mixer_b16_224")`, eager and `torch.compile`
     flax jit                     a Flax module with the official tree (`jax.jit`, optax for training)
@@ -68,13 +71,15 @@ MEASUREMENTS = {
     "keras_mixer tf trainers fwd+bwd": ("tf", "training"),
     "keras_mixer tf loop": ("tf", "training"),
     "keras_mixer jax step": ("jax", "training"),
+    "keras_mixer jax step no recompute": ("jax", "training"),
     "keras_mixer jax train_on_batch": ("jax", "training"),
     "timm eager train": ("torch", "training"),
     "timm compile train": ("torch", "training"),
     "flax optax": ("flax", "training"),
 }
 PEERS = ("timm", "flax")
-OPTIONAL = ("keras_mixer tf trainers fwd+bwd",)  # measured only when --only names it
+# Measured only when --only names them: A/Bs of one lever each against the default.
+OPTIONAL = ("keras_mixer tf trainers fwd+bwd", "keras_mixer jax step no recompute")
 MODULES = dict(tf=["tensorflow", "keras"], jax=["jax", "keras"], torch=["torch", "timm"], flax=["jax", "flax", "optax"])
 ARCHITECTURES = {  # patch, hidden C, blocks, D_S, D_C (the paper's Table 1)
     "S/16": (16, 512, 8, 256, 2048),
@@ -142,7 +147,7 @@ def _peak_memory(framework, baseline):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
 
 
-def _keras_model(model, image_size, dtype, expand_from=0):
+def _keras_model(model, image_size, dtype, expand_from=0, recompute=None):
     """keras_mixer's `model` at `image_size`, or built at `expand_from` and expanded to it."""
     import keras
 
@@ -151,7 +156,9 @@ def _keras_model(model, image_size, dtype, expand_from=0):
     if dtype == "bfloat16":
         keras.config.set_dtype_policy("mixed_bfloat16")
     side = expand_from or image_size
-    net = keras_mixer.create_model(model, input_shape=(side, side, 3), classes=CLASSES, classifier_activation=None)
+    net = keras_mixer.create_model(
+        model, input_shape=(side, side, 3), classes=CLASSES, classifier_activation=None, recompute=recompute
+    )
     return keras_mixer.expand_resolution(net, image_size) if expand_from else net
 
 
@@ -212,7 +219,7 @@ def worker_jax(name, model, batch, options):
     import keras
 
     images, labels = _images(batch, image_size)
-    net = _keras_model(model, image_size, dtype, options.expand_from)
+    net = _keras_model(model, image_size, dtype, options.expand_from, recompute=False if "no recompute" in name else None)
     if name == "keras_mixer jax predict":
         return _timed(lambda: net.predict_on_batch(images), lambda out: out, warmup, steps)
     if name == "keras_mixer jax jit":
@@ -223,7 +230,7 @@ def worker_jax(name, model, batch, options):
         return _timed(lambda: forward(trainable, fixed, x), lambda out: out.block_until_ready(), warmup, steps)
     # Inputs already on the device, as every peer's: the steps differ only in what they do.
     images, labels = jax.numpy.asarray(images), jax.numpy.asarray(labels)
-    if name == "keras_mixer jax step":
+    if name.startswith("keras_mixer jax step"):
         import keras_mixer
 
         train = keras_mixer.JaxTrainStep(net, keras.optimizers.AdamW(1e-3, weight_decay=0.1), clip_norm=1.0)

@@ -44,7 +44,7 @@ def _constructor(variant, func_name):
         f"keras.applications arguments; `weights` is None, a preset or a weights file, `classes` defaults to the "
         f"weights' class count (else 1000), and an `input_shape` that is a multiple of the weights' size expands "
         f"the resolution. Other `MlpMixer` arguments (`include_preprocessing`, `dropout_rate`, `drop_path_rate`, "
-        f"`gelu`, `seed`) as keywords. Returns a `keras_mixer.MlpMixer`."
+        f"`gelu`, `recompute`, `seed`) as keywords. Returns a `keras_mixer.MlpMixer`."
     )
     return constructor
 

@@ -15,7 +15,7 @@ from keras import layers, ops
 
 from keras_mixer.layers import MixerBlock, PatchStem, float32_if_mixed
 from keras_mixer.preprocessing import PIXEL_OFFSET, PIXEL_SCALE, scale_pixels
-from keras_mixer.validation import check_gelu, check_image_size, check_positive_int, check_rate, to_pair
+from keras_mixer.validation import check_gelu, check_image_size, check_positive_int, check_rate, check_recompute, to_pair
 
 # Table 1 of the paper (S/8 from the released gsam weights). D_S = C/2 and D_C = 4C throughout.
 VARIANTS = {
@@ -123,6 +123,9 @@ class MlpMixer(keras.Model):
         dropout_rate: dropout inside every MLP.
         drop_path_rate: stochastic depth of the last block; block i gets i / (N - 1) of it.
         gelu: "tanh" (the approximation the official weights use) or "exact" (timm's).
+        recompute: recompute the GELUs in the backward pass instead of keeping their intermediates
+            (less memory; same outputs and gradients). None: on with Keras' JAX backend on a GPU,
+            off otherwise. True or False forces it.
         seed: seed for dropout and stochastic-depth masks.
         input_tensor: optional Keras tensor (or tensor) to use as the image input (not part of
             the config: a model rebuilt from its config gets a fresh input).
@@ -149,6 +152,7 @@ class MlpMixer(keras.Model):
         dropout_rate=0.0,
         drop_path_rate=0.0,
         gelu="tanh",
+        recompute=None,
         seed=None,
         input_tensor=None,
         name="mlp_mixer",
@@ -162,6 +166,7 @@ class MlpMixer(keras.Model):
         dropout_rate = check_rate("dropout_rate", dropout_rate)
         drop_path_rate = check_rate("drop_path_rate", drop_path_rate)
         check_gelu(gelu)
+        check_recompute(recompute)
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         if include_top and pooling is not None:
@@ -188,6 +193,7 @@ class MlpMixer(keras.Model):
                 dropout_rate=dropout_rate,
                 drop_path_rate=rate,
                 gelu=gelu,
+                recompute=recompute,
                 seed=None if seed is None else seed + i,
                 name=f"MixerBlock_{i}",
             )(x)
@@ -220,6 +226,7 @@ class MlpMixer(keras.Model):
         self.dropout_rate = dropout_rate
         self.drop_path_rate = drop_path_rate
         self.gelu = gelu
+        self.recompute = recompute
         self.seed = seed
 
     @property
@@ -248,6 +255,7 @@ class MlpMixer(keras.Model):
             dropout_rate=self.dropout_rate,
             drop_path_rate=self.drop_path_rate,
             gelu=self.gelu,
+            recompute=self.recompute,
             seed=self.seed,
             name=self.name,
             trainable=self.trainable,

@@ -34,6 +34,13 @@ def check_gelu(value):
     return value
 
 
+def check_recompute(value):
+    """True, False or None (decided per run; see `keras_mixer.layers.recomputing`)."""
+    if value is not None and not isinstance(value, bool):
+        raise ValueError(f"recompute must be True, False or None (decided by backend and device), got {value!r}")
+    return value
+
+
 def to_pair(name, value):
     """An int or a pair of ints -> a (height, width) tuple of positive ints."""
     if isinstance(value, (tuple, list)):

@@ -20,8 +20,8 @@ import keras_mixer
 
 TINY = dict(patch_size=4, hidden_dim=24, num_blocks=2, tokens_mlp_dim=12, channels_mlp_dim=48)
 
-def model():
-    net = keras_mixer.MlpMixer(**TINY, input_shape=(16, 16, 3), classes=7, classifier_activation=None)
+def model(**kwargs):
+    net = keras_mixer.MlpMixer(**TINY, input_shape=(16, 16, 3), classes=7, classifier_activation=None, **kwargs)
     rng = np.random.default_rng(0)
     net.set_weights([rng.normal(0, 0.2, w.shape).astype(w.dtype) for w in net.get_weights()])
     return net
@@ -71,6 +71,24 @@ log_p = logits - logits.max(1, keepdims=True)
 log_p -= np.log(np.exp(log_p).sum(1, keepdims=True))
 seen.update(hard=float(hard["loss"]), soft=float(soft["loss"]), donated=leaf.is_deleted(),
             expected=float(-log_p[np.arange(8), labels[0]].mean()))
+
+# 3. recompute: the same steps, and less kept for the backward pass (the bytes of the arrays the
+#    VJP closes over). On this CPU the default (None) is off.
+seen["default_on_cpu"] = keras_mixer.layers.recomputing(None)
+trained, kept = {}, {}
+for recompute in (False, True):
+    net = model(recompute=recompute)
+    step = keras_mixer.JaxTrainStep(net, adamw())
+    state = step.initial_state()
+    for x, y in zip(images, labels):
+        state, _ = step(state, jnp.asarray(x), jnp.asarray(y))
+    step.write_back(state)
+    trained[recompute] = net
+    weights = [v.value for v in net.trainable_variables]
+    _, backward = jax.vjp(lambda w: net.stateless_call(w, [], jnp.asarray(images[0]), training=True)[0], weights)
+    kept[recompute] = sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(backward))
+seen.update(recompute_difference=largest_difference(trained[False], trained[True]),
+            kept_bytes=kept[False], kept_bytes_recomputing=kept[True])
 print(json.dumps(seen))
 """
 
@@ -98,6 +116,15 @@ def test_class_ids_and_one_hot_labels_give_the_cross_entropy_and_the_state_is_do
     assert seen["hard"] == pytest.approx(seen["expected"], rel=1e-5)
     assert seen["soft"] == pytest.approx(seen["expected"], rel=1e-5)
     assert seen["donated"]
+
+
+def test_recomputing_the_gelu_changes_no_weight_and_keeps_less_for_the_backward_pass(seen):
+    assert seen["default_on_cpu"] is False
+    assert seen["recompute_difference"] < 1e-6  # three AdamW steps, every weight
+    # Each of the 4 MLPs (2 blocks x token, channel) keeps the GELU's input and output either way;
+    # recomputing must drop at least two more of its hidden-width float32 tensors (batch 8).
+    hidden_elements = 8 * (24 * 12 + 16 * 48)  # token MLP [B, C, D_S] + channel MLP [B, S, D_C], per block
+    assert seen["kept_bytes"] - seen["kept_bytes_recomputing"] >= 2 * 2 * hidden_elements * 4
 
 
 @pytest.mark.parametrize(

@@ -138,9 +138,35 @@ def test_stochastic_depth_is_identity_at_inference(images):
         lambda: MlpBlock(8, dropout_rate=0.1, gelu="exact"),
         lambda: DropPath(0.2, seed=5),
         lambda: MixerBlock(4, 16, dropout_rate=0.1, drop_path_rate=0.2, gelu="exact", seed=1),
+        lambda: MixerBlock(4, 16, recompute=True),
     ],
 )
 def test_layers_round_trip_through_config(make):
     layer = make()
     clone = layer.__class__.from_config(layer.get_config())
     assert clone.get_config() == layer.get_config()
+
+
+def test_recompute_gives_the_same_gradients_on_tensorflow_and_is_off_by_default_there(images):
+    """recompute=True (tf.recompute_grad around each GELU) changes nothing but what the backward pass
+    keeps; the JAX side, and the memory it saves, is tested in test_jax_step.py."""
+    import tensorflow as tf
+
+    from keras_mixer.layers import recomputing
+
+    assert recomputing(None) is False  # the TF backend
+    gradients = {}
+    for recompute in (False, True):
+        model = randomize(tiny_mixer(recompute=recompute))
+        assert all(block.token_mixing.recompute is recompute for block in model.layers if isinstance(block, MixerBlock))
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(tf.square(model(images, training=True)))
+        gradients[recompute] = [g.numpy() for g in tape.gradient(loss, model.trainable_variables)]
+    for plain, recomputed in zip(gradients[False], gradients[True]):
+        np.testing.assert_allclose(recomputed, plain, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("value", ["yes", 1, 0.0])
+def test_recompute_must_be_a_bool_or_none(value):
+    with pytest.raises(ValueError, match=rf"recompute must be True, False or None .*got {value!r}"):
+        tiny_mixer(recompute=value)

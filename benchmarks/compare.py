@@ -30,6 +30,11 @@ What is measured (training: AdamW, gradient clipping at global norm 1, softmax c
     keras_mixer jax train_on_batch   JAX backend, compiled Keras `train_on_batch`
     timm eager / timm compile    `timm.create_model("mixer_b16_224")`, eager and `torch.compile`
     flax jit                     a Flax module with the official tree (`jax.jit`, optax for training)
+    torch matmuls only / jax matmuls only (+ " train")   a ceiling, not a model: only the model's
+                                 matrix products (`matmuls`), on random operands drawn once, in
+                                 torch (eager) or XLA (`jax.jit`). No model can run faster than the
+                                 matrix products it needs, so a target above this row is out of
+                                 reach with that framework's matrix products (left out unless named)
 
 Alongside: the machine's matmul rate (n^3 matmuls in torch, TF+XLA and JAX, the best of them,
 per round; n = 2048 on a CPU, 8192 on a GPU, which small matmuls cannot fill) and FLOPs per image
@@ -76,10 +81,15 @@ MEASUREMENTS = {
     "timm eager train": ("torch", "training"),
     "timm compile train": ("torch", "training"),
     "flax optax": ("flax", "training"),
+    "torch matmuls only": ("torch", "inference"),
+    "jax matmuls only": ("jax", "inference"),
+    "torch matmuls only train": ("torch", "training"),
+    "jax matmuls only train": ("jax", "training"),
 }
 PEERS = ("timm", "flax")
 # Measured only when --only names them: A/Bs of one lever each against the default.
 OPTIONAL = ("keras_mixer tf trainers fwd+bwd", "keras_mixer jax step no recompute")
+OPTIONAL += tuple(name for name in MEASUREMENTS if "matmuls only" in name)  # ceilings
 MODULES = dict(tf=["tensorflow", "keras"], jax=["jax", "keras"], torch=["torch", "timm"], flax=["jax", "flax", "optax"])
 ARCHITECTURES = {  # patch, hidden C, blocks, D_S, D_C (the paper's Table 1)
     "S/16": (16, 512, 8, 256, 2048),
@@ -104,6 +114,23 @@ def forward_flops(model, image_size, classes=CLASSES, expanded_from=0):
     stem = tokens * patch * patch * 3 * width
     block = 2 * width * tokens * tokens_hidden + 2 * tokens * width * channels_hidden
     return 2 * (stem + blocks * block + width * classes)
+
+
+def matmuls(model, image_size, batch, training, classes=CLASSES):
+    """The matrix products of one step as (m, k, n) shapes: [m, k] @ [k, n]. Forward: the stem (one
+    row per patch), each block's token MLP (one row per channel), its channel MLP (one row per
+    token) and the head. Training adds each product's two gradients, [m, n] @ [n, k] for the input
+    and [k, m] @ [m, n] for the kernel."""
+    patch, width, blocks, tokens_hidden, channels_hidden = ARCHITECTURES[model]
+    tokens = (image_size // patch) ** 2
+    block = [
+        (batch * width, tokens, tokens_hidden), (batch * width, tokens_hidden, tokens),
+        (batch * tokens, width, channels_hidden), (batch * tokens, channels_hidden, width),
+    ]  # fmt: skip
+    forward = [(batch * tokens, patch * patch * 3, width)] + block * blocks + [(batch, width, classes)]
+    if not training:
+        return forward
+    return forward + [(m, n, k) for m, k, n in forward] + [(k, m, n) for m, k, n in forward]
 
 
 # --- workers: one measurement per process -----------------------------------------------------------
@@ -326,6 +353,30 @@ def worker_flax(name, model, batch, options):
     return _timed(step, lambda loss: float(loss), warmup, steps)
 
 
+def worker_matmuls(framework, name, model, batch, options):
+    """Seconds per step of only the model's matrix products (`matmuls`), in torch or XLA (JAX)."""
+    import numpy as np
+
+    shapes = matmuls(model, options.image_size, batch, training=name.endswith("train"))
+    rng = np.random.default_rng(0)
+    kind = options.dtype
+    operands = [(rng.standard_normal((m, k), np.float32), rng.standard_normal((k, n), np.float32)) for m, k, n in shapes]
+    if framework == "torch":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        cast = dict(device=device, dtype=torch.bfloat16 if kind == "bfloat16" else torch.float32)
+        operands = [(torch.from_numpy(a).to(**cast), torch.from_numpy(b).to(**cast)) for a, b in operands]
+        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+        return _timed(lambda: [a @ b for a, b in operands], lambda out: sync(), options.warmup, options.steps)
+    import jax
+    import jax.numpy as jnp
+
+    operands = [(jnp.asarray(a, kind), jnp.asarray(b, kind)) for a, b in operands]
+    products = jax.jit(lambda pairs: [a @ b for a, b in pairs])
+    return _timed(lambda: products(operands), jax.block_until_ready, options.warmup, options.steps)
+
+
 def worker_matmul(framework, dtype, repeats=10):
     """FLOP/s of an n^3 matmul, n = matmul_size() (the best of `repeats` timed calls after one
     warm-up)."""
@@ -367,7 +418,8 @@ def run_worker(args):
     for module in MODULES[framework]:
         __import__(module)
     baseline = _resident()
-    seconds = WORKERS[framework](args.worker, args.model, batch, args)
+    worker = functools.partial(worker_matmuls, framework) if "matmuls only" in args.worker else WORKERS[framework]
+    seconds = worker(args.worker, args.model, batch, args)
     print(json.dumps(dict(seconds=seconds, peak_memory=_peak_memory(framework, baseline), batch=batch)))
 
 
@@ -534,7 +586,8 @@ def chart(summary, path):
     for ax, (model, task) in zip(figure.subplots(1, len(panels), squeeze=False)[0], panels):
         rows = [r for r in summary["rows"] if (r["model"], r["task"]) == (model, task) and "images_per_second" in r]
         colours = ["tab:blue" if r["name"].startswith("keras_mixer") else "tab:gray" for r in rows]
-        ax.barh([r["name"] for r in rows], [r["images_per_second"] for r in rows], color=colours)
+        colours = ["white" if "matmuls only" in r["name"] else c for r, c in zip(rows, colours)]  # ceilings
+        ax.barh([r["name"] for r in rows], [r["images_per_second"] for r in rows], color=colours, edgecolor="black")
         ax.invert_yaxis()
         ax.set_title(f"{model} {task}")
         ax.set_xlabel("images/s")

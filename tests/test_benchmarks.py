@@ -35,6 +35,14 @@ def test_forward_flops_count_every_multiply_add_of_the_built_model(variant, imag
     assert compare.forward_flops(variant, image_size) == 2 * macs
 
 
+@pytest.mark.parametrize("variant, image_size, batch", [("S/16", 224, 3), ("B/16", 448, 2)])
+def test_the_matmul_ceiling_times_exactly_the_models_products(variant, image_size, batch):
+    # The "matmuls only" rows are a ceiling only if they do the model's multiply-adds, no fewer.
+    for training, passes in ((False, 1), (True, 3)):
+        shapes = compare.matmuls(variant, image_size, batch, training)
+        assert 2 * sum(m * k * n for m, k, n in shapes) == passes * batch * compare.forward_flops(variant, image_size)
+
+
 def test_the_expanded_model_costs_its_wider_token_mlp():
     # B/16 moved from 224 to 448: 4 copies, D_S 384 -> 1536, computed densely.
     plain, expanded = compare.forward_flops("B/16", 448), compare.forward_flops("B/16", 448, expanded_from=224)

@@ -28,9 +28,8 @@ def recomputing(recompute):
     Recomputing keeps only the GELU's input for the gradient instead of its intermediates as well
     (on the JAX backend the tanh form keeps four more tensors of the MLP's hidden width), for a few
     elementwise ops more in the backward pass. On an H100 that cut B/16's training memory by 23 %
-    at the same speed; on a CPU the extra arithmetic costs a little speed. `None` decides per run:
-    on with Keras' JAX backend on a GPU, off otherwise (CPUs, TPUs and the TF backend: not
-    measured to help there).
+    at the same speed. `None` decides per run: on with Keras' JAX backend on a GPU, off otherwise
+    (CPUs, TPUs and the TF backend), where it was not measured to help.
     Outputs and gradients are the same either way; only what the backward pass keeps differs.
     """
     if recompute is not None:

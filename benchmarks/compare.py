@@ -273,18 +273,24 @@ def worker_jax(name, model, batch, options):
     return _timed(lambda: net.train_on_batch(images, labels), lambda loss: float(loss), warmup, steps)
 
 
+def _torch_device():
+    """("cuda", a wait for the GPU) where torch sees one, else ("cpu", a no-op)."""
+    import torch
+
+    return ("cuda", torch.cuda.synchronize) if torch.cuda.is_available() else ("cpu", lambda: None)
+
+
 def worker_torch(name, model, batch, options):
     image_size, dtype, warmup, steps = options.image_size, options.dtype, options.warmup, options.steps
     import timm
     import torch
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device, sync = _torch_device()
     net = timm.create_model(TIMM_NAMES[model], pretrained=False, num_classes=CLASSES, img_size=image_size).to(device)
     images, labels = _images(batch, image_size)
     x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device)
     y = torch.from_numpy(labels).to(device)
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     compiled = "compile" in name
     if "train" not in name:
         net.eval()
@@ -364,10 +370,9 @@ def worker_matmuls(framework, name, model, batch, options):
     if framework == "torch":
         import torch
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device, sync = _torch_device()
         cast = dict(device=device, dtype=torch.bfloat16 if kind == "bfloat16" else torch.float32)
         operands = [(torch.from_numpy(a).to(**cast), torch.from_numpy(b).to(**cast)) for a, b in operands]
-        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
         return _timed(lambda: [a @ b for a, b in operands], lambda out: sync(), options.warmup, options.steps)
     import jax
     import jax.numpy as jnp
@@ -384,10 +389,9 @@ def worker_matmul(framework, dtype, repeats=10):
     if framework == "torch":
         import torch
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device, sync = _torch_device()
         kind = torch.bfloat16 if dtype == "bfloat16" else torch.float32
         a = torch.randn(n, n, device=device, dtype=kind)
-        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
         call, wait = (lambda: a @ a), (lambda out: (sync(), out))
     elif framework == "tf":
         import tensorflow as tf
@@ -576,6 +580,13 @@ def markdown(summary):
     return "\n".join(lines) + "\n"
 
 
+def _colour(name):
+    """keras_mixer blue, peers grey, the matmul-only ceilings white."""
+    if name.startswith("keras_mixer"):
+        return "tab:blue"
+    return "white" if "matmuls only" in name else "tab:gray"
+
+
 def chart(summary, path):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -585,8 +596,7 @@ def chart(summary, path):
     FigureCanvasAgg(figure)
     for ax, (model, task) in zip(figure.subplots(1, len(panels), squeeze=False)[0], panels):
         rows = [r for r in summary["rows"] if (r["model"], r["task"]) == (model, task) and "images_per_second" in r]
-        colours = ["tab:blue" if r["name"].startswith("keras_mixer") else "tab:gray" for r in rows]
-        colours = ["white" if "matmuls only" in r["name"] else c for r, c in zip(rows, colours)]  # ceilings
+        colours = [_colour(r["name"]) for r in rows]
         ax.barh([r["name"] for r in rows], [r["images_per_second"] for r in rows], color=colours, edgecolor="black")
         ax.invert_yaxis()
         ax.set_title(f"{model} {task}")

@@ -251,7 +251,10 @@ class MixerBlock(layers.Layer):
         self.seed = seed
         self.recompute = check_recompute(recompute)
         mlp_args = dict(
-            dropout_rate=self.dropout_rate, gelu=self.gelu, kernel_initializer=self.kernel_initializer, recompute=recompute
+            dropout_rate=self.dropout_rate,
+            gelu=self.gelu,
+            kernel_initializer=self.kernel_initializer,
+            recompute=self.recompute,
         )
         # The LayerNorms follow the block's policy: under mixed_bfloat16 they emit bfloat16, which
         # halves the bytes the transposes and elementwise ops move. Nothing is lost: the Keras op

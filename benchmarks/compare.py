@@ -13,9 +13,15 @@ images/s = batch / (median step time), the median over rounds.
 
 What is measured (training: AdamW, gradient clipping at global norm 1, softmax cross-entropy):
 
-    keras_mixer tf predict       TF backend, `model.predict_on_batch`
+    keras_mixer tf predict       TF backend, `model.predict_on_batch` (weights as variables)
     keras_mixer tf xla           TF backend, `tf.function(jit_compile=True)` of the model
-    keras_mixer tf trainers      the trainers' step (`keras_mixer.training.step.make_train_steps`)
+    keras_mixer tf frozen        `keras_mixer.freeze(model, dtype)`: the weights frozen into one TF
+                                 graph, the Python inference path (never expanded)
+    keras_mixer tf export        the TF Serving export (`export_saved_model(precision=dtype)`),
+                                 loaded back, its `serving_images` signature fed uint8 images
+    keras_mixer tf trainers      the trainers' step (`keras_mixer.training.step.make_train_steps`),
+                                 XLA or not as `--xla auto` decides for this device and dtype
+    keras_mixer tf trainers xla  the same with XLA forced on (left out unless named in --only)
     keras_mixer tf trainers fwd+bwd   the same with XLA on the forward and backward pass only (as
                                  under several replicas; left out unless named in --only)
     keras_mixer tf loop          the whole training loop (`keras_mixer.training.train`) on the digits
@@ -28,21 +34,32 @@ What is measured (training: AdamW, gradient clipping at global norm 1, softmax c
                                  intermediates kept for the backward pass, not recomputed (the
                                  default recomputes them on a GPU; left out unless named in --only)
     keras_mixer jax train_on_batch   JAX backend, compiled Keras `train_on_batch`
-    timm eager / timm compile    `timm.create_model("mixer_b16_224")`, eager and `torch.compile`
+    timm eager / timm compile    `timm.create_model("mixer_b16_224")`, eager and `torch.compile`;
+                                 with --dtype bfloat16 under bf16 autocast (float32 weights)
+    timm eager / compile bf16 weights   the same with the weights and images cast to bf16
+                                 (--dtype bfloat16 only). The best timm row is "timm best".
     flax jit                     a Flax module with the official tree (`jax.jit`, optax for training)
-    torch matmuls only / jax matmuls only (+ " train")   a ceiling, not a model: only the model's
-                                 matrix products (`matmuls`), on random operands drawn once, in
-                                 torch (eager) or XLA (`jax.jit`). No model can run faster than the
-                                 matrix products it needs, so a target above this row is out of
-                                 reach with that framework's matrix products (left out unless named)
+    torch / jax / tf matmuls only (+ " train")   a ceiling, not a model: only the model's matrix
+                                 products (`matmuls`), on random operands drawn once, in torch
+                                 (eager), XLA (`jax.jit`) or TF without XLA (oneDNN; weights as
+                                 variables). `tf matmuls only frozen`: the weights as constants of
+                                 the graph, as `tf frozen` and `tf export` have them. No model can
+                                 run faster than the matrix products it needs, so a target above
+                                 this row is out of reach with that framework's matrix products
+                                 (left out unless named)
 
-Alongside: the machine's matmul rate (n^3 matmuls in torch, TF+XLA and JAX, the best of them,
-per round; n = 2048 on a CPU, 8192 on a GPU, which small matmuls cannot fill) and FLOPs per image
-from the architecture (2 per multiply-add of the stem, the token and channel MLPs and the head; a
-training step counts 3 forward passes), so every figure also reads as
-a share of what the machine can do; a share above 1 is a broken measurement. Peak memory is the
-accelerator's peak where there is one, else the process's peak resident size above its size with
-the framework imported.
+keras_mixer's models get random weights (no bias is zero, as in a trained model: TF's graph
+optimizer folds a zero bias away, and with it the fusion of bias and GELU into the product).
+
+Alongside: the machine's matmul rate per engine (n^3 matmuls in torch, TF without XLA, TF with XLA
+and JAX, per round; n = 2048 on a CPU, 8192 on a GPU, which small matmuls cannot fill) and FLOPs
+per image from the architecture (2 per multiply-add of the stem, the token and channel MLPs and
+the head; a training step counts 3 forward passes), so every figure also reads as a share of what
+its own engine's matrix products can do (a TF row without XLA against TF without XLA, and so on);
+a share above 1 is a broken measurement. The table's header names the CPU and its matrix units
+(AMX, AVX512-BF16, AVX512-VNNI), which decide bf16 speed. Peak memory is the accelerator's peak
+where there is one, else the process's peak resident size above its size with the framework
+imported.
 
 Where TensorFlow is not installed (a GPU machine with only JAX and torch) its measurements are
 listed as skipped, and the JAX backend stands for keras_mixer. Peers come from the test extra:
@@ -52,10 +69,13 @@ measurement that runs past --timeout seconds is stopped and listed as failed.
 """
 
 import argparse
+import atexit
 import functools
+import importlib.util
 import json
 import os
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -67,12 +87,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MEASUREMENTS = {
     "keras_mixer tf predict": ("tf", "inference"),
     "keras_mixer tf xla": ("tf", "inference"),
+    "keras_mixer tf frozen": ("tf", "inference"),
+    "keras_mixer tf export": ("tf", "inference"),
     "keras_mixer jax predict": ("jax", "inference"),
     "keras_mixer jax jit": ("jax", "inference"),
     "timm eager": ("torch", "inference"),
     "timm compile": ("torch", "inference"),
+    "timm eager bf16 weights": ("torch", "inference"),
+    "timm compile bf16 weights": ("torch", "inference"),
     "flax jit": ("flax", "inference"),
     "keras_mixer tf trainers": ("tf", "training"),
+    "keras_mixer tf trainers xla": ("tf", "training"),
     "keras_mixer tf trainers fwd+bwd": ("tf", "training"),
     "keras_mixer tf loop": ("tf", "training"),
     "keras_mixer jax step": ("jax", "training"),
@@ -83,13 +108,20 @@ MEASUREMENTS = {
     "flax optax": ("flax", "training"),
     "torch matmuls only": ("torch", "inference"),
     "jax matmuls only": ("jax", "inference"),
+    "tf matmuls only": ("tf", "inference"),
+    "tf matmuls only frozen": ("tf", "inference"),
     "torch matmuls only train": ("torch", "training"),
     "jax matmuls only train": ("jax", "training"),
+    "tf matmuls only train": ("tf", "training"),
 }
 PEERS = ("timm", "flax")
 # Measured only when --only names them: A/Bs of one lever each against the default.
-OPTIONAL = ("keras_mixer tf trainers fwd+bwd", "keras_mixer jax step no recompute")
+OPTIONAL = ("keras_mixer tf trainers xla", "keras_mixer tf trainers fwd+bwd", "keras_mixer jax step no recompute")
 OPTIONAL += tuple(name for name in MEASUREMENTS if "matmuls only" in name)  # ceilings
+BF16_ONLY = ("timm eager bf16 weights", "timm compile bf16 weights")  # the same as autocast in float32
+# The engines whose n^3 matmul rate is measured; a row's share of the matmul rate is its engine's.
+ENGINES = ("torch", "tf", "tf_xla", "jax")
+ENGINE_NAMES = dict(torch="torch", tf="TF", tf_xla="TF+XLA", jax="XLA (JAX)")
 MODULES = dict(tf=["tensorflow", "keras"], jax=["jax", "keras"], torch=["torch", "timm"], flax=["jax", "flax", "optax"])
 ARCHITECTURES = {  # patch, hidden C, blocks, D_S, D_C (the paper's Table 1)
     "S/16": (16, 512, 8, 256, 2048),
@@ -175,8 +207,10 @@ def _peak_memory(framework, baseline):
 
 
 def _keras_model(model, image_size, dtype, expand_from=0, recompute=None):
-    """keras_mixer's `model` at `image_size`, or built at `expand_from` and expanded to it."""
+    """keras_mixer's `model` at `image_size`, or built at `expand_from` and expanded to it, with
+    random weights (see the module docstring); under mixed_bfloat16 for dtype "bfloat16"."""
     import keras
+    import numpy as np
 
     import keras_mixer
 
@@ -186,6 +220,8 @@ def _keras_model(model, image_size, dtype, expand_from=0, recompute=None):
     net = keras_mixer.create_model(
         model, input_shape=(side, side, 3), classes=CLASSES, classifier_activation=None, recompute=recompute
     )
+    rng = np.random.default_rng(0)
+    net.set_weights([w + rng.normal(0, 0.02, w.shape).astype(w.dtype) for w in net.get_weights()])
     return keras_mixer.expand_resolution(net, image_size) if expand_from else net
 
 
@@ -199,45 +235,73 @@ def _images(batch, image_size, seed=0):
 
 
 def worker_tf(name, model, batch, options):
+    """(seconds per step, extra fields): `xla` for the training rows, whether XLA compiled the step."""
     image_size, dtype, warmup, steps = options.image_size, options.dtype, options.warmup, options.steps
     import tensorflow as tf
 
+    from keras_mixer.training import TrainConfig
+
     images, labels = _images(batch, image_size)
+    precision = "bfloat16" if dtype == "bfloat16" else None
     if name == "keras_mixer tf loop":
         import tempfile
 
-        from keras_mixer.training import TrainConfig, train
+        from keras_mixer.training import train
 
         with tempfile.TemporaryDirectory() as workdir:
             metrics = train(TrainConfig(
-                model=model, image_size=image_size, batch_size=batch, steps=warmup + steps, log_every=1, xla="on",
-                export=False, checkpoint_every=10**6, warmup_steps=1, workdir=workdir, seed=0,
-                mixed_precision="bfloat16" if dtype == "bfloat16" else None,
+                model=model, image_size=image_size, batch_size=batch, steps=warmup + steps, log_every=1,
+                export=False, checkpoint_every=10**6, warmup_steps=1, workdir=workdir, seed=0, mixed_precision=precision,
             ))  # fmt: skip
-        return [batch / metrics["images_per_second"]]
+        return [batch / metrics["images_per_second"]], dict(xla=metrics["xla"])
     if name.startswith("keras_mixer tf trainers"):
-        from keras_mixer.training import TrainConfig
-        from keras_mixer.training.step import make_optimizer, make_train_steps
+        from keras_mixer.training.step import decide_xla, make_optimizer, make_train_steps
 
-        config = TrainConfig(model=model, image_size=image_size, batch_size=batch, steps=10**6, warmup_steps=1, xla="on")
-        config = config.validate()
+        xla = "on" if name.endswith(("xla", "fwd+bwd")) else "auto"
+        config = TrainConfig(model=model, image_size=image_size, batch_size=batch, steps=10**6, warmup_steps=1, xla=xla,
+                             mixed_precision=precision).validate()  # fmt: skip
+        use_xla = decide_xla(config, "default")[0]
         net = _keras_model(model, image_size, dtype, options.expand_from)
         optimizer = make_optimizer(config, 10**6)
         optimizer.build(net.trainable_variables)
         step_var = tf.Variable(0, dtype=tf.int64, trainable=False)
         whole_step = not name.endswith("fwd+bwd")
-        train_steps = make_train_steps(tf.distribute.get_strategy(), net, optimizer, config, step_var, True, whole_step)
+        train_steps = make_train_steps(tf.distribute.get_strategy(), net, optimizer, config, step_var, use_xla, whole_step)
         one_hot = tf.one_hot(labels, CLASSES)
         iterator = iter(tf.data.Dataset.from_tensors((images, one_hot)).repeat())
         count = tf.constant(config.steps_per_loop)
         seconds = _timed(lambda: train_steps(iterator, count)[0], lambda loss: float(loss), warmup, steps)
-        return [s / config.steps_per_loop for s in seconds]
+        return [s / config.steps_per_loop for s in seconds], dict(xla=use_xla)
+    if name in ("keras_mixer tf frozen", "keras_mixer tf export"):
+        net = _keras_model(model, image_size, "float32")  # frozen in `dtype` below
+        served = _served(name, net, dtype, options)
+        return _timed(served, lambda out: out.numpy(), warmup, steps), {}
     net = _keras_model(model, image_size, dtype, options.expand_from)
     if name == "keras_mixer tf predict":
-        return _timed(lambda: net.predict_on_batch(images), lambda out: out, warmup, steps)
+        return _timed(lambda: net.predict_on_batch(images), lambda out: out, warmup, steps), {}
     forward = tf.function(lambda x: net(x, training=False), jit_compile=True)
     tensor = tf.constant(images)
-    return _timed(lambda: forward(tensor), lambda out: out.numpy(), warmup, steps)
+    return _timed(lambda: forward(tensor), lambda out: out.numpy(), warmup, steps), {}
+
+
+def _served(name, net, dtype, options):
+    """A call that runs `net`'s frozen graph on one batch: `freeze` (float input), or the TF
+    Serving export loaded back (uint8 input to its `serving_images` signature)."""
+    import tempfile
+
+    import tensorflow as tf
+
+    from keras_mixer.export import export_saved_model, freeze
+
+    images, _ = _images(options.batch, options.image_size)
+    if name == "keras_mixer tf frozen":
+        frozen, tensor = freeze(net, dtype), tf.constant(images)
+        return lambda: frozen(tensor)
+    folder = tempfile.mkdtemp(prefix="compare-export-")
+    atexit.register(shutil.rmtree, folder, True)
+    loaded = tf.saved_model.load(export_saved_model(net, folder, precision=dtype))
+    pixels = tf.constant(images.astype("uint8"))
+    return lambda: loaded.signatures["serving_images"](images=pixels)["logits"]
 
 
 def worker_jax(name, model, batch, options):
@@ -290,7 +354,9 @@ def worker_torch(name, model, batch, options):
     images, labels = _images(batch, image_size)
     x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device)
     y = torch.from_numpy(labels).to(device)
-    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+    if name.endswith("bf16 weights"):  # bf16 throughout, no autocast
+        net, x = net.to(torch.bfloat16), x.to(torch.bfloat16)
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bfloat16" and "weights" not in name)
     compiled = "compile" in name
     if "train" not in name:
         net.eval()
@@ -360,13 +426,24 @@ def worker_flax(name, model, batch, options):
 
 
 def worker_matmuls(framework, name, model, batch, options):
-    """Seconds per step of only the model's matrix products (`matmuls`), in torch or XLA (JAX)."""
+    """Seconds per step of only the model's matrix products (`matmuls`), in torch, XLA (JAX) or TF
+    without XLA (the second operand a variable, or with "frozen" a constant of the graph)."""
     import numpy as np
 
     shapes = matmuls(model, options.image_size, batch, training=name.endswith("train"))
     rng = np.random.default_rng(0)
     kind = options.dtype
     operands = [(rng.standard_normal((m, k), np.float32), rng.standard_normal((k, n), np.float32)) for m, k, n in shapes]
+    if framework == "tf":
+        import tensorflow as tf
+
+        cast = tf.bfloat16 if kind == "bfloat16" else tf.float32
+        inputs = [tf.constant(a, cast) for a, _ in operands]
+        weights = [tf.constant(b, cast) if name.endswith("frozen") else tf.Variable(tf.constant(b, cast)) for _, b in operands]
+        # Inputs are arguments, so no product can be folded at trace time. A call on the CPU
+        # returns when its outputs are computed.
+        products = tf.function(lambda inputs: [tf.matmul(a, b) for a, b in zip(inputs, weights)])
+        return _timed(lambda: products(inputs), lambda out: out, options.warmup, options.steps)
     if framework == "torch":
         import torch
 
@@ -393,12 +470,12 @@ def worker_matmul(framework, dtype, repeats=10):
         kind = torch.bfloat16 if dtype == "bfloat16" else torch.float32
         a = torch.randn(n, n, device=device, dtype=kind)
         call, wait = (lambda: a @ a), (lambda out: (sync(), out))
-    elif framework == "tf":
+    elif framework in ("tf", "tf_xla"):
         import tensorflow as tf
 
         a = tf.random.normal((n, n), dtype=tf.bfloat16 if dtype == "bfloat16" else tf.float32)
-        matmul = tf.function(lambda a: tf.linalg.matmul(a, a), jit_compile=True)
-        call, wait = (lambda: matmul(a)), (lambda out: out.numpy())
+        matmul = tf.function(lambda a: tf.linalg.matmul(a, a), jit_compile=framework == "tf_xla")
+        call, wait = (lambda: matmul(a)), (lambda out: out[0, 0].numpy())
     else:
         import jax
         import jax.numpy as jnp
@@ -423,8 +500,9 @@ def run_worker(args):
         __import__(module)
     baseline = _resident()
     worker = functools.partial(worker_matmuls, framework) if "matmuls only" in args.worker else WORKERS[framework]
-    seconds = worker(args.worker, args.model, batch, args)
-    print(json.dumps(dict(seconds=seconds, peak_memory=_peak_memory(framework, baseline), batch=batch)))
+    measured = worker(args.worker, args.model, batch, args)
+    seconds, extra = measured if isinstance(measured, tuple) else (measured, {})
+    print(json.dumps(dict(seconds=seconds, peak_memory=_peak_memory(framework, baseline), batch=batch, **extra)))
 
 
 # --- the driver ---------------------------------------------------------------------------------------
@@ -438,8 +516,13 @@ def available(framework):
     return f"not installed: {', '.join(missing)}" if missing else None
 
 
+def _framework(engine):
+    """The framework (process imports) of a matmul-rate engine."""
+    return "tf" if engine == "tf_xla" else engine
+
+
 def launch(args, worker, model):
-    framework = worker.split()[1] if worker.startswith("matmul ") else MEASUREMENTS[worker][0]
+    framework = _framework(worker.split()[1]) if worker.startswith("matmul ") else MEASUREMENTS[worker][0]
     path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)  # keeps carried packages
     env = dict(os.environ, PYTHONPATH=path, TF_CPP_MIN_LOG_LEVEL="3")
     if framework in ("tf", "jax"):
@@ -466,7 +549,8 @@ def measure(args, progress=lambda runs, matmul, skipped: None):
     same three after every measurement."""
     names = [n for n in MEASUREMENTS if MEASUREMENTS[n][1] in args.tasks and (n in args.only or not args.only and n not in OPTIONAL)]
     skipped = {n: why for n in names if (why := available(MEASUREMENTS[n][0]))}
-    matmul_frameworks = [f for f in ("torch", "tf", "jax") if not available(f)]
+    skipped.update({n: "the same as autocast in float32" for n in names if n in BF16_ONLY and args.dtype != "bfloat16"})
+    matmul_frameworks = [e for e in ENGINES if not available(_framework(e))]
     runs = {model: {n: [] for n in names if n not in skipped} for model in args.models}
     matmul = {f: [] for f in matmul_frameworks}
     for round_ in range(args.rounds):
@@ -490,15 +574,29 @@ def _gflops(flops):
     return f"{flops / 1e9:.0f} GFLOP/s" if flops else "failed"
 
 
+# TF rows that XLA compiles; the trainers' own rows say in their result which way they went.
+XLA_ROWS = ("keras_mixer tf xla", "keras_mixer tf trainers xla", "keras_mixer tf trainers fwd+bwd")
+
+
+def engine(name, results=()):
+    """The engine whose matrix products measurement `name` runs on: torch, tf (TF without XLA,
+    oneDNN), tf_xla or jax (XLA)."""
+    framework = MEASUREMENTS[name][0]
+    if framework != "tf":
+        return "jax" if framework in ("jax", "flax") else "torch"
+    decided = [r["xla"] for r in results if "xla" in r]
+    return "tf_xla" if (decided[0] if decided else name in XLA_ROWS) else "tf"
+
+
 def summarise(args, runs, matmul, skipped):
-    medians = [statistics.median(good) for values in matmul.values() if (good := [r for r in values if r])]
-    machine = max(medians) if medians else None  # the fastest framework's median
+    rates = {e: statistics.median(good) for e, values in matmul.items() if (good := [r for r in values if r])}
+    machine = max(rates.values()) if rates else None  # the fastest engine's median
     rows = []
     for model, measured in runs.items():
         for name, results in measured.items():
             task = MEASUREMENTS[name][1]
             good = [r for r in results if "seconds" in r]
-            row = dict(model=model, name=name, task=task, rounds=len(good))
+            row = dict(model=model, name=name, task=task, rounds=len(good), engine=engine(name, good))
             if not good:
                 row["error"] = results[-1].get("error") if results else "not run"
             else:
@@ -510,19 +608,27 @@ def summarise(args, runs, matmul, skipped):
                 expanded_from = args.expand_from if name.startswith("keras_mixer") else 0
                 flops = forward_flops(model, args.image_size, expanded_from=expanded_from) * (3 if task == "training" else 1)
                 row["flops_per_image"] = flops
-                if machine:
-                    row["matmul_share"] = row["images_per_second"] * flops / machine
+                rate = rates.get(row["engine"], machine)
+                if rate:
+                    row["matmul_share"] = row["images_per_second"] * flops / rate
             rows.append(row)
+    timm_best = {}
     for row in rows:
-        peers = [r["images_per_second"] for r in rows if r["model"] == row["model"] and r["task"] == row["task"]
-                 and r["name"].split()[0] in PEERS and "images_per_second" in r]  # fmt: skip
-        if peers and "images_per_second" in row:
-            row["ratio_to_best_peer"] = row["images_per_second"] / max(peers)
+        same = [r for r in rows if r["model"] == row["model"] and r["task"] == row["task"] and "images_per_second" in r]
+        peers = [r["images_per_second"] for r in same if r["name"].split()[0] in PEERS]
+        timm = max((r for r in same if r["name"].startswith("timm")), key=lambda r: r["images_per_second"], default=None)
+        if timm:
+            timm_best[f"{row['model']} {row['task']}"] = dict(name=timm["name"], images_per_second=timm["images_per_second"])
+        if "images_per_second" in row:
+            if peers:
+                row["ratio_to_best_peer"] = row["images_per_second"] / max(peers)
+            if timm:
+                row["ratio_to_timm_best"] = row["images_per_second"] / timm["images_per_second"]
     return dict(
         machine=machine_name(), dtype=args.dtype, image_size=args.image_size, expand_from=args.expand_from,
         steps=args.steps, warmup=args.warmup,
-        rounds=args.rounds, matmul_rate=machine, matmul_size=matmul_size(),
-        matmul={f: v for f, v in matmul.items()}, skipped=skipped, rows=rows,
+        rounds=args.rounds, matmul_rate=machine, matmul_rates=rates, matmul_size=matmul_size(),
+        matmul={f: v for f, v in matmul.items()}, skipped=skipped, rows=rows, timm_best=timm_best,
         command=shlex.join(["python", "benchmarks/compare.py", *sys.argv[1:]]),
     )  # fmt: skip
 
@@ -542,14 +648,26 @@ def matmul_size():
     return 8192 if gpu_name() else 2048
 
 
+def _cpu_module():
+    """keras_mixer/cpu.py, loaded from its file: importing the package would import Keras (and with
+    it TensorFlow) into the driver, beside every measurement."""
+    spec = importlib.util.spec_from_file_location("keras_mixer_cpu", os.path.join(ROOT, "keras_mixer", "cpu.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def machine_name():
+    """"2 CPU cores (Intel(R) Xeon(R) Processor; AMX-BF16, AMX-INT8, AVX512-BF16, AVX512-VNNI)", the
+    GPU's name first where there is one."""
     import platform
 
     cpu = platform.machine()
     if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as f:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    name = f"{os.cpu_count()} CPU cores ({cpu})"
+    units = ", ".join(_cpu_module().matrix_features()) or "no bf16 or int8 matrix units"
+    name = f"{os.cpu_count()} CPU cores ({cpu}; {units})"
     gpu = gpu_name()
     return f"{gpu}, {name}" if gpu else name
 
@@ -559,22 +677,26 @@ def markdown(summary):
         f"Machine: {summary['machine']}; {summary['dtype']}, {summary['image_size']}x{summary['image_size']}"
         + (f" (keras_mixer: expanded from {summary['expand_from']})" if summary["expand_from"] else "") + "; "
         f"median of {summary['rounds']} rounds of {summary['steps']} timed steps after {summary['warmup']} warm-up steps.",
-        f"Matmul rate (best median of n^3 matmuls, n = {summary['matmul_size']}): {_gflops(summary['matmul_rate'])}.",
+        f"Matmul rate per engine (median of n^3 matmuls, n = {summary['matmul_size']}): "
+        + ", ".join(f"{ENGINE_NAMES[e]} {_gflops(r)}" for e, r in summary["matmul_rates"].items()) + ".",
         f"Command: `{summary['command']}`",
         "",
-        "| model | task | measurement | batch | images/s | ÷ best peer | share of matmul rate | peak memory (MiB) |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+        "| model | task | measurement | engine | batch | images/s | ÷ best peer | ÷ timm best | share of its engine's matmul rate | peak memory (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]  # fmt: skip
     for row in summary["rows"]:
+        head = f"| {row['model']} | {row['task']} | {row['name']} | {ENGINE_NAMES[row['engine']]} |"
         if "error" in row:
-            lines.append(f"| {row['model']} | {row['task']} | {row['name']} | | failed: {row['error']} | | | |")
+            lines.append(f"{head} | failed: {row['error']} | | | | |")
             continue
-        ratio = f"{row['ratio_to_best_peer']:.2f}" if "ratio_to_best_peer" in row else ""
-        share = f"{row['matmul_share']:.0%}" if "matmul_share" in row else ""
+        ratio, timm, share = (f"{row[k]:{f}}" if k in row else "" for k, f in
+                              (("ratio_to_best_peer", ".2f"), ("ratio_to_timm_best", ".2f"), ("matmul_share", ".0%")))  # fmt: skip
         lines.append(
-            f"| {row['model']} | {row['task']} | {row['name']} | {row['batch']} | {row['images_per_second']:.2f} | "
-            f"{ratio} | {share} | {row['peak_memory'] / 2**20:.0f} |"
+            f"{head} {row['batch']} | {row['images_per_second']:.2f} | {ratio} | {timm} | {share} | "
+            f"{row['peak_memory'] / 2**20:.0f} |"
         )
+    for key, best in summary.get("timm_best", {}).items():
+        lines.append(f"\ntimm best, {key}: {best['name']}, {best['images_per_second']:.2f} img/s.")
     for name, why in summary["skipped"].items():
         lines.append(f"\nSkipped {name}: {why}.")
     return "\n".join(lines) + "\n"

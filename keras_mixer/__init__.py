@@ -4,6 +4,7 @@
     model = keras_mixer.MixerB16(classes=10)                       # images in [0, 255], [B, 224, 224, 3]
     model = keras_mixer.MlpMixer.from_preset("mixer_b16_imagenet1k")
     keras_mixer.decode_predictions(model.predict(images))           # [(wnid, name, score), ...] per image
+    fast = keras_mixer.freeze(model, "bfloat16")                    # frozen TF graph: fastest on CPUs with AMX
     features = keras_mixer.token_feature_model(model)               # every block's [B, S, C] tokens
 
 Layers: `keras_mixer.layers`. The model: `keras_mixer.models`. Weights files and presets:
@@ -34,6 +35,24 @@ from keras_mixer.weights import save_npz, save_timm
 
 __version__ = "0.2.0"
 
+
+def freeze(model, precision="float32"):
+    """`model` frozen into one TF graph for inference, as the TF Serving export runs it: a
+    `keras_mixer.export.FrozenModel` with `predict(images)`. On a CPU with AMX or AVX512-BF16,
+    `precision="bfloat16"` is the fastest way to run the model (the README's speed section).
+    Needs Keras' TensorFlow backend."""
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        raise RuntimeError(
+            f"freeze builds a TensorFlow graph, and Keras runs on {keras.backend.backend()!r}: set "
+            f"KERAS_BACKEND=tensorflow (on JAX, jax.jit of model.stateless_call is the fast path)"
+        )
+    from keras_mixer.export import freeze as frozen  # TensorFlow: imported on first use only
+
+    return frozen(model, precision)
+
+
 __all__ = [
     "VARIANTS",
     "DropPath",
@@ -55,6 +74,7 @@ __all__ = [
     "decode_predictions",
     "drop_path_schedule",
     "expand_resolution",
+    "freeze",
     "list_presets",
     "load_weights",
     "preprocess_input",

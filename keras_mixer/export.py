@@ -13,8 +13,15 @@ Both return `logits` [batch, classes], `probabilities`, `top_k_ids` int32 [batch
 `top_k_scores` [batch, k], and `top_k_labels` string [batch, k] when class names are given.
 
 Beside the SavedModel, `assets.extra/keras_mixer.json` records what the model was trained on
-(data set, class names, evaluation preprocessing, pixel budget) for `evaluate.py` and people;
-TF Serving ignores that folder.
+(data set, class names, evaluation preprocessing, pixel budget) and how it is served (precision,
+frozen) for `evaluate.py` and people; TF Serving ignores that folder.
+
+The served graph is frozen: the weights are constants inside it, not variables. That is what lets
+TF's oneDNN kernels reorder each weight once, at load time, into the blocked layout of the CPU's
+matrix units and fuse bias and GELU into the product (with variables they run a generic GEMM,
+about 1.6x slower). `precision="bfloat16"` serves bf16 products with float32 statistics and
+logits (the mixed_bfloat16 policy): several times faster on CPUs with AMX or AVX512-BF16, slower on
+CPUs without them. `freeze(model)` gives the same frozen function to Python callers.
 """
 
 import logging
@@ -25,9 +32,13 @@ import tempfile
 import keras
 import numpy as np
 import tensorflow as tf
+from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
+from keras_mixer import kernels
 from keras_mixer.data.transforms import eval_image
 from keras_mixer.files import make_tree_readable, read_json, write_json
+from keras_mixer.layers import MixerBlock
+from keras_mixer.models import MlpMixer
 from keras_mixer.preprocessing import EvalPreprocessing, scale_pixels
 
 log = logging.getLogger("keras_mixer")
@@ -37,6 +48,12 @@ log = logging.getLogger("keras_mixer")
 # bound, one 379 KB PNG declaring 20000 x 20000 pixels takes a server to 10 GB.
 DEFAULT_MAX_PIXELS = 40_000_000
 METADATA = os.path.join("assets.extra", "keras_mixer.json")
+PRECISIONS = {"float32": "float32", "bfloat16": "mixed_bfloat16"}  # served precision -> Keras policy
+# Weights are frozen into the graph up to this size (float32 bytes), which takes S and B models
+# (B/16: 240 MB). Freezing holds several copies of the graph at once: exporting B/16 peaks at
+# 6.4 GB of memory. L and H models (0.8 and 1.7 GB) are served with variables instead; a graph is a
+# protocol buffer, which cannot exceed 2 GiB anyway.
+MAX_FROZEN_BYTES = 512 * 2**20
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _JPEG_MAGIC = b"\xff\xd8\xff"
 
@@ -91,9 +108,15 @@ def _decode(image_bytes, image_size, preprocessing, max_pixels):
     return eval_image(image, image_size, preprocessing)
 
 
-def serving_functions(model, class_names=None, top_k=5, preprocessing=None, max_pixels=DEFAULT_MAX_PIXELS):
-    """The two serving functions (bytes and uint8 tensors) -> dict of named outputs.
-    `preprocessing`: an `EvalPreprocessing` (or its dict), default the paper's centre crop."""
+def serving_functions(
+    model, class_names=None, top_k=5, preprocessing=None, max_pixels=DEFAULT_MAX_PIXELS, forward=None
+):  # fmt: skip
+    """The two serving functions (bytes and uint8 tensors) -> dict of named outputs, each with its
+    input signature. `preprocessing`: an `EvalPreprocessing` (or its dict), default the paper's
+    centre crop. `forward`: what computes the model's output from float images [B, H, W, 3]
+    (default the model itself; the frozen graph of `frozen_forward`, which both then share).
+    Trace them under `kernels.plain_ops()`: TF Serving runs no XLA on CPUs."""
+    forward = forward or (lambda images: model(images, training=False))
     preprocessing = _as_preprocessing(preprocessing)
     if isinstance(max_pixels, bool) or not isinstance(max_pixels, (int, np.integer)) or max_pixels <= 0:
         raise ValueError(f"max_pixels must be a positive integer, got {max_pixels!r}")
@@ -118,7 +141,7 @@ def serving_functions(model, class_names=None, top_k=5, preprocessing=None, max_
         images = tf.cast(images, tf.float32)
         if not scale_inside:
             images = scale_pixels(images)
-        outputs = tf.cast(model(images, training=False), tf.float32)
+        outputs = tf.cast(forward(images), tf.float32)
         if activation == "softmax":
             probabilities = outputs
             logits = tf.math.log(tf.maximum(probabilities, 1e-30))
@@ -150,7 +173,7 @@ def serving_functions(model, class_names=None, top_k=5, preprocessing=None, max_
 
 def export_saved_model(
     model, export_base, version=None, class_names=None, top_k=5, preprocessing=None, max_pixels=DEFAULT_MAX_PIXELS,
-    metadata=None,
+    metadata=None, precision="float32",
 ):  # fmt: skip
     """Writes `model` as `export_base/<version>/` for TF Serving and returns that path.
 
@@ -164,6 +187,8 @@ def export_saved_model(
             resize and centre crop at 0.875.
         max_pixels: the bytes signature refuses images whose header declares more pixels.
         metadata: a dict recorded in `assets.extra/keras_mixer.json` (data set, ...).
+        precision: "float32" or "bfloat16" (bf16 products, float32 statistics and logits; for
+            CPUs with bf16 matrix units, AMX or AVX512-BF16). See `serving_model`.
 
     The version folder appears complete or not at all: it is written next to the target and
     renamed into place. Files and folders get the modes the umask gives (world-readable by
@@ -182,17 +207,28 @@ def export_saved_model(
     if os.path.exists(target):
         raise ValueError(f"version {version} already exists at {target!r}; nothing was overwritten")
 
-    archive = keras.export.ExportArchive()
-    archive.track(model)
     preprocessing = _as_preprocessing(preprocessing)
-    functions = serving_functions(model, class_names, top_k, preprocessing, max_pixels)
-    for name, (fn, signature) in functions.items():
-        archive.add_endpoint(name=name, fn=fn, input_signature=signature)
+    served = serving_model(model, precision)
+    frozen = _weight_bytes(served) <= MAX_FROZEN_BYTES
+    forward = frozen_forward(served) if frozen else None
+    functions = serving_functions(served, class_names, top_k, preprocessing, max_pixels, forward and (lambda x: forward(x)[0]))
+    if frozen:  # both signatures call the one frozen forward graph: the weights are stored once
+        module, signatures = tf.Module(), {name: _traced(fn, spec) for name, (fn, spec) in functions.items()}
+    else:
+        log.info("%s has %.1f GB of weights: served with variables, not frozen", model.name, _weight_bytes(served) / 1e9)
+        module, signatures = keras.export.ExportArchive(), None
+        module.track(served)
+        with kernels.plain_ops():
+            for name, (fn, spec) in functions.items():
+                module.add_endpoint(name=name, fn=fn, input_signature=spec)
     about = dict(metadata or {}, class_names=class_names, **preprocessing.to_dict(), max_pixels=int(max_pixels),
-                 image_size=list(model.input_shape[1:3]))  # fmt: skip
+                 image_size=list(model.input_shape[1:3]), precision=precision, frozen=frozen)  # fmt: skip
     staging = tempfile.mkdtemp(dir=export_base, prefix=".tmp-export-")
     try:
-        archive.write_out(staging, verbose=False)
+        if frozen:
+            tf.saved_model.save(module, staging, signatures=signatures)
+        else:
+            module.write_out(staging, verbose=False)
         os.makedirs(os.path.join(staging, "assets.extra"), exist_ok=True)
         write_json(os.path.join(staging, METADATA), about)
         make_tree_readable(staging)
@@ -202,6 +238,91 @@ def export_saved_model(
         raise
     log.info("Exported SavedModel version %d to %s", version, target)
     return target
+
+
+def serving_model(model, precision="float32"):
+    """A copy of `model` that computes in `precision`, with each block's LayerNorm_1 scale and
+    offset folded into the channel MLP's first Dense: LN(x) @ W + b = x_hat @ (gamma W) +
+    (beta W + b), the same function with two elementwise passes fewer per block. `model` is left
+    as it is.
+
+    precision: "float32", or "bfloat16" for the mixed_bfloat16 policy (bf16 matrix products and
+    activations; LayerNorm statistics, pooling and logits in float32)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+    if not isinstance(model, MlpMixer):
+        raise ValueError(f"only an MlpMixer can be prepared for serving, got {type(model).__name__} {model.name!r}")
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(PRECISIONS[precision])
+    try:
+        served = MlpMixer.from_config(model.get_config())
+    finally:
+        keras.config.set_dtype_policy(previous)
+    served.set_weights(model.get_weights())
+    for block in served.layers:
+        if isinstance(block, MixerBlock) and not block.channel_mixing.dense_0.quantization_mode:
+            _fold_layer_norm(block.layer_norm_1, block.channel_mixing.dense_0)
+    return served
+
+
+def _fold_layer_norm(norm, dense):
+    """Moves `norm`'s scale and offset into the `dense` layer it feeds (computed in float64)."""
+    gamma, beta, kernel, bias = (np.asarray(v.numpy(), np.float64) for v in (norm.gamma, norm.beta, dense.kernel, dense.bias))
+    dense.kernel.assign((gamma[:, None] * kernel).astype(dense.kernel.dtype))
+    dense.bias.assign((beta @ kernel + bias).astype(dense.bias.dtype))
+    norm.gamma.assign(np.ones_like(gamma, norm.gamma.dtype))
+    norm.beta.assign(np.zeros_like(beta, norm.beta.dtype))
+
+
+def _weight_bytes(model):
+    return sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in model.weights)
+
+
+def _traced(fn, signature):
+    """`fn` as a concrete function of `signature`, traced with no XLA-compiled piece in it."""
+    with kernels.plain_ops():
+        return tf.function(fn, input_signature=signature).get_concrete_function()
+
+
+def frozen_forward(model):
+    """`model`'s inference as one TF graph whose weights are constants: a concrete function of
+    float images [None, H, W, channels] -> [the model's output] (a list of one tensor)."""
+    traced = _traced(lambda images: model(images, training=False), [tf.TensorSpec([None, *model.input_shape[1:]], tf.float32)])
+    return convert_variables_to_constants_v2(traced)
+
+
+class FrozenModel:
+    """A Mixer classifier frozen for fast inference on a CPU: its weights are constants of one TF
+    graph (see the module docstring), in float32 or bfloat16.
+
+        fast = keras_mixer.freeze(model, "bfloat16")
+        logits = fast.predict(images)          # images [N, H, W, 3] in [0, 255] -> [N, classes] float32
+
+    It is a snapshot: weights changed in `model` afterwards are not seen; freeze again.
+    """
+
+    def __init__(self, model, precision="float32"):
+        served = serving_model(model, precision)
+        self.precision = precision
+        self.input_shape, self.output_shape = tuple(model.input_shape[1:]), tuple(model.output_shape[1:])
+        self._call = frozen_forward(served)
+
+    def __call__(self, images):
+        """images [B, H, W, 3] float (the model's own input) -> the model's output [B, classes], float32."""
+        return tf.cast(self._call(tf.convert_to_tensor(images, tf.float32))[0], tf.float32)
+
+    def predict(self, images, batch_size=32):
+        """Like `keras.Model.predict`: NumPy in, NumPy [N, classes] out, `batch_size` images per call."""
+        images = np.asarray(images, np.float32)
+        if images.ndim != 4 or images.shape[1:] != self.input_shape:
+            raise ValueError(f"images must be [N, {', '.join(map(str, self.input_shape))}], got shape {images.shape}")
+        batches = [self(images[i : i + batch_size]).numpy() for i in range(0, len(images), batch_size)]
+        return np.concatenate(batches) if batches else np.zeros((0, *self.output_shape), np.float32)
+
+
+def freeze(model, precision="float32"):
+    """`model` (an MlpMixer) frozen for inference: a `FrozenModel` (`keras_mixer.freeze`)."""
+    return FrozenModel(model, precision)
 
 
 def _as_preprocessing(preprocessing):
@@ -223,5 +344,6 @@ def export_onnx(model, path):
         raise ValueError(f"ONNX path {path!r} is a folder; give a file name")
     # An explicit signature: Keras only infers one for models that were already called.
     signature = [tf.TensorSpec([None, *model.input_shape[1:]], tf.float32, name="images")]
-    model.export(path, format="onnx", verbose=False, input_signature=signature)
+    with kernels.plain_ops():
+        model.export(path, format="onnx", verbose=False, input_signature=signature)
     return path

@@ -1,7 +1,8 @@
 """The Mixer's own Keras layers.
 
 Shapes use B batch, H x W image, P patch, S = HW / P^2 tokens, C channels (hidden width).
-Only `keras.layers` and `keras.ops` are used, so every layer runs on any Keras backend.
+The arithmetic of the products, GELU and LayerNorm goes through `keras_mixer.kernels`: `keras.ops`
+on every backend, in forms TF's CPU kernels fuse on TensorFlow. So every layer runs on any backend.
 
 Sub-layer names follow the official Flax parameter tree, so a variable's Keras path reads like the
 official weights-file key: `MixerBlock_3/token_mixing/Dense_0/kernel`.
@@ -10,6 +11,7 @@ official weights-file key: `MixerBlock_3/token_mixing/Dense_0/kernel`.
 import keras
 from keras import layers, ops
 
+from keras_mixer import kernels
 from keras_mixer.validation import (
     check_gelu,
     check_image_size,
@@ -51,6 +53,16 @@ def float32_if_mixed(policy):
     if policy.compute_dtype != policy.variable_dtype:
         return "float32"
     return policy
+
+
+@_REGISTER
+class LayerNorm(layers.LayerNormalization):
+    """Keras' LayerNormalization over the last axis, computed by `kernels.layer_norm` (float32
+    statistics; fused XLA passes or lean TF ops on TensorFlow). Variables `gamma`, `beta` [D].
+    Input and output: [..., D]."""
+
+    def call(self, inputs, training=None):
+        return ops.cast(kernels.layer_norm(inputs, self.gamma, self.beta, self.epsilon, training), self.compute_dtype)
 
 
 @_REGISTER
@@ -147,17 +159,31 @@ class MlpBlock(layers.Layer):
         self.dense_1.build((*input_shape[:-1], self.hidden_dim))
 
     def call(self, inputs, training=None):
-        activation = keras.remat(self._activation) if recomputing(self.recompute) else self._activation
-        hidden = activation(self.dense_0(inputs))
+        hidden = self._hidden(inputs, training)
         if self.dropout is not None:
             hidden = self.dropout(hidden, training=training)
-        outputs = self.dense_1(hidden)
+        if self.dense_1.quantization_mode:  # Keras' own quantized kernel
+            outputs = self.dense_1(hidden)
+        else:
+            outputs = kernels.dense(hidden, self.dense_1.kernel, self.dense_1.bias, training=training)
         if self.dropout is not None:
             outputs = self.dropout(outputs, training=training)
         return outputs
 
-    def _activation(self, hidden):
-        return keras.activations.gelu(hidden, approximate=self.gelu == "tanh")
+    def _hidden(self, inputs, training):
+        """GELU(Dense_0(inputs)): [..., D] -> [..., hidden_dim]. `kernel` includes a LoRA update
+        where one is enabled, as Dense's own call does."""
+        if self.dense_0.quantization_mode:
+            return self._activation(self.dense_0(inputs), training)
+        kernel, bias = self.dense_0.kernel, self.dense_0.bias
+        if recomputing(self.recompute):
+            # `training` stays out of the arguments: JAX would trace it as an array.
+            return keras.remat(lambda hidden: self._activation(hidden, training))(kernels.dense(inputs, kernel, bias))
+        # The product, its bias and the GELU in one call: on TF they fuse into one oneDNN kernel.
+        return kernels.dense(inputs, kernel, bias, activation=self.gelu, training=training)
+
+    def _activation(self, hidden, training=None):
+        return kernels.gelu(hidden, approximate=self.gelu == "tanh", training=training)
 
     def compute_output_shape(self, input_shape):
         return input_shape
@@ -260,9 +286,9 @@ class MixerBlock(layers.Layer):
         # halves the bytes the transposes and elementwise ops move. Nothing is lost: the Keras op
         # computes statistics, scale and offset in float32 (LayerNormalization never autocasts its
         # variables), and the next Dense would round its input to bfloat16 anyway.
-        self.layer_norm_0 = layers.LayerNormalization(epsilon=1e-6, dtype=self.dtype_policy, name="LayerNorm_0")
+        self.layer_norm_0 = LayerNorm(epsilon=1e-6, dtype=self.dtype_policy, name="LayerNorm_0")
         self.token_mixing = MlpBlock(self.tokens_mlp_dim, dtype=self.dtype_policy, name="token_mixing", **mlp_args)
-        self.layer_norm_1 = layers.LayerNormalization(epsilon=1e-6, dtype=self.dtype_policy, name="LayerNorm_1")
+        self.layer_norm_1 = LayerNorm(epsilon=1e-6, dtype=self.dtype_policy, name="LayerNorm_1")
         self.channel_mixing = MlpBlock(
             self.channels_mlp_dim, dtype=self.dtype_policy, name="channel_mixing", **mlp_args
         )

@@ -13,7 +13,7 @@ import keras
 import numpy as np
 from keras import layers, ops
 
-from keras_mixer.layers import MixerBlock, PatchStem, float32_if_mixed
+from keras_mixer.layers import LayerNorm, MixerBlock, PatchStem, float32_if_mixed
 from keras_mixer.preprocessing import PIXEL_OFFSET, PIXEL_SCALE, scale_pixels
 from keras_mixer.validation import check_gelu, check_image_size, check_positive_int, check_rate, check_recompute, to_pair
 
@@ -199,7 +199,7 @@ class MlpMixer(keras.Model):
             )(x)
         # Normalisation, pooling and logits in float32 under mixed precision.
         f32 = float32_if_mixed(None)
-        x = layers.LayerNormalization(epsilon=1e-6, dtype=f32, name="pre_head_layer_norm")(x)
+        x = LayerNorm(epsilon=1e-6, dtype=f32, name="pre_head_layer_norm")(x)
         if include_top:
             x = layers.GlobalAveragePooling1D(dtype=f32, name="avg_pool")(x)
             x = layers.Dense(

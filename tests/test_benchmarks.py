@@ -53,30 +53,52 @@ def _result(images_per_second, batch=16, memory=2**30):
     return dict(seconds=[batch / images_per_second] * 3, batch=batch, peak_memory=memory)
 
 
-def test_the_summary_divides_by_the_best_peer_and_the_fastest_matmul():
-    args = SimpleNamespace(image_size=224, expand_from=0, dtype="float32", steps=3, warmup=1, rounds=2)
+def test_the_summary_divides_by_the_best_peer_the_best_timm_and_each_rows_own_engine():
+    args = SimpleNamespace(image_size=224, expand_from=0, dtype="bfloat16", steps=3, warmup=1, rounds=2)
     runs = {
         "B/16": {
             "keras_mixer tf xla": [_result(4.0), _result(6.0)],  # median over rounds: 5
+            "keras_mixer tf frozen": [_result(8.0), _result(8.0)],
             "timm eager": [_result(2.0), _result(2.0)],
+            "timm eager bf16 weights": [_result(3.0), _result(3.0)],
             "flax jit": [_result(4.0), _result(4.0)],
-            "keras_mixer tf trainers": [dict(error="exit 1: ValueError: x")] * 2,
+            "keras_mixer tf trainers": [dict(_result(1.5), xla=False)] * 2,  # the step said it ran without XLA
+            "keras_mixer tf loop": [dict(error="exit 1: ValueError: x")] * 2,
             "flax optax": [_result(1.0), _result(1.0)],
         }
     }
-    matmul = {"torch": [100e9, 120e9, 110e9], "jax": [90e9, 95e9, 80e9]}  # medians 110 and 90: 110 counts
+    # Medians: torch 110, TF 300, TF+XLA 90, JAX 80 GFLOP/s.
+    matmul = {"torch": [100e9, 120e9, 110e9], "tf": [300e9] * 3, "tf_xla": [90e9] * 3, "jax": [80e9, 95e9, 70e9]}
     summary = compare.summarise(args, runs, matmul, skipped={})
     rows = {r["name"]: r for r in summary["rows"]}
-    assert summary["matmul_rate"] == 110e9
+    flops = compare.forward_flops("B/16", 224)
+    assert summary["matmul_rate"] == 300e9 and summary["matmul_rates"]["tf_xla"] == 90e9
     assert rows["keras_mixer tf xla"]["images_per_second"] == pytest.approx(5.0)
     assert rows["keras_mixer tf xla"]["ratio_to_best_peer"] == pytest.approx(5.0 / 4.0)  # flax is the best peer
+    assert rows["keras_mixer tf frozen"]["ratio_to_timm_best"] == pytest.approx(8.0 / 3.0)  # timm's bf16 weights
+    assert summary["timm_best"]["B/16 inference"] == dict(name="timm eager bf16 weights", images_per_second=3.0)
     assert rows["timm eager"]["ratio_to_best_peer"] == pytest.approx(0.5)
-    assert rows["keras_mixer tf xla"]["matmul_share"] == pytest.approx(5.0 * compare.forward_flops("B/16", 224) / 110e9)
-    assert rows["flax optax"]["matmul_share"] == pytest.approx(3 * compare.forward_flops("B/16", 224) / 110e9)
-    assert rows["keras_mixer tf trainers"]["error"] == "exit 1: ValueError: x"
+    # Each row against its own engine's matmul rate.
+    assert rows["keras_mixer tf xla"]["matmul_share"] == pytest.approx(5.0 * flops / 90e9)
+    assert rows["keras_mixer tf frozen"]["matmul_share"] == pytest.approx(8.0 * flops / 300e9)
+    assert rows["timm eager"]["matmul_share"] == pytest.approx(2.0 * flops / 110e9)
+    assert rows["keras_mixer tf trainers"]["engine"] == "tf"
+    assert rows["keras_mixer tf trainers"]["matmul_share"] == pytest.approx(1.5 * 3 * flops / 300e9)
+    assert rows["flax optax"]["matmul_share"] == pytest.approx(3 * flops / 80e9)
+    assert rows["keras_mixer tf loop"]["error"] == "exit 1: ValueError: x"
     table = compare.markdown(summary)
-    assert "| B/16 | inference | keras_mixer tf xla | 16 | 5.00 | 1.25 |" in table
+    assert "| B/16 | inference | keras_mixer tf xla | TF+XLA | 16 | 5.00 | 1.25 | 1.67 |" in table
     assert "failed: exit 1: ValueError: x" in table
+    assert "timm best, B/16 inference: timm eager bf16 weights, 3.00 img/s." in table
+
+
+def test_the_machine_is_named_with_its_cpus_matrix_units():
+    from keras_mixer import cpu
+
+    name = compare.machine_name()
+    units = cpu.matrix_features()
+    assert f"{os.cpu_count()} CPU cores (" in name
+    assert (", ".join(units) if units else "no bf16 or int8 matrix units") in name
 
 
 def test_a_measurement_past_its_timeout_is_stopped_and_listed_as_failed():

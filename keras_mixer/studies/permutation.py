@@ -123,7 +123,7 @@ def train_cell(model, config, train_source, eval_source, permutation=None, eval_
         optimizer.build(model.trainable_variables)  # now, or the first call traces the step twice
         step = tf.Variable(0, dtype=tf.int64, trainable=False)
     kind = "tpu" if isinstance(strategy, tf.distribute.TPUStrategy) else "other"
-    train_steps = make_train_steps(strategy, model, optimizer, config, step, decide_xla(config, kind))
+    train_steps = make_train_steps(strategy, model, optimizer, config, step, decide_xla(config, kind)[0])
     stream = data.distribute(
         strategy, train_source, batch_size=config.batch_size, training=True, image_size=config.image_size,
         seed=config.seed, shuffle_buffer=config.shuffle_buffer, randaugment=config.randaugment, mixup=config.mixup,

@@ -17,6 +17,7 @@ from keras_mixer.preprocessing import EvalPreprocessing
 
 STRATEGIES = ("auto", "default", "mirrored", "multi_worker", "tpu")
 PRECISIONS = ("bfloat16", "float16")
+SERVING_PRECISIONS = ("float32", "bfloat16")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("warmup_linear", "warmup_cosine")
 XLA = ("auto", "on", "off")
@@ -68,6 +69,7 @@ class TrainConfig:
     fewshot_shots: tuple = (1, 5, 10, 25)  # shots per class of those probes
     steps_per_loop: int = 1
     export: bool = True
+    export_precision: str = "float32"  # of the TF Serving export: "float32" or "bfloat16"
     write_worker_weights: bool = False  # multi-worker diagnostics: every worker writes its final weights
     # Where it runs.
     strategy: str = "auto"
@@ -84,6 +86,7 @@ class TrainConfig:
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("schedule", self.schedule, SCHEDULES)
         _choice("xla", self.xla, XLA)
+        _choice("export_precision", self.export_precision, SERVING_PRECISIONS)
         if self.mixed_precision is not None:
             _choice("mixed_precision", self.mixed_precision, PRECISIONS)
         if self.dataset is None:
@@ -131,7 +134,7 @@ class TrainConfig:
 OPERATIONAL_FIELDS = frozenset(
     {
         "workdir", "data_dir", "download", "cache", "checkpoint_every", "keep_checkpoints", "log_every",
-        "eval_every", "fewshot_every", "fewshot_shots", "steps_per_loop", "export", "write_worker_weights",
+        "eval_every", "fewshot_every", "fewshot_shots", "steps_per_loop", "export", "export_precision", "write_worker_weights",
         "strategy", "tpu", "xla",
     }
 )  # fmt: skip

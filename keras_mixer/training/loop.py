@@ -287,7 +287,9 @@ def _train(run, signals):
     if run.chief:
         _write_record(run, model, resumed_from)
 
-    use_xla = decide_xla(config, run.kind)
+    use_xla, xla_reason = decide_xla(config, run.kind)
+    if run.chief:
+        print(f"XLA {'on' if use_xla else 'off'} for the training step: {xla_reason}", flush=True)
     train_steps = make_train_steps(strategy, model, optimizer, config, step_var, use_xla)
     evaluate = make_evaluator(
         strategy, lambda images: model(images, training=False), run.eval_source, config.batch_size,
@@ -411,7 +413,7 @@ def _finish(run, model, report):
         else:
             metrics["export_path"] = export_saved_model(
                 model, export_base, version=metrics["step"], class_names=about["class_names"],
-                preprocessing=config.eval_preprocessing, metadata=about,
+                preprocessing=config.eval_preprocessing, metadata=about, precision=config.export_precision,
             )  # fmt: skip
     report.save()
     print(

@@ -11,11 +11,13 @@ backward, clipping, update: one program, no per-variable update ops); with sever
 forward and backward, as the all-reduce (merge_call) cannot run inside XLA.
 """
 
+import contextlib
 import logging
 
 import keras
 import tensorflow as tf
 
+from keras_mixer import cpu, kernels
 from keras_mixer.training.schedules import WarmupDecay
 
 log = logging.getLogger("keras_mixer")
@@ -49,11 +51,27 @@ def clip_by_global_norm(gradients, max_norm):
 
 
 def decide_xla(config, kind):
-    """XLA for the forward/backward pass, on purpose: Keras' jit_compile="auto" would turn it off on
-    CPU and under tf.distribute. TPUs compile everything anyway."""
-    on = kind != "tpu" if config.xla == "auto" else config.xla == "on"
-    log.info("XLA %s for the forward/backward pass (--xla=%s, strategy %s)", "on" if on else "off", config.xla, kind)
-    return on
+    """Whether XLA compiles the step. `--xla on|off` is obeyed; `auto` decides per device and
+    precision from what measured faster (`benchmarks/compare.py`, the README's speed section):
+
+    - TPU: no separate compile, the TPU strategy compiles everything anyway.
+    - bfloat16 on a CPU with bf16 matrix units (AMX-BF16, AVX512-BF16): off. XLA's CPU backend
+      does not use those units and TF's oneDNN kernels do (S/16 step 9.6 -> 21 img/s on a Xeon with
+      AMX); the elementwise ops still run as fused XLA pieces (`keras_mixer.kernels`).
+    - Otherwise on (GPUs; a CPU in float32, where it is as fast as oneDNN, and Keras'
+      jit_compile="auto" would turn it off on CPU and under tf.distribute).
+
+    Returns (on, the reason in words), which the trainers print."""
+    if config.xla != "auto":
+        on, why = config.xla == "on", f"--xla {config.xla}"
+    elif kind == "tpu":
+        on, why = False, "the TPU strategy compiles the whole step itself"
+    elif config.mixed_precision == "bfloat16" and cpu.has_bf16_units() and not tf.config.list_logical_devices("GPU"):
+        units = ", ".join(f for f in cpu.matrix_features() if "BF16" in f)
+        on, why = False, f"bfloat16 on a CPU with {units}: TF's oneDNN kernels use them, XLA's CPU backend does not"
+    else:
+        on, why = True, "--xla auto"
+    return on, why
 
 
 def single_replica(strategy):
@@ -75,8 +93,11 @@ def make_train_steps(strategy, model, optimizer, config, step_var, use_xla, whol
     fp16 = config.mixed_precision == "float16"
     clip = config.grad_clip_norm
 
+    # XLA fuses a whole step's elementwise ops itself: the model then emits plain ops only.
+    ops_context = kernels.plain_ops if use_xla else contextlib.nullcontext
+
     def forward_backward(images, labels):
-        with tf.GradientTape() as tape:
+        with tf.GradientTape() as tape, ops_context():
             logits = tf.cast(model(images, training=True), tf.float32)
             per_example = keras.losses.categorical_crossentropy(labels, logits, from_logits=True)
             loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
@@ -87,15 +108,24 @@ def make_train_steps(strategy, model, optimizer, config, step_var, use_xla, whol
 
     forward_backward_fn = tf.function(forward_backward, jit_compile=True) if use_xla and not whole_step else forward_backward
 
-    def replica_step(images, labels):
-        loss, gradients, correct = forward_backward_fn(images, labels)
-        gradients = tf.distribute.get_replica_context().all_reduce("sum", gradients)
+    def update(gradients):
+        """Clips the all-reduced gradients and applies them; returns their norm before clipping."""
         if fp16:  # clip the true gradient; the loss-scale optimizer unscales and skips overflows
             unscaled, norm = clip_by_global_norm([g / optimizer.dynamic_scale for g in gradients], clip)
             gradients = [g * optimizer.dynamic_scale for g in unscaled]
         else:
             gradients, norm = clip_by_global_norm(gradients, clip)
         optimizer.apply([g / replicas for g in gradients], model.trainable_variables)
+        return norm
+
+    if not whole_step and single_replica(strategy) and kernels.xla_pieces(training=True):
+        # The products run without XLA (oneDNN), but the optimizer's hundreds of small
+        # per-variable ops fuse into one XLA piece (S/16 step: 120 ms of them become ~20).
+        update = tf.function(update, jit_compile=True)
+
+    def replica_step(images, labels):
+        loss, gradients, correct = forward_backward_fn(images, labels)
+        norm = update(tf.distribute.get_replica_context().all_reduce("sum", gradients))
         return loss, norm, correct
 
     step_fn = tf.function(replica_step, jit_compile=True) if whole_step else replica_step

@@ -8,19 +8,19 @@
 Why not `model.fit`: in Keras 3.15 it fails under MultiWorkerMirroredStrategy, and the paper's
 clipping must act on the *global* gradient. On one replica XLA compiles the whole step (forward,
 backward, clipping, update: one program, no per-variable update ops); with several replicas only
-forward and backward, as the all-reduce (merge_call) cannot run inside XLA.
+forward and backward, as the all-reduce (merge_call) cannot run inside XLA. Without XLA (bfloat16
+on CPUs with bf16 units, or `--xla off`) the products run in TF's oneDNN kernels, the model's
+elementwise work in small XLA pieces (`keras_mixer.kernels`), and on one replica the clipping and
+update in one more.
 """
 
 import contextlib
-import logging
 
 import keras
 import tensorflow as tf
 
 from keras_mixer import cpu, kernels
 from keras_mixer.training.schedules import WarmupDecay
-
-log = logging.getLogger("keras_mixer")
 
 
 def make_optimizer(config, total_steps):
@@ -56,8 +56,8 @@ def decide_xla(config, kind):
 
     - TPU: no separate compile, the TPU strategy compiles everything anyway.
     - bfloat16 on a CPU with bf16 matrix units (AMX-BF16, AVX512-BF16): off. XLA's CPU backend
-      does not use those units and TF's oneDNN kernels do (S/16 step 9.6 -> 21 img/s on a Xeon with
-      AMX); the elementwise ops still run as fused XLA pieces (`keras_mixer.kernels`).
+      does not use those units and TF's oneDNN kernels do (S/16 step 9.7 -> 22.6 img/s on a Xeon
+      with AMX); the elementwise ops still run as fused XLA pieces (`keras_mixer.kernels`).
     - Otherwise on (GPUs; a CPU in float32, where it is as fast as oneDNN, and Keras'
       jit_compile="auto" would turn it off on CPU and under tf.distribute).
 
@@ -70,7 +70,7 @@ def decide_xla(config, kind):
         units = ", ".join(f for f in cpu.matrix_features() if "BF16" in f)
         on, why = False, f"bfloat16 on a CPU with {units}: TF's oneDNN kernels use them, XLA's CPU backend does not"
     else:
-        on, why = True, "--xla auto"
+        on, why = True, "--xla auto (XLA compiles the step on GPUs, and on CPUs in float32 or without bf16 units)"
     return on, why
 
 

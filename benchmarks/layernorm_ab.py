@@ -1,7 +1,9 @@
-"""A/B of one speed lever: Keras' LayerNormalization against a two-pass float32 LayerNorm.
+"""A/B of LayerNorm speed levers: Keras' LayerNormalization against a two-pass float32 LayerNorm,
+and, on a CPU, the token MLP's LayerNorm as one FusedBatchNorm against the two-pass form.
 
     python benchmarks/layernorm_ab.py --formula keras|twopass --backend jax|tensorflow --mode gradient
     python benchmarks/layernorm_ab.py --formula keras|twopass --mode step        # JAX backend, on a GPU
+    python benchmarks/layernorm_ab.py --formula fused|twopass --mode frozen --model S/16   # TF, a CPU
 
 Run each formula in its own process, alternating, and compare the printed images/s.
 
@@ -9,6 +11,9 @@ Run each formula in its own process, alternating, and compare the printed images
               trainable weights, compiled with XLA (jax.jit / tf.function(jit_compile=True)).
     step      B/16, mixed_bfloat16: jitted inference at batch 256 and `keras_mixer.JaxTrainStep`
               (AdamW, clipping at 1) at batch 128.
+    frozen    `keras_mixer.freeze(model, "bfloat16")` (the export's graph), random weights, batch
+              16, 5 calls after 2: "fused" is the library as it is (`kernels.token_major_layer_norm`),
+              "twopass" gives the token MLP the LayerNorm every other norm uses.
 
 The two-pass formula computes mean, then the variance of the centred values, in float32, and
 casts the result to the compute dtype. It replaces Keras' layer in every block and before the head,
@@ -84,6 +89,18 @@ def gradient(backend, batch=8):
     return batch / seconds_per_call(tf_grad, lambda out: out[0].numpy(), 2, 4)
 
 
+def frozen(variant, batch=16):
+    import keras_mixer
+    from keras_mixer.models import MlpMixer, variant_config
+
+    net = MlpMixer(**variant_config(variant), input_shape=(224, 224, 3), classifier_activation=None)
+    rng = np.random.default_rng(0)
+    net.set_weights([rng.normal(0, 0.05, w.shape).astype("float32") for w in net.get_weights()])
+    fast = keras_mixer.freeze(net, "bfloat16")
+    images = rng.uniform(0, 255, (batch, 224, 224, 3)).astype("float32")
+    return batch / seconds_per_call(lambda: fast(images), lambda out: out.numpy(), 2, 5)
+
+
 def step():
     """compare.py's own `keras_mixer jax jit` and `keras_mixer jax step` measurements, B/16 in
     bfloat16; returns (inference, training) images/s."""
@@ -95,21 +112,33 @@ def step():
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--formula", choices=["keras", "twopass"], required=True)
+    parser.add_argument("--formula", choices=["keras", "twopass", "fused"], required=True)
     parser.add_argument("--backend", choices=["jax", "tensorflow"], default="jax")
-    parser.add_argument("--mode", choices=["gradient", "step"], default="gradient")
+    parser.add_argument("--mode", choices=["gradient", "step", "frozen"], default="gradient")
+    parser.add_argument("--model", default="S/16", help="--mode frozen: the variant")
     args = parser.parse_args()
     if args.mode == "step" and args.backend != "jax":
         parser.error("--mode step measures keras_mixer.JaxTrainStep: it needs --backend jax")
+    if args.mode == "frozen" and args.formula == "keras" or args.mode != "frozen" and args.formula == "fused":
+        parser.error("--mode frozen compares --formula fused and twopass; the other modes keras and twopass")
+    if args.mode == "frozen":
+        args.backend = "tensorflow"
     os.environ["KERAS_BACKEND"] = args.backend
     sys.path.insert(0, ROOT)
-    if args.formula == "twopass":
-        use_two_pass_layernorm()
-    if args.mode == "gradient":
-        result = dict(gradient=gradient(args.backend))
+    if args.mode == "frozen":
+        if args.formula == "twopass":
+            from keras_mixer import kernels
+
+            kernels.token_major_norm = lambda training, dtype: False
+        result = dict(model=args.model, images_per_second=frozen(args.model))
     else:
-        inference, training = step()
-        result = dict(inference=inference, training=training)
+        if args.formula == "twopass":
+            use_two_pass_layernorm()
+        if args.mode == "gradient":
+            result = dict(gradient=gradient(args.backend))
+        else:
+            inference, training = step()
+            result = dict(inference=inference, training=training)
     print(json.dumps(dict(formula=args.formula, backend=args.backend, mode=args.mode, **result)))
 
 

@@ -306,7 +306,13 @@ class MixerBlock(layers.Layer):
         self.channel_mixing.build(input_shape)
 
     def call(self, tokens, training=None):
-        mixed = self.transpose(self.token_mixing(self.transpose(self.layer_norm_0(tokens)), training=training))
+        # bf16 inference on a TF CPU: the token MLP runs on [C, B, S], after one fused LayerNorm.
+        if kernels.token_major_norm(training, tokens.dtype):
+            norm = self.layer_norm_0
+            normed = kernels.token_major_layer_norm(tokens, norm.gamma, norm.beta, norm.epsilon)
+            mixed = ops.transpose(self.token_mixing(normed, training=training), (1, 2, 0))
+        else:
+            mixed = self.transpose(self.token_mixing(self.transpose(self.layer_norm_0(tokens)), training=training))
         tokens = tokens + ops.cast(self.drop_path(mixed, training=training), tokens.dtype)
         mixed = self.channel_mixing(self.layer_norm_1(tokens), training=training)
         return tokens + ops.cast(self.drop_path(mixed, training=training), tokens.dtype)

@@ -76,6 +76,27 @@ def test_inference_holds_no_xla_piece_and_its_products_fuse_bias_and_gelu(images
     # Two blocks of two MLPs of two products, and the head: each one fused op with its bias (and GELU).
     assert sum("FusedMatMul" in op for op in ops) == 9, sorted(set(ops))
     assert "BiasAdd" not in ops and "Tanh" not in ops and "BatchMatMulV2" not in ops
+    assert "FusedBatchNormV3" not in str(ops)  # float32 keeps the two-pass LayerNorm
+    ops = _optimized_ops(export.frozen_forward(export.serving_model(model, "bfloat16")))
+    assert sum("FusedMatMul" in op for op in ops) == 9, sorted(set(ops))
+    # In bfloat16 each block's token LayerNorm is one fused batch norm over the tokens' channels.
+    assert sum("FusedBatchNorm" in op for op in ops) == 2, sorted(set(ops))
+
+
+def test_the_token_major_layer_norm_is_layer_norm_then_transposed():
+    rng = np.random.default_rng(3)
+    # Tokens whose mean is 30x their spread, where a careless variance loses them.
+    x = tf.cast(rng.normal(30.0, 1.0, (3, 5, 64)) * rng.uniform(0.5, 2.0, (3, 5, 1)), tf.bfloat16)
+    gamma, beta = rng.normal(1.0, 0.5, 64), rng.normal(0.0, 0.5, 64)
+    exact = tf.cast(x, tf.float64).numpy()
+    centered = exact - exact.mean(-1, keepdims=True)
+    expected = centered / np.sqrt((centered**2).mean(-1, keepdims=True) + 1e-6) * gamma + beta
+    got = kernels.token_major_layer_norm(x, tf.constant(gamma, tf.float32), tf.constant(beta, tf.float32), 1e-6)
+    assert got.shape == (64, 3, 5) and got.dtype == tf.bfloat16
+    # Outputs up to about 6: two bfloat16 roundings (8 bits) of such a value are about 0.05.
+    np.testing.assert_allclose(tf.cast(got, tf.float64).numpy(), expected.transpose(2, 0, 1), atol=0.05)
+    assert kernels.token_major_norm(False, "bfloat16") and not kernels.token_major_norm(True, "bfloat16")
+    assert not kernels.token_major_norm(False, "float32")  # float32 keeps the two-pass form
 
 
 def test_the_serving_copy_folds_each_channel_norm_and_computes_the_same_function(images):

@@ -6,7 +6,7 @@ Each returns a `keras_mixer.MlpMixer`; `weights` may be a preset ("imagenet1k", 
 """
 
 from keras_mixer import loader
-from keras_mixer.models import VARIANTS, variant_name
+from keras_mixer.models import VARIANTS, MlpMixer, variant_name
 
 
 def _constructor(variant, func_name):
@@ -24,6 +24,7 @@ def _constructor(variant, func_name):
         **kwargs,
     ):
         return loader.create(
+            MlpMixer,
             variant,
             weights,
             include_top=include_top,
@@ -62,4 +63,4 @@ MixerH14 = _constructor("H/14", "MixerH14")
 def create_model(variant, weights=None, **kwargs):
     """Builds a named variant ("B/16", ..., or a small "T/2", "T/4", "T/16") with `MlpMixer` keyword
     arguments, optionally with `weights` (a preset or a weights file)."""
-    return loader.create(variant, weights, **kwargs)
+    return loader.create(MlpMixer, variant, weights, **kwargs)

@@ -5,9 +5,11 @@ expand the resolution.
       -> WeightsFile (format, GELU form, {official key: array}, what it records)
       -> decide: classes (the file's unless asked), GELU form (the file's unless asked),
          trained patch grid vs the requested one (a larger multiple: block-diagonal expansion)
-      -> MlpMixer(...) with the weights assigned, all or nothing
+      -> cls(...) with the weights assigned, all or nothing
 
-This is the only module that knows both files and models; the model module knows neither.
+This is the only module that knows both files and models. It never imports the model module: the
+functions that build take the model class (`MlpMixer`) as their first argument, keras-hub style, so
+`MlpMixer.from_preset` can call them.
 """
 
 import logging
@@ -16,10 +18,10 @@ import os
 import keras
 
 from keras_mixer import presets, weight_files
-from keras_mixer.models import ARCHITECTURE, DEFAULT_INPUT_SHAPE, MlpMixer, variant_config, variant_name, variant_of
 from keras_mixer.resolution import expand_params, expansion_factors, trained_grid
 from keras_mixer.validation import check_gelu, check_image_size, to_pair
-from keras_mixer.weights import WeightsError, architecture_of, assign, keras_metadata, model_params
+from keras_mixer.variants import ARCHITECTURE, DEFAULT_INPUT_SHAPE, variant_config, variant_name, variant_of
+from keras_mixer.weights import WeightsError, architecture_of, assign, is_mixer, keras_metadata, model_params
 
 log = logging.getLogger("keras_mixer")
 
@@ -46,7 +48,7 @@ class WeightsFile:
         if self.format == weight_files.KERAS:
             model = keras.saving.load_model(self.path, safe_mode=True, compile=False)
             self.params = model_params(model)
-            if isinstance(model, MlpMixer):
+            if is_mixer(model):
                 self.config, self.gelu = model.get_config(), model.gelu
             self.about = {**(keras_metadata(self.path) or {}), **self.about}
         elif self.format != weight_files.KERAS_H5:
@@ -98,7 +100,7 @@ class WeightsFile:
         if self.params is not None:
             return self.params
         # A bare weights file has no architecture: Keras' own rule, it must fit the model's.
-        twin = MlpMixer.from_config(model.get_config())
+        twin = type(model).from_config(model.get_config())
         try:
             twin.load_weights(self.path)
         except Exception as e:
@@ -158,8 +160,8 @@ def _requested_shape(input_tensor, input_shape):
     return tuple(input_shape) if input_shape is not None else DEFAULT_INPUT_SHAPE
 
 
-def build(architecture, weights=None, *, classes=None, gelu=None, input_shape=None, input_tensor=None, **kwargs):
-    """An `MlpMixer` of `architecture` (the five `ARCHITECTURE` numbers), with `weights` loaded.
+def build(cls, architecture, weights=None, *, classes=None, gelu=None, input_shape=None, input_tensor=None, **kwargs):
+    """A `cls` (`MlpMixer`) of `architecture` (the five `ARCHITECTURE` numbers), with `weights` loaded.
 
     Args:
         weights: None (fresh), a preset name (or a release with a paper variant), a weights file
@@ -181,26 +183,26 @@ def build(architecture, weights=None, *, classes=None, gelu=None, input_shape=No
         input_tensor=input_tensor, **kwargs,
     )  # fmt: skip
     if weights is None:
-        return MlpMixer(**architecture, **common)
+        return cls(**architecture, **common)
     shape = _requested_shape(input_tensor, input_shape)
     patch = to_pair("patch_size", architecture["patch_size"])
     check_image_size(shape[:2], patch)  # the size error first, before any weights are compared
     grid = (shape[0] // patch[0], shape[1] // patch[1])
     trained_tokens = weights.token_count()
     if trained_tokens in (None, grid[0] * grid[1]):
-        return _load(MlpMixer(**architecture, **common), weights)
+        return _load(cls(**architecture, **common), weights)
     # Weights trained at a smaller size: the token MLPs become block-diagonal (paper, Appendix C).
     trained = trained_grid(trained_tokens, grid)
     factors = expansion_factors(trained, grid)
     copies = factors[0] * factors[1]
     log.info("%s: weights trained on a %dx%d patch grid, expanding to %dx%d", weights.path, *trained, *grid)
-    model = MlpMixer(**{**architecture, "tokens_mlp_dim": architecture["tokens_mlp_dim"] * copies}, **common)
+    model = cls(**{**architecture, "tokens_mlp_dim": architecture["tokens_mlp_dim"] * copies}, **common)
     return _load(model, weights, expansion=(trained, factors))
 
 
-def from_preset(source, **kwargs):
-    """`MlpMixer.from_preset`: a preset name or a weights file; the architecture, input size, GELU
-    form and classes come from the source unless `kwargs` say otherwise."""
+def from_preset(cls, source, **kwargs):
+    """`MlpMixer.from_preset`: a `cls` from a preset name or a weights file; the architecture, input
+    size, GELU form and classes come from the source unless `kwargs` say otherwise."""
     weights = open_weights(source)
     kwargs.setdefault("name", weights.name)
     if kwargs.get("input_tensor") is None and kwargs.get("input_shape") is None:
@@ -208,10 +210,10 @@ def from_preset(source, **kwargs):
     if weights.config is not None:
         for key in ("include_preprocessing", "classifier_activation"):
             kwargs.setdefault(key, weights.config.get(key))
-    return build(weights.architecture(), weights, **kwargs)
+    return build(cls, weights.architecture(), weights, **kwargs)
 
 
-def create(variant, weights=None, **kwargs):
-    """A named variant ("B/16", or a small "T/2") with `build` arguments."""
+def create(cls, variant, weights=None, **kwargs):
+    """A `cls` of a named variant ("B/16", or a small "T/2") with `build` arguments."""
     kwargs.setdefault("name", variant_name(variant))
-    return build(variant_config(variant), weights, **kwargs)
+    return build(cls, variant_config(variant), weights, **kwargs)

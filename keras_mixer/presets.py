@@ -11,7 +11,7 @@ import os
 
 import keras
 
-from keras_mixer.models import variant_name
+from keras_mixer.variants import variant_name
 from keras_mixer.preprocessing import EvalPreprocessing
 
 DEFAULT_BASE_URL = "https://storage.googleapis.com/mixer_models/"

@@ -18,9 +18,8 @@ import logging
 
 import numpy as np
 
-from keras_mixer.models import MlpMixer
 from keras_mixer.validation import to_pair
-from keras_mixer.weights import assign, model_params
+from keras_mixer.weights import assign, is_mixer, model_params
 
 log = logging.getLogger("keras_mixer")
 
@@ -96,7 +95,7 @@ def expand_resolution(model, image_size):
         Its token features after each block equal, tile by tile, the original model's features of
         each (H, W) tile, and its pooled pre-logits are the mean of the tiles' pre-logits.
     """
-    if not isinstance(model, MlpMixer):
+    if not is_mixer(model):
         raise ValueError(f"expand_resolution needs a keras_mixer.MlpMixer, got {type(model).__name__} {model.name!r}")
     config = model.get_config()
     height, width, channels = config["input_shape"]
@@ -104,7 +103,7 @@ def expand_resolution(model, image_size):
     factors = expansion_factors((height, width), new_size)
     copies = factors[0] * factors[1]
     config.update(input_shape=(*new_size, channels), tokens_mlp_dim=config["tokens_mlp_dim"] * copies)
-    expanded = MlpMixer.from_config(config)
+    expanded = type(model).from_config(config)
     assign(expanded, expand_params(model_params(model), model.grid_size, factors), f"{model.name} expanded")
     log.info(
         "Expanded %s from %dx%d to %dx%d: token MLPs block-diagonal with %d copies (D_S %d -> %d)",

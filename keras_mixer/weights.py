@@ -24,6 +24,15 @@ _LEAVES = {"kernel": "kernel", "bias": "bias", "gamma": "scale", "beta": "bias"}
 HEAD_KEYS = ("head/kernel", "head/bias")
 
 
+MIXER_CLASS = "keras_mixer>MlpMixer"  # MlpMixer's registered Keras name
+
+
+def is_mixer(model):
+    """Whether `model` is a `keras_mixer.MlpMixer` (or a subclass), known by its registered Keras
+    name: the loader and the resolution change sit below the model module and do not import it."""
+    return any(keras.saving.get_registered_name(c) == MIXER_CLASS for c in type(model).__mro__)
+
+
 def _official_key(variable):
     scope, _, leaf = variable.path.rpartition("/")
     return f"{scope}/{_LEAVES[leaf]}"

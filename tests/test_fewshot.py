@@ -13,7 +13,7 @@ from runs import assert_one_line_error, metrics, trainer
 
 from keras_mixer import data
 from keras_mixer.preprocessing import EvalPreprocessing
-from keras_mixer.studies import fewshot as fs
+from keras_mixer.training import fewshot as fs
 from keras_mixer.training.inference import load_keras_model
 
 # --- the solver --------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ pre-logit features, k shots per class from the train split, top-1 on the evaluat
 
 Writes OUT/fewshot.json (every draw's accuracy, mean, std, min, max per k, and the setup) and
 OUT/fewshot.png (accuracy against shots), and prints a table. The probe is defined in
-`keras_mixer.studies.fewshot`.
+`keras_mixer.training.fewshot`.
 """
 
 import os
@@ -13,7 +13,7 @@ import sys
 
 from absl import app, flags
 
-from keras_mixer.studies.fewshot import L2, SHOTS
+from keras_mixer.training.fewshot import L2, SHOTS
 from keras_mixer.training.cli import program_flags, quiet_logs, user_errors
 
 FLAGS = flags.FLAGS
@@ -74,7 +74,7 @@ def main(argv):
     from keras_mixer import data
     from keras_mixer.files import atomic_write, write_json
     from keras_mixer.preprocessing import EvalPreprocessing
-    from keras_mixer.studies import fewshot as probe
+    from keras_mixer.training import fewshot as probe
     from keras_mixer.training.inference import load_keras_model
 
     with user_errors():

@@ -24,7 +24,7 @@ import tensorflow as tf
 
 from keras_mixer import data, loader
 from keras_mixer.files import atomic_write, read_json, write_json
-from keras_mixer.models import variant_config
+from keras_mixer.models import MlpMixer, variant_config
 from keras_mixer.studies.resnet import resnet_name, small_resnet
 from keras_mixer.training.config import OPERATIONAL_FIELDS, run_length
 from keras_mixer.training.evaluation import make_evaluator
@@ -99,7 +99,7 @@ def build(kind, study, num_classes):
     shape = (config.image_size, config.image_size, 3)
     if kind == "mixer":
         return loader.create(
-            config.model, input_shape=shape, classes=num_classes, classifier_activation=None,
+            MlpMixer, config.model, input_shape=shape, classes=num_classes, classifier_activation=None,
             dropout_rate=config.dropout, drop_path_rate=config.drop_path, seed=config.seed,
         )  # fmt: skip
     return small_resnet(shape, num_classes, widths=study.resnet_widths)

@@ -175,7 +175,7 @@ def _overrides(extra=()):
     ]  # fmt: skip
     values = {name: FLAGS[name].value for name in names}
     if FLAGS.fewshot_shots is not None:
-        from keras_mixer.studies.fewshot import parse_shots
+        from keras_mixer.training.fewshot import parse_shots
 
         values["fewshot_shots"] = parse_shots(FLAGS.fewshot_shots, "--fewshot_shots")
     if FLAGS.mixed_precision is not None:

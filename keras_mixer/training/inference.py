@@ -100,7 +100,7 @@ def load_keras_model(source, model_name=None, image_size=None):
     if presets.is_preset_name(source) or os.path.isfile(source):
         weights = loader.open_weights(source, model_name)
         size = {} if image_size is None else dict(input_shape=(image_size, image_size, 3))
-        return loader.from_preset(weights, **size), weights.about
+        return MlpMixer.from_preset(weights, **size), weights.about
     raise FileNotFoundError(
         f"{source!r} is neither a .keras file, a training workdir, a checkpoint, a SavedModel, a weights file nor a "
         f"preset name ({', '.join(presets.PRESETS)})"

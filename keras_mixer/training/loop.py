@@ -29,7 +29,8 @@ import tensorflow as tf
 
 from keras_mixer import data, loader
 from keras_mixer.files import read_json, write_json
-from keras_mixer.studies.fewshot import TRAINING_DRAWS, FewshotProbe, features_function
+from keras_mixer.models import MlpMixer
+from keras_mixer.training.fewshot import TRAINING_DRAWS, FewshotProbe, features_function
 from keras_mixer.training.checkpointing import CheckpointStore, NoCheckpointRestores, has_checkpoint_files
 from keras_mixer.training.config import TrainConfig, check_resumed_recipe, run_length
 from keras_mixer.training.evaluation import make_evaluator
@@ -95,10 +96,10 @@ def build_model(config, num_classes):
         seed=config.seed,
     )
     if config.mode == "pretrain":
-        return loader.create(config.model, **common)
+        return loader.create(MlpMixer, config.model, **common)
     if config.model is None:
-        return loader.from_preset(config.init, name="mixer_finetuned", **common)
-    return loader.create(config.model, config.init, **common)
+        return MlpMixer.from_preset(config.init, name="mixer_finetuned", **common)
+    return loader.create(MlpMixer, config.model, config.init, **common)
 
 
 def trained_on(config, class_names):

@@ -71,7 +71,7 @@ class Report:
         self._scalars(step, {"eval/top1": top1, "eval/top5": top5})
 
     def fewshot(self, step, results):
-        """After a few-shot probe: `results` {k: dict(mean, ...)} (keras_mixer.studies.fewshot)."""
+        """After a few-shot probe: `results` {k: dict(mean, ...)} (keras_mixer.training.fewshot)."""
         means = {f"{k}shot": r["mean"] for k, r in results.items()}
         log.info("step %d: few-shot top-1 %s", step, ", ".join(f"{name} {v:.4f}" for name, v in means.items()))
         self.metrics["fewshot"] = dict(step=step, **means)

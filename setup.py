@@ -1,8 +1,15 @@
+import re
+
 from setuptools import find_packages, setup
+
+# The version lives in keras_mixer/__init__.py alone; read as text, so that building needs no
+# dependency installed.
+with open("keras_mixer/__init__.py", encoding="utf-8") as f:
+    VERSION = re.search(r'^__version__ = "([^"]+)"$', f.read(), re.M).group(1)
 
 setup(
     name="keras_mixer",
-    version="0.2.0",
+    version=VERSION,
     description="MLP-Mixer (Tolstikhin et al. 2021) for Keras 3 and TensorFlow",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
@@ -41,6 +48,7 @@ setup(
         "test": [
             "pytest>=8",
             "pytest-xdist>=3",  # the suite runs on 2 processes (pytest.ini)
+            "ruff>=0.6",  # lint and format, configured in pyproject.toml; CI runs both checks
             "torch==2.14.1",
             "torchvision==0.29.1",
             "timm>=1.0",

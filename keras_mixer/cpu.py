@@ -6,7 +6,12 @@ Standard library only, so `benchmarks/compare.py` loads this file without import
 # /proc/cpuinfo flag -> the name people know it by. AMX (Intel Sapphire Rapids and later) and
 # AVX512-BF16 (Intel Cooper Lake and later, AMD Zen 4 and later) multiply bf16 matrices in hardware;
 # AVX512-VNNI does the same for int8.
-MATRIX_FLAGS = {"amx_bf16": "AMX-BF16", "amx_int8": "AMX-INT8", "avx512_bf16": "AVX512-BF16", "avx512_vnni": "AVX512-VNNI"}
+MATRIX_FLAGS = {
+    "amx_bf16": "AMX-BF16",
+    "amx_int8": "AMX-INT8",
+    "avx512_bf16": "AVX512-BF16",
+    "avx512_vnni": "AVX512-VNNI",
+}
 BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 
 

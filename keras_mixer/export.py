@@ -96,12 +96,11 @@ def _decode(image_bytes, image_size, preprocessing, max_pixels):
     if it is not a JPEG or PNG or declares more than `max_pixels` pixels."""
     height, width = header_size(image_bytes)
     too_big = tf.strings.format(
-        "image of {}x{} pixels (width x height) is over the pixel budget of {} pixels set at export; send a smaller image",
+        "image of {}x{} pixels (width x height) is over the pixel budget of {} pixels set at export; "
+        "send a smaller image",
         (width, height, tf.constant(max_pixels, tf.int64)),
     )
-    check = tf.debugging.Assert(
-        (height > 0) & (width > 0) & (height * width <= max_pixels), [too_big], summarize=1
-    )
+    check = tf.debugging.Assert((height > 0) & (width > 0) & (height * width <= max_pixels), [too_big], summarize=1)
     with tf.control_dependencies([check]):
         image = tf.io.decode_image(tf.identity(image_bytes), channels=3, expand_animations=False)
     image.set_shape([None, None, 3])
@@ -110,7 +109,7 @@ def _decode(image_bytes, image_size, preprocessing, max_pixels):
 
 def serving_functions(
     model, class_names=None, top_k=5, preprocessing=None, max_pixels=DEFAULT_MAX_PIXELS, forward=None
-):  # fmt: skip
+):
     """The two serving functions (bytes and uint8 tensors) -> dict of named outputs, each with its
     input signature. `preprocessing`: an `EvalPreprocessing` (or its dict), default the paper's
     centre crop. `forward`: what computes the model's output from float images [B, H, W, 3]
@@ -172,9 +171,16 @@ def serving_functions(
 
 
 def export_saved_model(
-    model, export_base, version=None, class_names=None, top_k=5, preprocessing=None, max_pixels=DEFAULT_MAX_PIXELS,
-    metadata=None, precision="float32",
-):  # fmt: skip
+    model,
+    export_base,
+    version=None,
+    class_names=None,
+    top_k=5,
+    preprocessing=None,
+    max_pixels=DEFAULT_MAX_PIXELS,
+    metadata=None,
+    precision="float32",
+):
     """Writes `model` as `export_base/<version>/` for TF Serving and returns that path.
 
     Args:
@@ -211,18 +217,29 @@ def export_saved_model(
     served = serving_model(model, precision)
     frozen = _weight_bytes(served) <= MAX_FROZEN_BYTES
     forward = frozen_forward(served) if frozen else None
-    functions = serving_functions(served, class_names, top_k, preprocessing, max_pixels, forward and (lambda x: forward(x)[0]))
+    functions = serving_functions(
+        served, class_names, top_k, preprocessing, max_pixels, forward and (lambda x: forward(x)[0])
+    )
     if frozen:  # both signatures call the one frozen forward graph: the weights are stored once
         module, signatures = tf.Module(), {name: _traced(fn, spec) for name, (fn, spec) in functions.items()}
     else:
-        log.info("%s has %.1f GB of weights: served with variables, not frozen", model.name, _weight_bytes(served) / 1e9)
+        log.info(
+            "%s has %.1f GB of weights: served with variables, not frozen", model.name, _weight_bytes(served) / 1e9
+        )
         module, signatures = keras.export.ExportArchive(), None
         module.track(served)
         with kernels.plain_ops():
             for name, (fn, spec) in functions.items():
                 module.add_endpoint(name=name, fn=fn, input_signature=spec)
-    about = dict(metadata or {}, class_names=class_names, **preprocessing.to_dict(), max_pixels=int(max_pixels),
-                 image_size=list(model.input_shape[1:3]), precision=precision, frozen=frozen)  # fmt: skip
+    about = dict(
+        metadata or {},
+        class_names=class_names,
+        **preprocessing.to_dict(),
+        max_pixels=int(max_pixels),
+        image_size=list(model.input_shape[1:3]),
+        precision=precision,
+        frozen=frozen,
+    )
     staging = tempfile.mkdtemp(dir=export_base, prefix=".tmp-export-")
     try:
         if frozen:
@@ -267,7 +284,9 @@ def serving_model(model, precision="float32"):
 
 def _fold_layer_norm(norm, dense):
     """Moves `norm`'s scale and offset into the `dense` layer it feeds (computed in float64)."""
-    gamma, beta, kernel, bias = (np.asarray(v.numpy(), np.float64) for v in (norm.gamma, norm.beta, dense.kernel, dense.bias))
+    gamma, beta, kernel, bias = (
+        np.asarray(v.numpy(), np.float64) for v in (norm.gamma, norm.beta, dense.kernel, dense.bias)
+    )
     dense.kernel.assign((gamma[:, None] * kernel).astype(dense.kernel.dtype))
     dense.bias.assign((beta @ kernel + bias).astype(dense.bias.dtype))
     norm.gamma.assign(np.ones_like(gamma, norm.gamma.dtype))
@@ -287,7 +306,9 @@ def _traced(fn, signature):
 def frozen_forward(model):
     """`model`'s inference as one TF graph whose weights are constants: a concrete function of
     float images [None, H, W, channels] -> [the model's output] (a list of one tensor)."""
-    traced = _traced(lambda images: model(images, training=False), [tf.TensorSpec([None, *model.input_shape[1:]], tf.float32)])
+    traced = _traced(
+        lambda images: model(images, training=False), [tf.TensorSpec([None, *model.input_shape[1:]], tf.float32)]
+    )
     return convert_variables_to_constants_v2(traced)
 
 

@@ -47,14 +47,20 @@ class JaxTrainStep:
         if clip_norm is not None and not clip_norm > 0:
             raise ValueError(f"clip_norm must be a positive number or None, got {clip_norm!r}")
         if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-            raise ValueError("JaxTrainStep does not scale the loss: train in float32 or mixed_bfloat16, without a LossScaleOptimizer")
-        clipping = {k: getattr(optimizer, k) for k in ("clipnorm", "global_clipnorm", "clipvalue") if getattr(optimizer, k)}
+            raise ValueError(
+                "JaxTrainStep does not scale the loss: train in float32 or mixed_bfloat16, without a LossScaleOptimizer"
+            )
+        clipping = {
+            k: getattr(optimizer, k) for k in ("clipnorm", "global_clipnorm", "clipvalue") if getattr(optimizer, k)
+        }
         if clipping and clip_norm is not None:
             setting = ", ".join(f"{k}={v}" for k, v in clipping.items())
             raise ValueError(f"the optimizer clips too ({setting}): leave its clipping unset, or pass clip_norm=None")
         backend = keras.backend.backend()
         if backend != "jax":
-            raise RuntimeError(f"JaxTrainStep needs the JAX backend; this process runs Keras on {backend!r}: set KERAS_BACKEND=jax")
+            raise RuntimeError(
+                f"JaxTrainStep needs the JAX backend; this process runs Keras on {backend!r}: set KERAS_BACKEND=jax"
+            )
         import jax
 
         self.model = model

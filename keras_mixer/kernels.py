@@ -152,9 +152,16 @@ def token_major_layer_norm(x, gamma, beta, epsilon):
     count = tf.shape(columns)[1]
     ones, zeros = tf.ones([count]), tf.zeros([count])
     normed, *_ = tf.raw_ops.FusedBatchNormV3(
-        x=tf.reshape(columns, (1, channels, 1, count)), scale=ones, offset=zeros, mean=zeros, variance=ones,
-        epsilon=epsilon, exponential_avg_factor=1.0, data_format="NHWC", is_training=True,
-    )  # fmt: skip
+        x=tf.reshape(columns, (1, channels, 1, count)),
+        scale=ones,
+        offset=zeros,
+        mean=zeros,
+        variance=ones,
+        epsilon=epsilon,
+        exponential_avg_factor=1.0,
+        data_format="NHWC",
+        is_training=True,
+    )
     normed = tf.reshape(normed, (channels, -1, tokens))
     return normed * tf.cast(gamma, x.dtype)[:, None, None] + tf.cast(beta, x.dtype)[:, None, None]
 

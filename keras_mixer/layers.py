@@ -84,9 +84,7 @@ class PatchStem(layers.Layer):
 
     def build(self, input_shape):
         if len(input_shape) != 4:
-            raise ValueError(
-                f"{self.name} expects images [batch, height, width, channels], got shape {input_shape}"
-            )
+            raise ValueError(f"{self.name} expects images [batch, height, width, channels], got shape {input_shape}")
         _, height, width, channels = input_shape
         check_image_size((height, width), self.patch_size)
         if channels is None or channels <= 0:

@@ -71,7 +71,11 @@ class WeightsFile:
         if self.config is not None:
             return {k: self.config[k] for k in ARCHITECTURE}
         p = self.params or {}
-        needed = ("stem/kernel", "MixerBlock_0/token_mixing/Dense_0/kernel", "MixerBlock_0/channel_mixing/Dense_0/kernel")
+        needed = (
+            "stem/kernel",
+            "MixerBlock_0/token_mixing/Dense_0/kernel",
+            "MixerBlock_0/channel_mixing/Dense_0/kernel",
+        )
         if any(key not in p for key in needed):
             raise WeightsError(f"{self.path!r} lacks {', '.join(k for k in needed if k not in p)}: not Mixer weights")
         known = architecture_of(p)
@@ -137,7 +141,10 @@ def _load(model, weights, expansion=None):
         log.warning(
             "%s was trained with the %s GELU but the model uses %s: outputs will differ slightly; "
             "build the model with gelu=%r for parity",
-            weights.path, weights.gelu, model.gelu, weights.gelu,
+            weights.path,
+            weights.gelu,
+            model.gelu,
+            weights.gelu,
         )
     params = weights.arrays_for(model) if expansion is None else expand_params(weights.params, *expansion)
     assign(model, params, weights.path)
@@ -179,9 +186,12 @@ def build(cls, architecture, weights=None, *, classes=None, gelu=None, input_sha
         gelu = gelu or weights.gelu
         classes = weights.classes if classes is None else classes
     common = dict(
-        classes=1000 if classes is None else classes, gelu=check_gelu(gelu or "tanh"), input_shape=input_shape,
-        input_tensor=input_tensor, **kwargs,
-    )  # fmt: skip
+        classes=1000 if classes is None else classes,
+        gelu=check_gelu(gelu or "tanh"),
+        input_shape=input_shape,
+        input_tensor=input_tensor,
+        **kwargs,
+    )
     if weights is None:
         return cls(**architecture, **common)
     shape = _requested_shape(input_tensor, input_shape)

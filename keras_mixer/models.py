@@ -17,10 +17,24 @@ from keras import layers, ops
 from keras_mixer import loader
 from keras_mixer.layers import LayerNorm, MixerBlock, PatchStem, float32_if_mixed
 from keras_mixer.preprocessing import PIXEL_OFFSET, PIXEL_SCALE, scale_pixels
-from keras_mixer.validation import check_gelu, check_image_size, check_positive_int, check_rate, check_recompute, to_pair
+from keras_mixer.validation import (
+    check_gelu,
+    check_image_size,
+    check_positive_int,
+    check_rate,
+    check_recompute,
+    to_pair,
+)
 from keras_mixer.variants import (  # noqa: F401  (the tables stay importable from here)
-    ARCHITECTURE, DEFAULT_INPUT_SHAPE, MODEL_NAMES, SMALL_VARIANTS, VARIANTS, variant_config, variant_name, variant_of,
-)  # fmt: skip
+    ARCHITECTURE,
+    DEFAULT_INPUT_SHAPE,
+    MODEL_NAMES,
+    SMALL_VARIANTS,
+    VARIANTS,
+    variant_config,
+    variant_name,
+    variant_of,
+)
 
 POOLINGS = (None, "avg", "max")
 

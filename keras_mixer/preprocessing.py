@@ -34,7 +34,11 @@ class EvalPreprocessing:
     def __post_init__(self):
         if self.eval_resize not in EVAL_RESIZE:
             raise ValueError(f"eval_resize must be one of {EVAL_RESIZE}, got {self.eval_resize!r}")
-        if isinstance(self.crop_ratio, bool) or not isinstance(self.crop_ratio, (int, float)) or not 0 < self.crop_ratio <= 1:
+        if (
+            isinstance(self.crop_ratio, bool)
+            or not isinstance(self.crop_ratio, (int, float))
+            or not 0 < self.crop_ratio <= 1
+        ):
             raise ValueError(f"crop_ratio must be in (0, 1], got {self.crop_ratio!r}")
 
     def to_dict(self):

@@ -11,8 +11,8 @@ import os
 
 import keras
 
-from keras_mixer.variants import variant_name
 from keras_mixer.preprocessing import EvalPreprocessing
+from keras_mixer.variants import variant_name
 
 DEFAULT_BASE_URL = "https://storage.googleapis.com/mixer_models/"
 

@@ -107,7 +107,13 @@ def expand_resolution(model, image_size):
     assign(expanded, expand_params(model_params(model), model.grid_size, factors), f"{model.name} expanded")
     log.info(
         "Expanded %s from %dx%d to %dx%d: token MLPs block-diagonal with %d copies (D_S %d -> %d)",
-        model.name, height, width, *new_size, copies, config["tokens_mlp_dim"] // copies, config["tokens_mlp_dim"],
+        model.name,
+        height,
+        width,
+        *new_size,
+        copies,
+        config["tokens_mlp_dim"] // copies,
+        config["tokens_mlp_dim"],
     )
     return expanded
 

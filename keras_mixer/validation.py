@@ -28,7 +28,7 @@ def check_rate(name, value):
 
 
 def check_gelu(value):
-    """"tanh" (the approximation the official weights were trained with) or "exact" (timm's erf form)."""
+    """ "tanh" (the approximation the official weights were trained with) or "exact" (timm's erf form)."""
     if value not in GELU_FORMS:
         raise ValueError(f"gelu must be one of {GELU_FORMS}, got {value!r}")
     return value

@@ -1,9 +1,8 @@
 """The Mixer variants by name: the paper's Table 1 and our small ones, as architecture numbers.
 
-Below every module that builds or loads a model, so that both can read them.
+Below every module that builds or loads a model, so that both can read them; standard library only,
+so that the benchmarks' driver reads it from its file without importing Keras.
 """
-
-from keras_mixer.validation import to_pair
 
 # Table 1 of the paper (S/8 from the released gsam weights). D_S = C/2 and D_C = 4C throughout.
 VARIANTS = {
@@ -46,8 +45,13 @@ def variant_of(architecture):
     """The paper's variant name ("B/16") of the five `ARCHITECTURE` numbers, or None for another
     architecture (an expanded model has a wider token MLP and is no paper variant)."""
     mine = {k: architecture[k] for k in ARCHITECTURE}
-    mine["patch_size"] = to_pair("patch_size", mine["patch_size"])
+    mine["patch_size"] = _pair(mine["patch_size"])
     for name, numbers in VARIANTS.items():
-        if {**numbers, "patch_size": to_pair("patch_size", numbers["patch_size"])} == mine:
+        if {**numbers, "patch_size": _pair(numbers["patch_size"])} == mine:
             return name
     return None
+
+
+def _pair(patch_size):
+    """16 or (16, 16) -> (16, 16); the sizes here come from built models and the tables above."""
+    return tuple(patch_size) if isinstance(patch_size, (tuple, list)) else (patch_size, patch_size)

@@ -117,7 +117,12 @@ def _read_torch(path):
 # timm name -> official name, for the parts that differ; block index carried by the regexes.
 _TIMM_BLOCK = re.compile(r"^blocks\.(\d+)\.(norm1|norm2|mlp_tokens|mlp_channels)\.(?:(fc1|fc2)\.)?(weight|bias)$")
 _TIMM_TOP = {"stem.proj": "stem", "norm": "pre_head_layer_norm", "head": "head"}
-_TIMM_PART = {"norm1": "LayerNorm_0", "norm2": "LayerNorm_1", "mlp_tokens": "token_mixing", "mlp_channels": "channel_mixing"}
+_TIMM_PART = {
+    "norm1": "LayerNorm_0",
+    "norm2": "LayerNorm_1",
+    "mlp_tokens": "token_mixing",
+    "mlp_channels": "channel_mixing",
+}
 _TIMM_FC = {"fc1": "Dense_0", "fc2": "Dense_1"}
 
 

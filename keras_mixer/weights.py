@@ -15,8 +15,8 @@ import keras
 import numpy as np
 
 from keras_mixer import weight_files
-from keras_mixer.weight_files import WeightsError
 from keras_mixer.files import TMP_PREFIX, readable_file_mode, strict_json
+from keras_mixer.weight_files import WeightsError
 
 log = logging.getLogger("keras_mixer")
 

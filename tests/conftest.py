@@ -12,15 +12,14 @@ try:
 except ImportError:
     pass
 
+import time  # noqa: E402
+
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from runs import trainer  # noqa: E402
 
 import keras_mixer  # noqa: E402
-
-import time  # noqa: E402
-
-from runs import trainer  # noqa: E402
 
 # patch 4 on 16x16 images: a 4x4 grid of S=16 tokens, C=24, D_S=12, D_C=48.
 TINY = dict(patch_size=4, hidden_dim=24, num_blocks=2, tokens_mlp_dim=12, channels_mlp_dim=48)

@@ -13,11 +13,17 @@ def trainer(program, *args, check=True, timeout=600, env=None, cwd=ROOT):
     """Runs trainers/<program>.py with `args`; raises with its output when `check` and it fails."""
     result = subprocess.run(
         [sys.executable, os.path.join(ROOT, "trainers", f"{program}.py"), *map(str, args)],
-        capture_output=True, text=True, env={**ENV, **(env or {})}, cwd=cwd, timeout=timeout,
+        capture_output=True,
+        text=True,
+        env={**ENV, **(env or {})},
+        cwd=cwd,
+        timeout=timeout,
         preexec_fn=lambda: os.umask(0o022),
-    )  # fmt: skip
+    )
     if check and result.returncode != 0:
-        raise AssertionError(f"{program} {args} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+        raise AssertionError(
+            f"{program} {args} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        )
     return result
 
 

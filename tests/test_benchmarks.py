@@ -103,6 +103,7 @@ def test_the_machine_is_named_with_its_cpus_matrix_units():
 
 def test_a_measurement_past_its_timeout_is_stopped_and_listed_as_failed():
     # A worker that hangs (here: any real measurement given 1 s) must not stall the whole run.
-    args = SimpleNamespace(batch=1, train_batch=1, steps=1, warmup=0, image_size=224, dtype="float32",
-                           expand_from=0, timeout=1)  # fmt: skip
+    args = SimpleNamespace(
+        batch=1, train_batch=1, steps=1, warmup=0, image_size=224, dtype="float32", expand_from=0, timeout=1
+    )
     assert compare.launch(args, "flax jit", "B/16") == dict(error="timed out after 1 s")

@@ -82,7 +82,9 @@ def image_folder(tmp_path):
             folder.mkdir(parents=True)
             for i in range(count):
                 size = (17 + 5 * i, 23 + 3 * i)
-                image = np.full((*size, 3), 40 + 150 * label, np.uint8) + rng.integers(0, 20, (*size, 3), dtype=np.uint8)
+                image = np.full((*size, 3), 40 + 150 * label, np.uint8) + rng.integers(
+                    0, 20, (*size, 3), dtype=np.uint8
+                )
                 _write(folder / f"{i}.jpg", image, "jpeg") if i % 2 else _write(folder / f"{i}.png", image, "png")
     _write(tmp_path / "train" / "cat" / "grey.png", np.full((30, 20, 1), 77, np.uint8), "png")
     (tmp_path / "train" / "cat" / "broken.jpg").write_bytes(b"this is not an image")
@@ -167,7 +169,10 @@ class KerasMixerTinyPictures(tfds.core.GeneratorBasedBuilder):
     VERSION = tfds.core.Version("1.0.0")
 
     def _info(self):
-        features = {"image": tfds.features.Image(shape=(None, None, 1)), "label": tfds.features.ClassLabel(num_classes=3)}
+        features = {
+            "image": tfds.features.Image(shape=(None, None, 1)),
+            "label": tfds.features.ClassLabel(num_classes=3),
+        }
         return tfds.core.DatasetInfo(
             builder=self, features=tfds.features.FeaturesDict(features), supervised_keys=("image", "label")
         )
@@ -308,7 +313,9 @@ def test_pixel_permutation_and_pipelines_share_it():
     source = data.digits_source("test")
     kwargs = dict(training=False, image_size=8, batch_size=360, eval_resize="resize")
     plain, _ = next(iter(data.make_pipeline(source, **kwargs)))
-    permuted, _ = next(iter(data.make_pipeline(source, permutation=data.ImagePermutation("pixels", 8, seed=4), **kwargs)))
+    permuted, _ = next(
+        iter(data.make_pipeline(source, permutation=data.ImagePermutation("pixels", 8, seed=4), **kwargs))
+    )
     np.testing.assert_array_equal(permuted.numpy(), permutation(plain).numpy())
     np.testing.assert_array_equal(permutation.invert(permuted).numpy(), plain.numpy())
     with pytest.raises(ValueError, match=r"permutation must be one of \('patches', 'pixels'\), got 'rows'"):

@@ -72,8 +72,11 @@ def _serve(tmp_path, export, images):
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     result = subprocess.run(
         [sys.executable, "-c", SERVER, export, str(requests), str(tmp_path / "responses.npz")],
-        capture_output=True, text=True, env=env, timeout=300,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return dict(np.load(tmp_path / "responses.npz"))
 
@@ -101,7 +104,9 @@ def test_saved_model_in_a_fresh_process_matches_keras(tmp_path, activation, size
         np.testing.assert_allclose(served[f"{kind}/top_k_scores"], np.take_along_axis(expected, top, 1), atol=1e-5)
         np.testing.assert_array_equal(served[f"{kind}/top_k_labels"], np.array(CLASSES)[top])
         np.testing.assert_allclose(served[f"{kind}/probabilities"].sum(1), 1, atol=1e-5)
-        np.testing.assert_allclose(tf.nn.softmax(served[f"{kind}/logits"]).numpy(), served[f"{kind}/probabilities"], atol=1e-5)
+        np.testing.assert_allclose(
+            tf.nn.softmax(served[f"{kind}/logits"]).numpy(), served[f"{kind}/probabilities"], atol=1e-5
+        )
     assert "InvalidArgumentError" in str(served["bad"]) or "image" in str(served["bad"]).lower()
     assert "the request is not a JPEG or PNG image" in str(served["bad"])
     np.testing.assert_allclose(served["after_bad"], expected_bytes[:1], atol=1e-5)
@@ -111,7 +116,10 @@ def test_saved_model_cli_lists_both_signatures(tmp_path):
     export = export_saved_model(randomize(tiny_mixer()), tmp_path / "base", class_names=CLASSES)
     cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
     shown = subprocess.run([cli, "show", "--dir", export, "--all"], capture_output=True, text=True, timeout=300).stdout
-    for signature, argument, dtype in (("serving_default", "image_bytes", "DT_STRING"), ("serving_images", "images", "DT_UINT8")):
+    for signature, argument, dtype in (
+        ("serving_default", "image_bytes", "DT_STRING"),
+        ("serving_images", "images", "DT_UINT8"),
+    ):
         block = shown.split(f"signature_def['{signature}']")[1].split("signature_def[")[0]
         assert f"inputs['{argument}']" in block and dtype in block
         for output in ("logits", "probabilities", "top_k_ids", "top_k_scores", "top_k_labels"):
@@ -160,10 +168,19 @@ def test_export_command_line(tmp_path):
     (tmp_path / "classes.txt").write_text("\n".join(CLASSES) + "\n")
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     command = [
-        sys.executable, os.path.join(ROOT, "trainers", "export.py"), "--source", str(tmp_path / "m.keras"),
-        "--export_base", str(tmp_path / "serving"), "--version", "7", "--class_names", str(tmp_path / "classes.txt"),
-        "--onnx", str(tmp_path / "m.onnx"),
-    ]  # fmt: skip
+        sys.executable,
+        os.path.join(ROOT, "trainers", "export.py"),
+        "--source",
+        str(tmp_path / "m.keras"),
+        "--export_base",
+        str(tmp_path / "serving"),
+        "--version",
+        "7",
+        "--class_names",
+        str(tmp_path / "classes.txt"),
+        "--onnx",
+        str(tmp_path / "m.onnx"),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     loaded = tf.saved_model.load(str(tmp_path / "serving" / "7"))

@@ -67,6 +67,7 @@ def history_steps(workdir):
 # --- finished is finished; readable outputs -----------------------------------------------------
 
 
+@pytest.mark.slow
 def test_rerunning_a_finished_run_rewrites_nothing(workdir):
     before = snapshot(workdir)
     result = trainer("pretrain", *RUN, "--workdir", workdir)
@@ -158,7 +159,9 @@ def test_restore_walks_back_to_the_newest_intact_checkpoint(tmp_path, fault):
     assert tf.train.latest_checkpoint(str(tmp_path)).endswith("ckpt-40")  # the state file agrees
     store.save(60)
     store.save(80)
-    assert sorted(glob.glob(str(tmp_path / "ckpt-*.index"))) == [str(tmp_path / f"ckpt-{s}.index") for s in (40, 60, 80)]
+    assert sorted(glob.glob(str(tmp_path / "ckpt-*.index"))) == [
+        str(tmp_path / f"ckpt-{s}.index") for s in (40, 60, 80)
+    ]
 
 
 @pytest.mark.parametrize("state_file", ["deleted", "garbage", "empty", "points to a missing one"])
@@ -168,7 +171,11 @@ def test_restore_does_not_trust_the_state_file(tmp_path, state_file):
     if state_file == "deleted":
         path.unlink()
     else:
-        text = {"garbage": b"\xff\xfe garbage \x00", "empty": b"", "points to a missing one": b'model_checkpoint_path: "ckpt-7"'}
+        text = {
+            "garbage": b"\xff\xfe garbage \x00",
+            "empty": b"",
+            "points to a missing one": b'model_checkpoint_path: "ckpt-7"',
+        }
         path.write_bytes(text[state_file])
     store, state = _store(tmp_path)
     assert store.restore_newest() == 60 and (state["vector"].numpy() == 60).all()
@@ -195,6 +202,7 @@ def test_rotation_keeps_the_newest_and_counts_only_complete_checkpoints(tmp_path
     assert one.latest().endswith("ckpt-3") and os.path.isfile(one.latest() + ".index")
 
 
+@pytest.mark.slow
 def test_the_trainer_resumes_before_a_broken_checkpoint_and_keeps_the_history(workdir):
     checkpoints = workdir / "checkpoints"
     _flip(checkpoints / "ckpt-60.data-00000-of-00001")
@@ -209,6 +217,7 @@ def test_the_trainer_resumes_before_a_broken_checkpoint_and_keeps_the_history(wo
     assert history_steps(workdir) == [20, 40, 60]  # the history before the resume is kept
 
 
+@pytest.mark.slow
 def test_when_no_checkpoint_restores_the_run_stops_until_told_to_restart(workdir):
     checkpoints = workdir / "checkpoints"
     for path in glob.glob(str(checkpoints / "ckpt-*.data-*")):
@@ -228,6 +237,7 @@ def test_when_no_checkpoint_restores_the_run_stops_until_told_to_restart(workdir
 # --- the recipe is checked on resume ------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_changed_recipe_is_refused_unless_accepted_and_then_recorded(workdir):
     run_json = (workdir / "run.json").read_bytes()
     result = trainer("pretrain", *RUN, "--learning_rate", 0.01, "--workdir", workdir, check=False)
@@ -236,7 +246,9 @@ def test_a_changed_recipe_is_refused_unless_accepted_and_then_recorded(workdir):
 
     # Augmentation flags are recipe fields too.
     result = trainer("pretrain", *RUN, "--crop_area_min", 1, "--flip", "--workdir", workdir, check=False)
-    assert_one_line_error(result, "crop_area_min 0.7 -> 1.0", "flip False -> True", "--accept_changes=crop_area_min,flip")
+    assert_one_line_error(
+        result, "crop_area_min 0.7 -> 1.0", "flip False -> True", "--accept_changes=crop_area_min,flip"
+    )
 
     longer = ["--steps", 80, "--checkpoint_every", 20, "--log_every", 20, "--crop_area_min", 1]
     result = trainer("pretrain", *longer, "--accept_changes", "steps,crop_area_min", "--workdir", workdir)
@@ -246,12 +258,16 @@ def test_a_changed_recipe_is_refused_unless_accepted_and_then_recorded(workdir):
     assert metrics(workdir)["step"] == 80 and history_steps(workdir) == [20, 40, 60, 80]
     assert sorted(os.listdir(workdir / "export")) == ["60", "80"]
     changes = json.loads((workdir / "run.json").read_text())["recipe_changes"]
-    assert changes == [dict(step=60, field="steps", recorded=60, now=80), dict(step=60, field="crop_area_min", recorded=0.7, now=1.0)]
+    assert changes == [
+        dict(step=60, field="steps", recorded=60, now=80),
+        dict(step=60, field="crop_area_min", recorded=0.7, now=1.0),
+    ]
 
 
 # --- one owner per workdir; leftovers of a kill -------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_second_trainer_is_refused_and_a_dead_owners_lock_is_taken_over(tmp_path):
     workdir = tmp_path / "run"
     long_run = [*RUN[:0], "--steps", 100_000, "--checkpoint_every", 20, "--log_every", 20, "--workdir", workdir]
@@ -284,8 +300,16 @@ def test_a_second_trainer_is_refused_and_a_dead_owners_lock_is_taken_over(tmp_pa
 
 def test_sigterm_checkpoints_the_current_step_and_exits_143(tmp_path):
     workdir = tmp_path / "run"
-    command = [sys.executable, os.path.join(ROOT, "trainers", "pretrain.py"), "--steps", "100000",
-               "--checkpoint_every", "100000", "--workdir", str(workdir)]  # fmt: skip
+    command = [
+        sys.executable,
+        os.path.join(ROOT, "trainers", "pretrain.py"),
+        "--steps",
+        "100000",
+        "--checkpoint_every",
+        "100000",
+        "--workdir",
+        str(workdir),
+    ]
     process = subprocess.Popen(command, env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while time.time() < deadline and not (workdir / "tensorboard").exists():  # training has begun
@@ -329,7 +353,9 @@ def small_disk(tmp_path):
     def mount(kilobytes):
         point = tmp_path / f"disk{len(mounted)}"
         point.mkdir()
-        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kilobytes}k", "tmpfs", str(point)], capture_output=True)
+        result = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={kilobytes}k", "tmpfs", str(point)], capture_output=True
+        )
         if result.returncode != 0:
             pytest.skip(f"cannot mount a small tmpfs here: {result.stderr.decode().strip()}")
         mounted.append(point)
@@ -340,6 +366,7 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(point)], check=False)
 
 
+@pytest.mark.slow
 def test_a_full_disk_stops_training_with_one_line_and_loses_no_finished_checkpoint(small_disk):
     disk = small_disk(2500)  # room for one 1.7 MB checkpoint, not two
     result = trainer("pretrain", *RUN, "--workdir", disk / "run", check=False)
@@ -404,13 +431,17 @@ def test_user_errors_of_pretrain_are_one_line(case, tmp_path):
 )
 def test_a_bad_init_is_one_line(init, message, tmp_path):
     (tmp_path / "notes.txt").write_text("not weights")
-    result = trainer("finetune", "--init", tmp_path / init, "--model", "T/2", "--workdir", tmp_path / "run", check=False)
+    result = trainer(
+        "finetune", "--init", tmp_path / init, "--model", "T/2", "--workdir", tmp_path / "run", check=False
+    )
     assert_one_line_error(result, message, init)
 
 
 def test_help_shows_each_programs_own_flags():
-    runs = [("pretrain", "--help", ["--steps:", "--workdir:", "--[no]restart:", "--accept_changes:", "--[no]debug:"]),
-            ("export", "--helpshort", ["--source:", "--export_base:", "--max_pixels:"])]  # fmt: skip
+    runs = [
+        ("pretrain", "--help", ["--steps:", "--workdir:", "--[no]restart:", "--accept_changes:", "--[no]debug:"]),
+        ("export", "--helpshort", ["--source:", "--export_base:", "--max_pixels:"]),
+    ]
     for program, flag, expected in runs:
         out = trainer(program, flag, check=False).stdout
         missing = [name for name in expected if name not in out]
@@ -481,7 +512,9 @@ def test_the_bytes_signature_refuses_images_over_the_pixel_budget_fast(tmp_path)
         (tmp_path / name).write_bytes(payload)
         names.append(str(tmp_path / name))
     assert len(requests["png_20000"]) < 400_000  # a small request ...
-    out = subprocess.run([sys.executable, "-c", SERVER, export, *names], capture_output=True, text=True, env=ENV, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", SERVER, export, *names], capture_output=True, text=True, env=ENV, timeout=300
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads(out.stdout.strip().splitlines()[-1])
     for name in ("png_20000", "jpeg_30000"):  # ... that would decode to 1.2 GB and 2.7 GB of pixels
@@ -497,6 +530,7 @@ def test_the_bytes_signature_refuses_images_over_the_pixel_budget_fast(tmp_path)
 # --- nothing dropped in silence -----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_images_that_fail_to_decode_are_counted_and_reported(tmp_path):
     rng = np.random.default_rng(0)
     for split in ("train", "test"):
@@ -510,9 +544,16 @@ def test_images_that_fail_to_decode_are_counted_and_reported(tmp_path):
     bad.write_bytes(b"\xff\xd8\xff\xe0" + bytes(rng.integers(0, 255, 2000, dtype=np.uint8)))  # JPEG magic, garbage
     (tmp_path / "data" / "train" / "b" / "readme.txt").write_text("not an image")
     result = trainer(
-        "pretrain", "--dataset", f"folder:{tmp_path / 'data'}", "--steps", 3, "--batch_size", 4,
-        "--workdir", tmp_path / "run",
-    )  # fmt: skip
+        "pretrain",
+        "--dataset",
+        f"folder:{tmp_path / 'data'}",
+        "--steps",
+        3,
+        "--batch_size",
+        4,
+        "--workdir",
+        tmp_path / "run",
+    )
     [line] = [line for line in result.stdout.splitlines() if line.startswith("warning:") and "split 'train'" in line]
     assert "1 images that fail to decode" in line and "bad.jpg" in line
     assert "1 files without an image extension" in line and "readme.txt" in line
@@ -536,9 +577,16 @@ def test_an_unreachable_preset_says_how_to_supply_the_file(tmp_path, monkeypatch
     assert "imagenet1k/Mixer-B_16.npz" in message and "\n" not in message
 
     result = trainer(
-        "export", "--source", "imagenet1k", "--model", "B/16", "--export_base", tmp_path / "m", check=False,
+        "export",
+        "--source",
+        "imagenet1k",
+        "--model",
+        "B/16",
+        "--export_base",
+        tmp_path / "m",
+        check=False,
         env={"KERAS_MIXER_WEIGHTS_URL": f"file://{tmp_path}/no-mirror-here", "KERAS_HOME": str(tmp_path / "cache")},
-    )  # fmt: skip
+    )
     assert_one_line_error(result, "KERAS_MIXER_WEIGHTS_URL")
 
 

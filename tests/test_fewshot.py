@@ -130,6 +130,7 @@ def test_subset_reads_only_the_chosen_examples_in_split_order():
         train.subset([-1, 3])
 
 
+@pytest.mark.slow
 def test_demo_features_beat_chance_by_far(demo):
     workdir, _, _ = demo
     model, about = load_keras_model(os.path.join(workdir, "model.keras"))
@@ -200,6 +201,7 @@ def _weights(workdir):
     return keras.saving.load_model(os.path.join(workdir, "model.keras")).get_weights()
 
 
+@pytest.mark.slow
 def test_training_probes_report_and_leave_the_training_unchanged(tmp_path):
     common = ["--steps", 30, "--log_every", 10, "--noexport"]
     probed = trainer("pretrain", *common, "--fewshot_every", 10, "--fewshot_shots", "5,1", "--workdir", tmp_path / "a")

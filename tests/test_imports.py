@@ -108,7 +108,12 @@ def test_the_cycle_finder_finds_a_lazy_import_cycle():
     # The checker itself: a cycle closed only by an import inside a function is found.
     source = "def f():\n    from keras_mixer import b\n"
     tree = ast.parse(source)
-    names = [n for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) for n in _imported(node, "keras_mixer.a", False)]
+    names = [
+        n
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom)
+        for n in _imported(node, "keras_mixer.a", False)
+    ]
     assert names == ["keras_mixer.b"]
     assert cycles({"a": {"b"}, "b": {"a"}, "c": {"a"}}) == [["a", "b"]]
 

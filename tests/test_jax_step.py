@@ -102,6 +102,7 @@ def seen():
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_the_step_updates_the_weights_as_train_on_batch_does(seen):
     # Clipping at 0.5 acted on every step (the norms are above it), so a step that skipped or
     # misplaced it would drift from the reference.

@@ -45,7 +45,11 @@ def test_b16_forward_and_official_initialisation():
     assert not model.get_layer("MixerBlock_3").channel_mixing.dense_0.bias.numpy().any()
     # The official LayerNorm epsilon (Keras' default is 1e-3).
     assert model.get_layer("pre_head_layer_norm").epsilon == 1e-6
-    assert model.get_layer("MixerBlock_3").layer_norm_0.epsilon == model.get_layer("MixerBlock_3").layer_norm_1.epsilon == 1e-6
+    assert (
+        model.get_layer("MixerBlock_3").layer_norm_0.epsilon
+        == model.get_layer("MixerBlock_3").layer_norm_1.epsilon
+        == 1e-6
+    )
     features = np.asarray(keras_mixer.MixerB16(include_top=False, pooling="avg")(images))
     assert features.shape == (2, 768) and np.isfinite(features).all()
 
@@ -95,9 +99,7 @@ def test_token_feature_model_reads_every_block(images):
     assert all(tuple(f.shape) == (3, 16, 24) for f in features.values())
     # Block 2's output through the pre-head LayerNorm and the mean is what the head sees.
     pre_logits = model.get_layer("avg_pool")(model.get_layer("pre_head_layer_norm")(features["MixerBlock_2"]))
-    np.testing.assert_allclose(
-        np.asarray(model.get_layer("head")(pre_logits)), np.asarray(model(images)), atol=1e-5
-    )
+    np.testing.assert_allclose(np.asarray(model.get_layer("head")(pre_logits)), np.asarray(model(images)), atol=1e-5)
 
 
 def test_keras_file_round_trip_is_exact(tmp_path, images):
@@ -160,8 +162,10 @@ def test_mixed_bfloat16_keeps_norm_statistics_and_head_in_float32(images):
     out = block.layer_norm_0(tokens)
     assert keras.backend.standardize_dtype(out.dtype) == "bfloat16"
     expected = keras.ops.cast(as_float32(tokens), "bfloat16")
-    np.testing.assert_array_equal(keras.ops.convert_to_numpy(keras.ops.cast(out, "float32")),
-                                  keras.ops.convert_to_numpy(keras.ops.cast(expected, "float32")))
+    np.testing.assert_array_equal(
+        keras.ops.convert_to_numpy(keras.ops.cast(out, "float32")),
+        keras.ops.convert_to_numpy(keras.ops.cast(expected, "float32")),
+    )
     assert model.get_layer("pre_head_layer_norm").compute_dtype == "float32"
     assert model.get_layer("head").compute_dtype == "float32"
     assert all(w.dtype == "float32" for w in model.weights)
@@ -223,4 +227,3 @@ def test_same_model_on_the_jax_backend(tmp_path, images):
     env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}
     subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=300)
     np.testing.assert_allclose(np.load(tmp_path / "y.npy"), np.asarray(model(images)), atol=1e-4)
-

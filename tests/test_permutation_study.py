@@ -29,6 +29,7 @@ def _logits(model, images):
     return np.asarray(model(images, training=False))
 
 
+@pytest.mark.slow
 def test_a_relabelled_mixer_trains_on_patch_shuffled_images_along_the_same_trajectory():
     import tensorflow as tf
 
@@ -47,22 +48,32 @@ def test_a_relabelled_mixer_trains_on_patch_shuffled_images_along_the_same_traje
 
     expected = _logits(original, images)
     assert np.abs(expected).max() > 1  # trained: the logits are not the zero head's
-    np.testing.assert_allclose(_logits(relabelled, shuffle(images)), expected, rtol=0, atol=1e-3 * np.abs(expected).max())
+    np.testing.assert_allclose(
+        _logits(relabelled, shuffle(images)), expected, rtol=0, atol=1e-3 * np.abs(expected).max()
+    )
     for a, b in zip(original_curve, relabelled_curve):
         assert a["step"] == b["step"] and a["eval_top1"] == b["eval_top1"]
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
     # Without the relabelling the same data order and initial weights give another trajectory.
     assert np.abs(_logits(unrelabelled, shuffle(images)) - expected).max() > 0.1 * np.abs(expected).max()
-    assert [p["train_loss"] for p in unrelabelled_curve] != pytest.approx([p["train_loss"] for p in original_curve], rel=1e-3)
+    assert [p["train_loss"] for p in unrelabelled_curve] != pytest.approx(
+        [p["train_loss"] for p in original_curve], rel=1e-3
+    )
 
 
 def test_relabelling_is_exact_at_initialisation_on_a_non_square_grid():
     import keras_mixer
 
     model = keras_mixer.MlpMixer(
-        patch_size=(2, 4), hidden_dim=8, num_blocks=2, tokens_mlp_dim=6, channels_mlp_dim=16, input_shape=(8, 16, 3),
-        classes=5, classifier_activation=None,
-    )  # fmt: skip
+        patch_size=(2, 4),
+        hidden_dim=8,
+        num_blocks=2,
+        tokens_mlp_dim=6,
+        channels_mlp_dim=16,
+        input_shape=(8, 16, 3),
+        classes=5,
+        classifier_activation=None,
+    )
     rng = np.random.default_rng(0)
     model.set_weights([rng.normal(0, 0.3, w.shape).astype("float32") for w in model.get_weights()])
     images = rng.uniform(0, 255, (4, 8, 16, 3)).astype("float32")
@@ -86,6 +97,7 @@ def ranked_textures(tmp_path_factory):
     return folder, train, data.load_source(f"folder:{folder}", "test", class_names=train.class_names)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1])
 def test_the_cnn_loses_more_than_the_mixer_when_the_pixels_are_shuffled(ranked_textures, seed):
     # One fixed permutation of all pixels takes away the locality a CNN is built on; the Mixer's
@@ -113,6 +125,7 @@ def _cells(workdir):
         return json.load(f)["cells"]
 
 
+@pytest.mark.slow
 def test_the_command_survives_a_kill_continues_and_refuses_another_recipe(tmp_path):
     workdir = str(tmp_path / "study")
     args = ["--steps", 24, "--eval_every", 6, "--models", "mixer", "--workdir", workdir]
@@ -134,7 +147,9 @@ def test_the_command_survives_a_kill_continues_and_refuses_another_recipe(tmp_pa
     assert cells["mixer/original"] == first["mixer/original"]  # nothing finished is lost or redone
     assert all([p["step"] for p in c["curve"]] == [6, 12, 18, 24] for c in cells.values())
     row = [line for line in result.stdout.splitlines() if line.startswith("Mixer T/4")][-1]  # the table's
-    assert [float(v) for v in row.split()[2:]] == [round(100 * cells[f"mixer/{o}"]["eval_top1"], 1) for o in permutation.ORDERS]
+    assert [float(v) for v in row.split()[2:]] == [
+        round(100 * cells[f"mixer/{o}"]["eval_top1"], 1) for o in permutation.ORDERS
+    ]
     with open(os.path.join(workdir, permutation.PICTURE), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 

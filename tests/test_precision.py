@@ -165,7 +165,9 @@ def test_a_model_too_large_to_freeze_is_served_with_its_variables(tmp_path, monk
     assert export.export_metadata(kept)["frozen"] is False
     assert len(tf.train.list_variables(os.path.join(kept, "variables", "variables"))) > 1
     pixels = tf.constant(np.random.default_rng(1).integers(0, 255, (2, 16, 16, 3), dtype=np.uint8))
-    outputs = [tf.saved_model.load(p).signatures["serving_images"](images=pixels)["logits"].numpy() for p in (frozen, kept)]
+    outputs = [
+        tf.saved_model.load(p).signatures["serving_images"](images=pixels)["logits"].numpy() for p in (frozen, kept)
+    ]
     np.testing.assert_allclose(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)
 
 
@@ -213,12 +215,25 @@ def textures_run(tmp_path_factory):
     folder, side = small_images.write_folder(str(root), "textures")
     workdir = root / "run"
     trainer(
-        "pretrain", "--config", "small_images", "--dataset", f"folder:{folder}", "--model", "T/4",
-        "--image_size", side, "--steps", 400, "--workdir", workdir, "--noexport",
-    )  # fmt: skip
+        "pretrain",
+        "--config",
+        "small_images",
+        "--dataset",
+        f"folder:{folder}",
+        "--model",
+        "T/4",
+        "--image_size",
+        side,
+        "--steps",
+        400,
+        "--workdir",
+        workdir,
+        "--noexport",
+    )
     return workdir
 
 
+@pytest.mark.slow
 def test_a_bfloat16_export_agrees_with_its_float32_self_on_real_digits_and_textures(demo, textures_run):
     for workdir in (demo[0], textures_run):
         summary = precision_agreement.agreement(str(workdir))
@@ -228,8 +243,11 @@ def test_a_bfloat16_export_agrees_with_its_float32_self_on_real_digits_and_textu
         assert summary["max_probability_difference"] < 0.2, summary
 
 
+@pytest.mark.slow
 def test_the_demo_in_bfloat16_loses_at_most_half_a_point(demo, tmp_path):
-    result = trainer("pretrain", "--mixed_precision", "bfloat16", "--workdir", tmp_path, "--export_precision", "bfloat16")
+    result = trainer(
+        "pretrain", "--mixed_precision", "bfloat16", "--workdir", tmp_path, "--export_precision", "bfloat16"
+    )
     top1, reference = metrics(tmp_path)["eval_top1"], metrics(demo[0])["eval_top1"]
     assert top1 >= reference - 0.005, (top1, reference)
     assert export.export_metadata(metrics(tmp_path)["export_path"])["precision"] == "bfloat16"  # the run's export
@@ -239,8 +257,19 @@ def test_the_demo_in_bfloat16_loses_at_most_half_a_point(demo, tmp_path):
 
 def test_the_export_command_takes_the_precision_and_refuses_an_unknown_one(tmp_path):
     randomize(tiny_mixer()).save(tmp_path / "m.keras")
-    result = trainer("export", "--source", tmp_path / "m.keras", "--export_base", tmp_path / "serving", "--precision", "bfloat16")
+    result = trainer(
+        "export", "--source", tmp_path / "m.keras", "--export_base", tmp_path / "serving", "--precision", "bfloat16"
+    )
     assert "(bfloat16)" in result.stdout
     assert export.export_metadata(str(tmp_path / "serving" / "1"))["precision"] == "bfloat16"
-    bad = trainer("export", "--source", tmp_path / "m.keras", "--export_base", tmp_path / "other", "--precision", "float16", check=False)
+    bad = trainer(
+        "export",
+        "--source",
+        tmp_path / "m.keras",
+        "--export_base",
+        tmp_path / "other",
+        "--precision",
+        "float16",
+        check=False,
+    )
     assert bad.returncode != 0 and "float16" in bad.stderr and not os.path.exists(tmp_path / "other")

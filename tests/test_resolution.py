@@ -40,7 +40,9 @@ def test_expanded_model_mixes_each_tile_as_the_original(size, factors):
     def pre_logits(model, x):
         return np.asarray(keras.Model(model.input, model.get_layer("avg_pool").output)(x))
 
-    tile_mean = np.mean([pre_logits(original, tiles[a, b]) for a in range(factors[0]) for b in range(factors[1])], axis=0)
+    tile_mean = np.mean(
+        [pre_logits(original, tiles[a, b]) for a in range(factors[0]) for b in range(factors[1])], axis=0
+    )
     np.testing.assert_allclose(pre_logits(expanded, big), tile_mean, atol=1e-5)
 
 
@@ -80,7 +82,9 @@ def test_expanded_model_trains_and_saves(tmp_path):
     before = expanded.get_layer("MixerBlock_0").token_mixing.dense_0.kernel.numpy()
     off_block = before == 0
     assert off_block.mean() > 0.7  # block-diagonal: 3 of 4 blocks are zero
-    expanded.compile(optimizer=keras.optimizers.SGD(0.1), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    expanded.compile(
+        optimizer=keras.optimizers.SGD(0.1), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    )
     x = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
     expanded.train_on_batch(x, np.array([0, 1, 2, 3]))
     after = expanded.get_layer("MixerBlock_0").token_mixing.dense_0.kernel.numpy()

@@ -91,7 +91,6 @@ def test_opposite_phase_pairs_sit_side_by_side_lowest_frequency_first():
     assert opposite_phase_order(ramp_and_dot, pair_below=-0.4)[1] == []
 
 
-
 def test_the_default_threshold_pairs_opposites_but_not_chance_coincidences():
     rng = np.random.default_rng(0)
     # 32 random units on a 4x4 grid: -0.5 finds several chance "pairs", the default about none.
@@ -243,7 +242,8 @@ def test_command_draws_a_weights_file_at_a_larger_size(tmp_path):
 
 def test_command_rejects_a_block_beyond_the_model(tmp_path):
     tiny_mixer().save(tmp_path / "tiny.keras")
-    result = trainer("visualize", "--source", tmp_path / "tiny.keras", "--blocks", "0,7", "--out",
-                     tmp_path / "t.png", check=False)  # fmt: skip
+    result = trainer(
+        "visualize", "--source", tmp_path / "tiny.keras", "--blocks", "0,7", "--out", tmp_path / "t.png", check=False
+    )
     assert_one_line_error(result, "block 7", "2 blocks (0 to 1)")
     assert not os.path.exists(tmp_path / "t.png")

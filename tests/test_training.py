@@ -5,8 +5,8 @@ Training runs go through the real command lines in subprocesses (as a user runs 
 
 import glob
 import json
-import re
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,7 +21,6 @@ from runs import ENV, ROOT, metrics, trainer
 
 from keras_mixer.training import TrainConfig, WarmupDecay, choose_strategy, clip_by_global_norm, load_config
 from keras_mixer.training.config import CONFIGS_DIR
-
 
 # --- recipes, schedules, clipping, strategy choice ------------------------------------------------
 
@@ -68,13 +67,31 @@ def test_every_recipe_loads_and_paper_rows_are_exact():
     for name in names:
         load_config(name, CONFIGS_DIR, dataset="digits").validate()
     b16 = load_config("imagenet1k_b16", CONFIGS_DIR)
-    assert (b16.optimizer, b16.beta_1, b16.beta_2, b16.learning_rate, b16.weight_decay) == ("adamw", 0.9, 0.999, 1e-3, 0.1)
-    assert (b16.warmup_steps, b16.schedule, b16.batch_size, b16.grad_clip_norm, b16.epochs) == (10_000, "warmup_linear", 4096, 1.0, 300)
+    assert (b16.optimizer, b16.beta_1, b16.beta_2, b16.learning_rate, b16.weight_decay) == (
+        "adamw",
+        0.9,
+        0.999,
+        1e-3,
+        0.1,
+    )
+    assert (b16.warmup_steps, b16.schedule, b16.batch_size, b16.grad_clip_norm, b16.epochs) == (
+        10_000,
+        "warmup_linear",
+        4096,
+        1.0,
+        300,
+    )
     assert (b16.randaugment, b16.mixup, b16.drop_path) == (15, 0.5, 0.1)
     l21k = load_config("imagenet21k_l16", CONFIGS_DIR)
     assert (l21k.randaugment, l21k.mixup) == (20, 0.5)
     fine = load_config("finetune_imagenet", CONFIGS_DIR)
-    assert (fine.optimizer, fine.momentum, fine.weight_decay, fine.schedule, fine.batch_size) == ("sgd", 0.9, 0.0, "warmup_cosine", 512)
+    assert (fine.optimizer, fine.momentum, fine.weight_decay, fine.schedule, fine.batch_size) == (
+        "sgd",
+        0.9,
+        0.0,
+        "warmup_cosine",
+        512,
+    )
     # A length on the command line replaces the recipe's, whatever its unit.
     assert load_config("demo", CONFIGS_DIR, steps=7).epochs is None
     with pytest.raises(ValueError, match=r"unknown recipe 'nope'; recipes: .*demo"):
@@ -87,8 +104,14 @@ def test_every_recipe_loads_and_paper_rows_are_exact():
     "args, message",
     [
         (["--model", "X/9"], r"flag --model=X/9: unknown model; valid: S/32, .*T/2"),
-        (["--dataset", "no_such_data_set"], r"flag --dataset=no_such_data_set: unknown data set; valid: digits, folder:PATH"),
-        (["--strategy", "parallel"], r"flag --strategy=parallel: value should be one of <auto\|default\|mirrored\|multi_worker\|tpu>"),
+        (
+            ["--dataset", "no_such_data_set"],
+            r"flag --dataset=no_such_data_set: unknown data set; valid: digits, folder:PATH",
+        ),
+        (
+            ["--strategy", "parallel"],
+            r"flag --strategy=parallel: value should be one of <auto\|default\|mirrored\|multi_worker\|tpu>",
+        ),
         (["--epochs", "1", "--steps", "5"], r"flags epochs=1.0, steps=5: At most one of \(epochs, steps\)"),
         (["--tpu", "--strategy", "mirrored"], r"--tpu conflicts with --strategy"),
     ],
@@ -128,6 +151,7 @@ def test_demo_recipe_reaches_95_percent_and_writes_its_workdir(demo):
     assert expected | {"eval/top1", "eval/top5"} <= tags
 
 
+@pytest.mark.slow
 def test_evaluate_agrees_on_every_kind_of_source(demo):
     workdir, _, _ = demo
     expected = metrics(workdir)["eval_top1"]
@@ -139,6 +163,7 @@ def test_evaluate_agrees_on_every_kind_of_source(demo):
         assert top1 == pytest.approx(expected, abs=1 / 360 + 1e-9), (source, out)
 
 
+@pytest.mark.slow
 def test_finetune_at_twice_the_resolution_beats_chance(demo, tmp_path):
     workdir, _, _ = demo
     out = trainer("finetune", "--init", os.path.join(workdir, "model.keras"), "--workdir", tmp_path, "--steps", 150)
@@ -159,6 +184,7 @@ def _weights(workdir):
     return keras.saving.load_model(os.path.join(workdir, "model.keras")).get_weights()
 
 
+@pytest.mark.slow
 def test_kill_9_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path):
     args = ["--steps", 240, "--checkpoint_every", 20, "--log_every", 20, "--seed", 3]
     killed = tmp_path / "killed"
@@ -184,11 +210,24 @@ def test_kill_9_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path):
         np.testing.assert_array_equal(a, b)  # same seed, deterministic ops: bit-identical
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     result = trainer(
-        "pretrain", "--steps", 200, "--checkpoint_every", 1, "--log_every", 1, "--learning_rate", 1e30,
-        "--warmup_steps", 1, "--workdir", tmp_path, check=False,
-    )  # fmt: skip
+        "pretrain",
+        "--steps",
+        200,
+        "--checkpoint_every",
+        1,
+        "--log_every",
+        1,
+        "--learning_rate",
+        1e30,
+        "--warmup_steps",
+        1,
+        "--workdir",
+        tmp_path,
+        check=False,
+    )
     assert result.returncode != 0
     assert re.search(r"(loss is (nan|inf)|weights became NaN or Inf) at step \d+", result.stderr), result.stderr[-2000:]
     assert re.search(r"last good checkpoint \(.*ckpt-\d+\) is kept", result.stderr)
@@ -220,11 +259,16 @@ MIRRORED_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_mirrored_over_two_cpus_trains_like_the_default_strategy(tmp_path):
     out = subprocess.run(
-        [sys.executable, "-c", MIRRORED_SCRIPT, str(tmp_path)], capture_output=True, text=True, env=ENV, cwd=ROOT,
+        [sys.executable, "-c", MIRRORED_SCRIPT, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        cwd=ROOT,
         timeout=600,
-    )  # fmt: skip
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["mirrored"][0] == 2 and result["default"][0] == 1
@@ -233,11 +277,25 @@ def test_mirrored_over_two_cpus_trains_like_the_default_strategy(tmp_path):
     assert mirrored[-1, 1] < mirrored[0, 1]
 
 
+@pytest.mark.slow
 def test_two_worker_multi_worker_mirrored_trains_with_identical_weights(tmp_path):
     command = [
-        sys.executable, os.path.join(ROOT, "trainers", "pretrain.py"), "--strategy", "multi_worker", "--steps", "40",
-        "--log_every", "10", "--checkpoint_every", "20", "--write_worker_weights", "--seed", "0", "--workdir", str(tmp_path),
-    ]  # fmt: skip
+        sys.executable,
+        os.path.join(ROOT, "trainers", "pretrain.py"),
+        "--strategy",
+        "multi_worker",
+        "--steps",
+        "40",
+        "--log_every",
+        "10",
+        "--checkpoint_every",
+        "20",
+        "--write_worker_weights",
+        "--seed",
+        "0",
+        "--workdir",
+        str(tmp_path),
+    ]
     processes, outputs = run_cluster(command, env=ENV, timeout=600)
     assert [p.returncode for p in processes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
     m = metrics(tmp_path)
@@ -251,6 +309,7 @@ def test_two_worker_multi_worker_mirrored_trains_with_identical_weights(tmp_path
     assert not glob.glob(str(tmp_path / ".tmp_worker_*"))  # the non-chief's checkpoint copies are gone
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["bfloat16", "float16"])
 def test_mixed_precision_training_runs(tmp_path, precision):
     trainer("pretrain", "--steps", 30, "--log_every", 10, "--mixed_precision", precision, "--workdir", tmp_path)

@@ -2,16 +2,19 @@
 
 import logging
 import os
+import sys
 import zipfile
 
 import keras
 import numpy as np
 import pytest
 from conftest import TINY, randomize, tiny_mixer
+from runs import ROOT
 
 import keras_mixer
 from keras_mixer import WeightsError, weight_files, weights
 
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))  # flax_mixer, the Flax peer
 torch = pytest.importorskip("torch")
 timm = pytest.importorskip("timm")
 
@@ -84,9 +87,14 @@ def _flax_params(flax_model, images, seed=0):
     import jax
 
     params = flax_model.init(jax.random.PRNGKey(seed), images)["params"]
-    flat = {"/".join(str(k.key) for k in path): np.asarray(v) for path, v in jax.tree_util.tree_leaves_with_path(params)}
+    flat = {
+        "/".join(str(k.key) for k in path): np.asarray(v) for path, v in jax.tree_util.tree_leaves_with_path(params)
+    }
     rng = np.random.default_rng(seed)
-    flat = {k: (1.0 if k.endswith("scale") else 0.0) + 0.2 * rng.normal(size=v.shape).astype("float32") for k, v in flat.items()}
+    flat = {
+        k: (1.0 if k.endswith("scale") else 0.0) + 0.2 * rng.normal(size=v.shape).astype("float32")
+        for k, v in flat.items()
+    }
     nested = {}
     for key, value in flat.items():
         node = nested
@@ -189,7 +197,9 @@ def test_presets_fetch_through_keras_cache(tmp_path, monkeypatch, images):
     x = np.random.default_rng(0).uniform(0, 255, (2, 64, 64, 3)).astype("float32")
     np.testing.assert_array_equal(np.asarray(loaded(x)), np.asarray(source(x)))
 
-    with pytest.raises(ValueError, match=r"'imagenet21k' is published for B/16, L/16, not for S/32; presets for it: mixer_s32_gsam"):
+    with pytest.raises(
+        ValueError, match=r"'imagenet21k' is published for B/16, L/16, not for S/32; presets for it: mixer_s32_gsam"
+    ):
         keras_mixer.MixerS32(weights="imagenet21k")
     with pytest.raises(ValueError, match=r"Unknown weights preset 'jft'; presets: mixer_b16_imagenet1k"):
         keras_mixer.MixerS32(weights="jft")
@@ -212,13 +222,21 @@ def test_from_preset_reads_the_architecture_and_size_from_a_weights_file(tmp_pat
     with pytest.raises(ValueError, match=r"trained on 8 patches, not a square grid: give input_shape"):
         keras_mixer.MlpMixer.from_preset(tmp_path / "tiny.safetensors")
     model = keras_mixer.MlpMixer.from_preset(tmp_path / "tiny.safetensors", input_shape=(16, 8, 3))
-    assert model.get_config() == {**source.get_config(), "gelu": "exact", "name": "tiny", "classifier_activation": "softmax"}
+    assert model.get_config() == {
+        **source.get_config(),
+        "gelu": "exact",
+        "name": "tiny",
+        "classifier_activation": "softmax",
+    }
     square = keras_mixer.MlpMixer.from_preset(tmp_path / "square.npz", classifier_activation=None)
     assert (square.image_shape, square.classes, square.gelu) == ((16, 16, 3), 7, "tanh")
     np.testing.assert_array_equal(np.asarray(square(images)), np.asarray(randomize(tiny_mixer(), seed=3)(images)))
     # A .keras file carries its whole config; a larger size expands the resolution.
     tiny_mixer().save(tmp_path / "m.keras")
-    assert keras_mixer.MlpMixer.from_preset(tmp_path / "m.keras").get_config() == {**tiny_mixer().get_config(), "name": "m"}
+    assert keras_mixer.MlpMixer.from_preset(tmp_path / "m.keras").get_config() == {
+        **tiny_mixer().get_config(),
+        "name": "m",
+    }
     big = keras_mixer.MlpMixer.from_preset(tmp_path / "square.npz", input_shape=(32, 16, 3))
     assert (big.grid_size, big.tokens_mlp_dim) == ((8, 4), 2 * TINY["tokens_mlp_dim"])
 
@@ -259,12 +277,16 @@ def test_key_and_shape_errors_leave_the_model_unchanged(tmp_path):
     with pytest.raises(WeightsError, match=r"unexpected keys \(1\): extra/thing"):
         keras_mixer.load_weights(target, _npz_with(tmp_path, {**params, "extra/thing": np.zeros(2)}))
     wide = {**params, "MixerBlock_0/channel_mixing/Dense_0/kernel": np.zeros((24, 50), "float32")}
-    with pytest.raises(WeightsError, match=r"'MixerBlock_0/channel_mixing/Dense_0/kernel': weights file \(24, 50\), model \(24, 48\)"):
+    with pytest.raises(
+        WeightsError, match=r"'MixerBlock_0/channel_mixing/Dense_0/kernel': weights file \(24, 50\), model \(24, 48\)"
+    ):
         keras_mixer.load_weights(target, _npz_with(tmp_path, wide))
     _assert_unchanged(target, before)
 
     bigger = tiny_mixer(input_shape=(32, 16, 3))
-    with pytest.raises(WeightsError, match=r"token_mixing/Dense_0/kernel.*\(16, 12\).*\(32, 12\).*resolution expansion"):
+    with pytest.raises(
+        WeightsError, match=r"token_mixing/Dense_0/kernel.*\(16, 12\).*\(32, 12\).*resolution expansion"
+    ):
         keras_mixer.load_weights(bigger, _npz_with(tmp_path, params))
     grey = tiny_mixer(input_shape=(16, 16, 1))
     with pytest.raises(WeightsError, match=r"'stem/kernel': weights file \(4, 4, 3, 24\), model \(4, 4, 1, 24\)"):

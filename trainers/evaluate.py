@@ -1,6 +1,6 @@
 """Prints top-1 / top-5 of a SavedModel, .keras file or training checkpoint on a data set.
 
-    python trainers/evaluate.py --helpshort
+python trainers/evaluate.py --helpshort
 """
 
 import os

@@ -1,6 +1,6 @@
 """Exports a .keras file, checkpoint or preset as a TF Serving SavedModel (and ONNX).
 
-    python trainers/export.py --helpshort
+python trainers/export.py --helpshort
 """
 
 import os

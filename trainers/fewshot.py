@@ -1,7 +1,7 @@
 """Linear few-shot accuracy (closed-form ridge on frozen pre-logit features) of a model.
 
-    python trainers/fewshot.py --source workdir/demo --shots 1,5,10,25
-    python trainers/fewshot.py --helpshort
+python trainers/fewshot.py --source workdir/demo --shots 1,5,10,25
+python trainers/fewshot.py --helpshort
 """
 
 import os

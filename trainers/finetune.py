@@ -1,6 +1,6 @@
 """Fine-tunes a pre-trained Mixer (--init), at a new resolution if --image_size is larger.
 
-    python trainers/finetune.py --helpshort
+python trainers/finetune.py --helpshort
 """
 
 import os

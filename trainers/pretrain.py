@@ -1,6 +1,6 @@
 """Pre-trains a Mixer (default: the demo recipe, a small Mixer on the embedded digits set).
 
-    python trainers/pretrain.py --helpshort
+python trainers/pretrain.py --helpshort
 """
 
 import os

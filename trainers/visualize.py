@@ -1,7 +1,7 @@
 """Draws the first token-mixing layer's units of Mixer blocks on the patch grid (paper Fig. 5).
 
-    python trainers/visualize.py --source MODEL --out tokens.png
-    python trainers/visualize.py --helpshort
+python trainers/visualize.py --source MODEL --out tokens.png
+python trainers/visualize.py --helpshort
 """
 
 import os

@@ -1,4 +1,5 @@
-"""Table 4: Mixer-B/16 on ImageNet-21k, 300 epochs. No public TFDS build: give --dataset folder:PATH or your own TFDS name."""
+"""Table 4: Mixer-B/16 on ImageNet-21k, 300 epochs. No public TFDS build: give --dataset
+folder:PATH or your own TFDS name."""
 
 from keras_mixer.training.config import paper_pretraining
 

@@ -1,4 +1,5 @@
-"""Table 4: Mixer-L/16 on JFT-300M, 7 epochs (the paper also runs 14). JFT is not public: point --dataset at your copy."""
+"""Table 4: Mixer-L/16 on JFT-300M, 7 epochs (the paper also runs 14). JFT is not public: point
+--dataset at your copy."""
 
 from keras_mixer.training.config import paper_pretraining
 

@@ -54,8 +54,9 @@ def make_pipeline(
         repeat: repeat forever; default `training`.
         randaugment: None or the paper's magnitude m (two ops). mixup: None or Beta alpha.
         one_hot: one-hot labels [B, classes] (always with mixup), else int labels [B].
-        area_range: Inception crop area range. flip: random horizontal flips. eval_resize: "crop" (shorter side to size /
-            crop_ratio, centre crop) or "resize" (whole image to size).
+        area_range: Inception crop area range. flip: random horizontal flips.
+        eval_resize: "crop" (shorter side to size / crop_ratio, centre crop) or "resize" (whole
+            image to size).
         permutation: None or an `ImagePermutation` (the paper's section 3.4), applied to every image.
         rescale: pixels to [-1, 1] (for models without built-in preprocessing).
         skip_steps: resume inside the stream: skip the examples of this many global steps

@@ -84,9 +84,11 @@ class Source:
     def describe_problems(self, shown=3):
         """One line: what was left out of this split, how many and the first paths."""
         parts = [
-            f"{len(paths)} {reason.replace('_', ' ')} ({', '.join(paths[:shown])}{', ...' if len(paths) > shown else ''})"
-            for reason, paths in self.skipped.items() if paths
-        ]  # fmt: skip
+            f"{len(paths)} {reason.replace('_', ' ')} "
+            f"({', '.join(paths[:shown])}{', ...' if len(paths) > shown else ''})"
+            for reason, paths in self.skipped.items()
+            if paths
+        ]
         return f"{self.name} split {self.split!r}: left out " + "; ".join(parts) if parts else ""
 
 

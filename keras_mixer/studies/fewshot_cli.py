@@ -9,12 +9,11 @@ OUT/fewshot.png (accuracy against shots), and prints a table. The probe is defin
 """
 
 import os
-import sys
 
-from absl import app, flags
+from absl import flags
 
+from keras_mixer.training.cli import run_program, user_errors
 from keras_mixer.training.fewshot import L2, SHOTS
-from keras_mixer.training.cli import program_flags, quiet_logs, user_errors
 
 FLAGS = flags.FLAGS
 
@@ -65,10 +64,7 @@ def plot(results, num_classes, title):
     return figure
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    quiet_logs()
+def main():
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     from keras_mixer import data
@@ -98,14 +94,28 @@ def main(argv):
         os.makedirs(FLAGS.out, exist_ok=True)
         json_path = os.path.join(FLAGS.out, "fewshot.json")
         picture_path = os.path.join(FLAGS.out, "fewshot.png")
-        write_json(json_path, dict(
-            source=FLAGS.source, dataset=dataset, train_split="train", eval_split=split,
-            train_examples=train.num_examples, drawn_train_examples=len(fewshot.train_labels),
-            eval_examples=test.num_examples, num_classes=train.num_classes, chance=1.0 / train.num_classes,
-            feature_dim=fewshot.feature_dim, image_size=list(image_size),
-            preprocessing=preprocessing.to_dict(), l2=FLAGS.l2, seed=FLAGS.seed, draws=FLAGS.draws,
-            shots=list(shots), results={str(k): r for k, r in results.items()},
-        ))  # fmt: skip
+        write_json(
+            json_path,
+            dict(
+                source=FLAGS.source,
+                dataset=dataset,
+                train_split="train",
+                eval_split=split,
+                train_examples=train.num_examples,
+                drawn_train_examples=len(fewshot.train_labels),
+                eval_examples=test.num_examples,
+                num_classes=train.num_classes,
+                chance=1.0 / train.num_classes,
+                feature_dim=fewshot.feature_dim,
+                image_size=list(image_size),
+                preprocessing=preprocessing.to_dict(),
+                l2=FLAGS.l2,
+                seed=FLAGS.seed,
+                draws=FLAGS.draws,
+                shots=list(shots),
+                results={str(k): r for k, r in results.items()},
+            ),
+        )
         name = os.path.basename(os.path.normpath(FLAGS.source))
         title = f"{name} on {dataset}: linear few-shot, {fewshot.feature_dim}-d pre-logits, {FLAGS.draws} draws"
         figure = plot(results, train.num_classes, title)
@@ -122,5 +132,4 @@ def main(argv):
 
 
 def run():
-    program_flags(_define)
-    app.run(main, argv=sys.argv)
+    run_program(_define, main)

@@ -99,13 +99,21 @@ def build(kind, study, num_classes):
     shape = (config.image_size, config.image_size, 3)
     if kind == "mixer":
         return loader.create(
-            MlpMixer, config.model, input_shape=shape, classes=num_classes, classifier_activation=None,
-            dropout_rate=config.dropout, drop_path_rate=config.drop_path, seed=config.seed,
-        )  # fmt: skip
+            MlpMixer,
+            config.model,
+            input_shape=shape,
+            classes=num_classes,
+            classifier_activation=None,
+            dropout_rate=config.dropout,
+            drop_path_rate=config.drop_path,
+            seed=config.seed,
+        )
     return small_resnet(shape, num_classes, widths=study.resnet_widths)
 
 
-def train_cell(model, config, train_source, eval_source, permutation=None, eval_every=None, progress=None, strategy=None):
+def train_cell(
+    model, config, train_source, eval_source, permutation=None, eval_every=None, progress=None, strategy=None
+):
     """Trains `model` (logits out, built in `strategy`'s scope) with `config`'s recipe on
     `permutation`-ed images, on `strategy` (default: the current one).
 
@@ -125,14 +133,29 @@ def train_cell(model, config, train_source, eval_source, permutation=None, eval_
     kind = "tpu" if isinstance(strategy, tf.distribute.TPUStrategy) else "other"
     train_steps = make_train_steps(strategy, model, optimizer, config, step, decide_xla(config, kind)[0])
     stream = data.distribute(
-        strategy, train_source, batch_size=config.batch_size, training=True, image_size=config.image_size,
-        seed=config.seed, shuffle_buffer=config.shuffle_buffer, randaugment=config.randaugment, mixup=config.mixup,
-        one_hot=True, area_range=(config.crop_area_min, 1.0), flip=config.flip, permutation=permutation,
-    )  # fmt: skip
+        strategy,
+        train_source,
+        batch_size=config.batch_size,
+        training=True,
+        image_size=config.image_size,
+        seed=config.seed,
+        shuffle_buffer=config.shuffle_buffer,
+        randaugment=config.randaugment,
+        mixup=config.mixup,
+        one_hot=True,
+        area_range=(config.crop_area_min, 1.0),
+        flip=config.flip,
+        permutation=permutation,
+    )
     evaluate = make_evaluator(
-        strategy, lambda images: model(images, training=False), eval_source, config.batch_size, config.image_size,
-        config.eval_preprocessing, permutation,
-    )  # fmt: skip
+        strategy,
+        lambda images: model(images, training=False),
+        eval_source,
+        config.batch_size,
+        config.image_size,
+        config.eval_preprocessing,
+        permutation,
+    )
     iterator, curve, done = iter(stream), [], 0
     while done < total:
         count = min(eval_every, total - done)
@@ -170,11 +193,15 @@ def run(study, workdir, strategy=None, progress=True, log=print):
         results = dict(recipe=recipe, names=study.model_names(), cells={})
     train_source = data.load_source(config.dataset, "train", data_dir=config.data_dir, download=config.download)
     eval_split = data.eval_split(config.dataset, config.data_dir)
-    eval_source = data.load_source(config.dataset, eval_split, data_dir=config.data_dir, class_names=train_source.class_names)
+    eval_source = data.load_source(
+        config.dataset, eval_split, data_dir=config.data_dir, class_names=train_source.class_names
+    )
     total = run_length(config, train_source.num_examples)[0]
     eval_every = study.eval_every or max(1, total // 20)
     patch_size = variant_config(config.model)["patch_size"]
-    results.update(dataset=config.dataset, eval_split=eval_split, total_steps=total, num_classes=train_source.num_classes)
+    results.update(
+        dataset=config.dataset, eval_split=eval_split, total_steps=total, num_classes=train_source.num_classes
+    )
     for kind in study.models:
         for order in study.orders:
             key = f"{kind}/{order}"
@@ -215,7 +242,10 @@ def table(results):
     lines = [" " * width + "".join(f"{o:>10}" for o in orders)]
     for kind in kinds:
         cells = [results["cells"].get(f"{kind}/{o}") for o in orders]
-        lines.append(f"{results['names'][kind]:<{width}}" + "".join(f"{c['eval_top1'] * 100:>10.1f}" if c else f"{'-':>10}" for c in cells))
+        lines.append(
+            f"{results['names'][kind]:<{width}}"
+            + "".join(f"{c['eval_top1'] * 100:>10.1f}" if c else f"{'-':>10}" for c in cells)
+        )
     return "\n".join(lines)
 
 
@@ -246,10 +276,18 @@ def draw(results, path, eval_source, config, patch_size):
     if dataset.startswith("folder:"):  # the folder's name, not its whole path
         dataset = os.path.basename(os.path.normpath(dataset[len("folder:") :]))
     axes[0].set_ylabel(f"{dataset} {results['eval_split']} top-1 (%)")
-    image = next(iter(data.make_pipeline(
-        eval_source, training=False, image_size=config.image_size, batch_size=1,
-        eval_resize=config.eval_resize, crop_ratio=config.crop_ratio,
-    )))[0]  # fmt: skip
+    image = next(
+        iter(
+            data.make_pipeline(
+                eval_source,
+                training=False,
+                image_size=config.image_size,
+                batch_size=1,
+                eval_resize=config.eval_resize,
+                crop_ratio=config.crop_ratio,
+            )
+        )
+    )[0]
     examples = rows[1].subplots(1, len(ORDERS))
     for ax, order in zip(examples, ORDERS):
         permutation = make_permutation(order, config.image_size, patch_size, config.seed)

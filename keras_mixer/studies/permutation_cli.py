@@ -10,12 +10,11 @@ exit code 1, as in the training commands.
 """
 
 import os
-import sys
 
-from absl import app, flags
+from absl import flags
 
 from keras_mixer.models import MODEL_NAMES
-from keras_mixer.training.cli import dataset_ok, normalise_argv, program_flags, quiet_logs, user_errors
+from keras_mixer.training.cli import dataset_ok, run_program, user_errors
 
 FLAGS = flags.FLAGS
 
@@ -49,7 +48,9 @@ def _define():
         "model", lambda v: v is None or v in MODEL_NAMES, message=f"unknown model; valid: {', '.join(MODEL_NAMES)}"
     )
     flags.register_validator(
-        "dataset", dataset_ok, message="unknown data set; valid: digits, folder:PATH (an existing folder) or a TFDS name"
+        "dataset",
+        dataset_ok,
+        message="unknown data set; valid: digits, folder:PATH (an existing folder) or a TFDS name",
     )
 
 
@@ -72,22 +73,29 @@ def _widths():
 
 
 def run():
-    program_flags(_define)
-
-    def main(argv):
-        if len(argv) > 1:
-            raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-        quiet_logs()
+    def main():
         import tensorflow as tf
 
         from keras_mixer.studies import permutation
         from keras_mixer.training.config import load_config
+        from keras_mixer.training.strategy import choose_strategy, make_strategy
         from keras_mixer.training.workdir import WorkdirLock, check_workdir, move_to_previous
 
-        from keras_mixer.training.strategy import choose_strategy, make_strategy
-
-        names = ["model", "dataset", "data_dir", "download", "image_size", "batch_size", "epochs", "steps",
-                 "learning_rate", "seed", "xla", "tpu", "strategy"]  # fmt: skip
+        names = [
+            "model",
+            "dataset",
+            "data_dir",
+            "download",
+            "image_size",
+            "batch_size",
+            "epochs",
+            "steps",
+            "learning_rate",
+            "seed",
+            "xla",
+            "tpu",
+            "strategy",
+        ]
         overrides = {n: FLAGS[n].value for n in names}
         if FLAGS.mixed_precision is not None:
             overrides["mixed_precision"] = None if FLAGS.mixed_precision == "none" else FLAGS.mixed_precision
@@ -96,9 +104,12 @@ def run():
             if config.seed is None:
                 config.seed = 0  # the study compares runs: they must share initial weights and batches
             study = permutation.Study(
-                config, orders=_choices("orders", permutation.ORDERS), models=_choices("models", permutation.MODELS),
-                resnet_widths=_widths(), eval_every=FLAGS.eval_every,
-            )  # fmt: skip
+                config,
+                orders=_choices("orders", permutation.ORDERS),
+                models=_choices("models", permutation.MODELS),
+                resnet_widths=_widths(),
+                eval_every=FLAGS.eval_every,
+            )
             gpus = len(tf.config.list_physical_devices("GPU"))
             kind = choose_strategy(config.strategy, config.tpu, None, gpus)  # one machine: TF_CONFIG is not read
             strategy = make_strategy(kind, config.tpu)
@@ -110,7 +121,9 @@ def run():
                 results = permutation.run(study, FLAGS.workdir, strategy)
         print(permutation.table(results))
         folder = os.path.abspath(FLAGS.workdir)
-        print(f"Eval top-1 (%) on {results['dataset']}/{results['eval_split']}, {results['total_steps']} steps each. "
-              f"Wrote {os.path.join(folder, permutation.RESULTS)} and {os.path.join(folder, permutation.PICTURE)}")  # fmt: skip
+        print(
+            f"Eval top-1 (%) on {results['dataset']}/{results['eval_split']}, {results['total_steps']} steps each. "
+            f"Wrote {os.path.join(folder, permutation.RESULTS)} and {os.path.join(folder, permutation.PICTURE)}"
+        )
 
-    app.run(main, argv=normalise_argv(sys.argv))
+    run_program(_define, main)

@@ -23,7 +23,7 @@ SMALL_IMAGE_SIDE = 32  # up to this side the stem keeps the full resolution
 
 
 def resnet_name(widths=(16, 32), blocks_per_stage=2):
-    """"ResNet-10 (widths 16-32)": its depth and widths, as the study's table names it."""
+    """ "ResNet-10 (widths 16-32)": its depth and widths, as the study's table names it."""
     depth = 2 + 2 * blocks_per_stage * len(widths)
     return f"ResNet-{depth} (widths {'-'.join(map(str, widths))})"
 

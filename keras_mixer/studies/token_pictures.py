@@ -9,12 +9,12 @@ in the first block and more local ones later.
 Choices:
 
 * Pairing: two units pair when the cosine of their kernel columns is at most `pair_below`
-  (default `chance_cosine`: -0.5, or lower where random units would get there by chance); pairs are taken greedily, most negative cosine first, each unit in at most one
-  pair. The cosine, not the Pearson correlation: a unit's mean over the tokens is part of its
-  pattern (w and -w + c are not opposite), and a uniform unit, which has no Pearson correlation,
-  still pairs with its negative. The threshold keeps unrelated units apart: among 32 random
-  16-weight columns (a 4x4 grid) about six pairs reach -0.5, among 384 of 196 weights (B/16)
-  none. An odd count
+  (default `chance_cosine`: -0.5, or lower where random units would get there by chance); pairs
+  are taken greedily, most negative cosine first, each unit in at most one pair. The cosine, not
+  the Pearson correlation: a unit's mean over the tokens is part of its pattern (w and -w + c are
+  not opposite), and a uniform unit, which has no Pearson correlation, still pairs with its
+  negative. The threshold keeps unrelated units apart: among 32 random 16-weight columns (a 4x4
+  grid) about six pairs reach -0.5, among 384 of 196 weights (B/16) none. An odd count
   (or any unit without an opposite) leaves units unpaired; they come after the pairs, on a new row.
 * Order: pairs from low to high spatial frequency, as Fig. 5 sorts them (the power-weighted mean
   frequency of the unit's 2-D Fourier transform), then the unpaired units the same way. With
@@ -251,11 +251,18 @@ def draw(model, out, blocks=DEFAULT_BLOCKS, units=None, scale="unit", pair_below
         mosaics.append((_mosaic(images, cells, size, info["grid"], z, limits), size))
         results.append(
             dict(
-                block=block, **info, drawn=drawn.tolist(), scale=scale, pair_below=round(threshold, 4),
-                pairs=[dict(units=[i, j], cosine=round(c, 4)) for i, j, c in pairs], unpaired=unpaired,
-                images=images, cells=cells, token_pixels=z,
+                block=block,
+                **info,
+                drawn=drawn.tolist(),
+                scale=scale,
+                pair_below=round(threshold, 4),
+                pairs=[dict(units=[i, j], cosine=round(c, 4)) for i, j, c in pairs],
+                unpaired=unpaired,
+                images=images,
+                cells=cells,
+                token_pixels=z,
             )
-        )  # fmt: skip
+        )
 
     # Mosaics side by side, top-aligned, placed with figimage: one PNG pixel per mosaic pixel.
     # A block's slot is at least as wide as its caption; the figure at least as wide as the legend.

@@ -8,13 +8,12 @@ in the training commands (`keras_mixer.training.cli`).
 """
 
 import os
-import sys
 
-from absl import app, flags
+from absl import flags
 
 from keras_mixer.models import MODEL_NAMES
 from keras_mixer.studies.token_pictures import DEFAULT_BLOCKS, SCALES
-from keras_mixer.training.cli import program_flags, quiet_logs, user_errors
+from keras_mixer.training.cli import run_program, user_errors
 
 FLAGS = flags.FLAGS
 
@@ -25,18 +24,22 @@ def _define():
     )
     flags.DEFINE_string("out", "tokens.png", "The PNG to write; the JSON sidecar goes beside it (same name, .json).")
     flags.DEFINE_list(
-        "blocks", [str(b) for b in DEFAULT_BLOCKS],
+        "blocks",
+        [str(b) for b in DEFAULT_BLOCKS],
         "Block indices to draw, from 0 (the default list is cut to the model's depth; an explicit one is not).",
-    )  # fmt: skip
+    )
     flags.DEFINE_integer(
         "units", None, "Units drawn per block, the first in pairing order (default: all).", lower_bound=1
     )
     flags.DEFINE_enum("scale", "unit", list(SCALES), "Colour limits: each unit's own max |w|, or one per block.")
     flags.DEFINE_float(
-        "pair_below", None, "Two units are an opposite-phase pair when their weights' cosine is at most this "
+        "pair_below",
+        None,
+        "Two units are an opposite-phase pair when their weights' cosine is at most this "
         "(default: -0.5, or lower where random units would reach it by chance: -sqrt(2 ln(D^2/2) / S)).",
-        lower_bound=-1.0, upper_bound=0.0,
-    )  # fmt: skip
+        lower_bound=-1.0,
+        upper_bound=0.0,
+    )
     flags.DEFINE_string("model", None, "Variant, for a release name as --source (imagenet21k with B/16).")
     flags.DEFINE_integer(
         "image_size", None, "Input size, for a preset or weights file --source (default its own).", lower_bound=1
@@ -74,12 +77,7 @@ def _output_folder(out):
 
 
 def run():
-    program_flags(_define)
-
-    def main(argv):
-        if len(argv) > 1:
-            raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-        quiet_logs()
+    def main():
         from keras_mixer.studies.token_pictures import draw
         from keras_mixer.training.inference import load_keras_model
 
@@ -90,11 +88,16 @@ def run():
             if not FLAGS["blocks"].present:
                 blocks = [b for b in blocks if b < getattr(model, "num_blocks", len(blocks))]
             results = draw(
-                model, FLAGS.out, blocks, units=FLAGS.units, scale=FLAGS.scale, pair_below=FLAGS.pair_below,
+                model,
+                FLAGS.out,
+                blocks,
+                units=FLAGS.units,
+                scale=FLAGS.scale,
+                pair_below=FLAGS.pair_below,
                 title=FLAGS.source,
-            )  # fmt: skip
+            )
         sidecar = os.path.splitext(FLAGS.out)[0] + ".json"
         drawn = ", ".join(f"block {r['block']}: {len(r['drawn'])} units, {len(r['pairs'])} pairs" for r in results)
         print(f"Wrote {FLAGS.out} and {sidecar} ({drawn})")
 
-    app.run(main, argv=sys.argv)
+    run_program(_define, main)

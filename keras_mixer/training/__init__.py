@@ -2,8 +2,8 @@
 
 from keras_mixer.training.config import TrainConfig, load_config
 from keras_mixer.training.loop import TrainingDiverged, train
-from keras_mixer.training.step import clip_by_global_norm, make_optimizer
 from keras_mixer.training.schedules import WarmupDecay
+from keras_mixer.training.step import clip_by_global_norm, make_optimizer
 from keras_mixer.training.strategy import choose_strategy, make_strategy
 
 __all__ = [

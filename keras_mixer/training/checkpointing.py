@@ -134,7 +134,9 @@ class CheckpointStore:
                 self._write_state()
             return step
         if failures:
-            listing = "; ".join(f"ckpt-{step} ({', '.join(sorted(names))}): {reason}" for step, names, reason in failures)
+            listing = "; ".join(
+                f"ckpt-{step} ({', '.join(sorted(names))}): {reason}" for step, names, reason in failures
+            )
             raise NoCheckpointRestores(
                 f"{self.directory} holds {len(failures)} checkpoint(s) and none restores: {listing}. "
                 f"Nothing was changed. Restore the files from a copy, or pass --restart to start again from "

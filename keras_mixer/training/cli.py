@@ -99,9 +99,12 @@ def _common_flags(recipe):
     flags.DEFINE_enum("strategy", None, list(STRATEGIES), "tf.distribute strategy; auto picks from the machine.")
     flags.DEFINE_enum("mixed_precision", None, [*PRECISIONS, "none"], "Mixed precision compute dtype.")
     flags.DEFINE_enum(
-        "xla", None, list(XLA), "XLA for the training step (auto: per device and precision, printed at the start: off "
+        "xla",
+        None,
+        list(XLA),
+        "XLA for the training step (auto: per device and precision, printed at the start: off "
         "for bfloat16 on CPUs with AMX or AVX512-BF16 and on TPUs, on elsewhere).",
-    )  # fmt: skip
+    )
     flags.DEFINE_float("learning_rate", None, "Peak learning rate.")
     flags.DEFINE_integer("warmup_steps", None, "Linear warmup steps.")
     flags.DEFINE_float("weight_decay", None, "Decoupled weight decay (AdamW).")
@@ -115,21 +118,30 @@ def _common_flags(recipe):
     flags.DEFINE_float("crop_ratio", None, "Centre-crop share of the resized image for --eval_resize=crop.")
     flags.DEFINE_boolean("export", None, "Write the TF Serving export at the end.")
     flags.DEFINE_enum(
-        "export_precision", None, list(SERVING_PRECISIONS), "Precision of that export: bfloat16 is several times faster "
+        "export_precision",
+        None,
+        list(SERVING_PRECISIONS),
+        "Precision of that export: bfloat16 is several times faster "
         "on serving CPUs with AMX or AVX512-BF16, slower on CPUs without them.",
-    )  # fmt: skip
+    )
     flags.DEFINE_integer("checkpoint_every", None, "Steps between checkpoints.")
     flags.DEFINE_integer("log_every", None, "Steps between TensorBoard points.")
     flags.DEFINE_integer("eval_every", None, "Steps between evaluations (0: only at the end).")
     flags.DEFINE_integer(
-        "fewshot_every", None, "Steps between linear few-shot probes of the pre-logits on the run's data set, also run "
+        "fewshot_every",
+        None,
+        "Steps between linear few-shot probes of the pre-logits on the run's data set, also run "
         "at the end (TensorBoard fewshot/{k}shot, metrics.json fewshot; 0: none).",
-    )  # fmt: skip
-    flags.DEFINE_string("fewshot_shots", None, "Shots per class of the few-shot probes, a comma list (default 1,5,10,25).")
+    )
+    flags.DEFINE_string(
+        "fewshot_shots", None, "Shots per class of the few-shot probes, a comma list (default 1,5,10,25)."
+    )
     flags.DEFINE_integer("steps_per_loop", None, "Steps per host call (raise on TPUs).")
     flags.DEFINE_boolean("write_worker_weights", None, "Every worker writes its final weights (diagnostics).")
     flags.DEFINE_boolean(
-        "restart", False, "Start again from step 0 although --workdir holds a run (its files move to WORKDIR/previous/)."
+        "restart",
+        False,
+        "Start again from step 0 although --workdir holds a run (its files move to WORKDIR/previous/).",
     )
     flags.DEFINE_list(
         "accept_changes", [], "Recipe fields a resumed run may change (comma list, or 'all'); recorded in run.json."
@@ -141,7 +153,8 @@ def _common_flags(recipe):
     flags.register_validator(
         "dataset",
         dataset_ok,
-        message="unknown data set; valid: digits, folder:PATH (an existing folder) or a TFDS name from tfds.list_builders()",
+        message="unknown data set; valid: digits, folder:PATH (an existing folder) "
+        "or a TFDS name from tfds.list_builders()",
     )
     flags.register_multi_flags_validator(
         ["tpu", "strategy"],
@@ -156,6 +169,21 @@ def quiet_logs():
     logging.getLogger("keras_mixer").setLevel(logging.INFO)
 
 
+def run_program(define, body):
+    """Every program's start: defines its flags (`define`), parses the command line and runs
+    `body()`. A positional argument is refused with absl's one-line usage error (exit code 1);
+    TensorFlow's INFO logs are quieted; a bare `--tpu` means the local TPU VM."""
+    program_flags(define)
+
+    def main(argv):
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+        quiet_logs()
+        body()
+
+    app.run(main, argv=normalise_argv(sys.argv))
+
+
 def normalise_argv(argv):
     """A bare `--tpu` (last, or followed by another flag) means the local TPU VM."""
     out = []
@@ -167,12 +195,40 @@ def normalise_argv(argv):
 
 def _overrides(extra=()):
     names = [
-        "model", "dataset", "data_dir", "download", "image_size", "batch_size", "epochs", "steps", "workdir",
-        "seed", "tpu", "strategy", "xla", "learning_rate", "warmup_steps", "weight_decay", "randaugment",
-        "mixup", "drop_path", "dropout", "crop_area_min", "flip", "eval_resize", "crop_ratio", "export",
-        "export_precision", "checkpoint_every", "log_every", "eval_every", "fewshot_every", "steps_per_loop", "write_worker_weights",
+        "model",
+        "dataset",
+        "data_dir",
+        "download",
+        "image_size",
+        "batch_size",
+        "epochs",
+        "steps",
+        "workdir",
+        "seed",
+        "tpu",
+        "strategy",
+        "xla",
+        "learning_rate",
+        "warmup_steps",
+        "weight_decay",
+        "randaugment",
+        "mixup",
+        "drop_path",
+        "dropout",
+        "crop_area_min",
+        "flip",
+        "eval_resize",
+        "crop_ratio",
+        "export",
+        "export_precision",
+        "checkpoint_every",
+        "log_every",
+        "eval_every",
+        "fewshot_every",
+        "steps_per_loop",
+        "write_worker_weights",
         *extra,
-    ]  # fmt: skip
+    ]
     values = {name: FLAGS[name].value for name in names}
     if FLAGS.fewshot_shots is not None:
         from keras_mixer.training.fewshot import parse_shots
@@ -183,31 +239,22 @@ def _overrides(extra=()):
     return values
 
 
-def _train_main(extra=(), mode="pretrain"):
-    def main(argv):
-        if len(argv) > 1:
-            raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-        quiet_logs()
-        from keras_mixer.training.config import load_config
-        from keras_mixer.training.loop import train
+def _train(extra=(), mode="pretrain"):
+    from keras_mixer.training.config import TrainConfig, load_config
+    from keras_mixer.training.loop import train
 
-        from keras_mixer.training.config import TrainConfig
-
-        with user_errors():
-            config = load_config(FLAGS.config, mode=mode, **_overrides(extra)).validate()
-            unknown = sorted(set(FLAGS.accept_changes) - set(TrainConfig.__dataclass_fields__) - {"all"})
-            if unknown:
-                raise ValueError(f"--accept_changes names unknown fields {unknown}; valid: recipe field names or 'all'")
-        print(f"Training {config.model or config.init} on {config.dataset}; workdir {os.path.abspath(config.workdir)}")
-        with user_errors():
-            train(config, restart=FLAGS.restart, accept_changes=FLAGS.accept_changes)
-
-    return main
+    with user_errors():
+        config = load_config(FLAGS.config, mode=mode, **_overrides(extra)).validate()
+        unknown = sorted(set(FLAGS.accept_changes) - set(TrainConfig.__dataclass_fields__) - {"all"})
+        if unknown:
+            raise ValueError(f"--accept_changes names unknown fields {unknown}; valid: recipe field names or 'all'")
+    print(f"Training {config.model or config.init} on {config.dataset}; workdir {os.path.abspath(config.workdir)}")
+    with user_errors():
+        train(config, restart=FLAGS.restart, accept_changes=FLAGS.accept_changes)
 
 
 def run_pretrain():
-    program_flags(lambda: _common_flags("demo"))
-    app.run(_train_main(), argv=normalise_argv(sys.argv))
+    run_program(lambda: _common_flags("demo"), _train)
 
 
 def run_finetune():
@@ -215,8 +262,7 @@ def run_finetune():
         _common_flags("finetune_demo")
         flags.DEFINE_string("init", None, "Weights to start from: .keras, official .npz, timm file, or a preset name.")
 
-    program_flags(define)
-    app.run(_train_main(extra=("init",), mode="finetune"), argv=normalise_argv(sys.argv))
+    run_program(define, lambda: _train(extra=("init",), mode="finetune"))
 
 
 # --- evaluate and export ----------------------------------------------------------------------------
@@ -224,7 +270,9 @@ def run_finetune():
 
 def _source_flags():
     flags.DEFINE_string(
-        "source", None, "A SavedModel (or export base), a .keras file, a workdir, a checkpoint, a preset or a weights file."
+        "source",
+        None,
+        "A SavedModel (or export base), a .keras file, a workdir, a checkpoint, a preset or a weights file.",
     )
     flags.mark_flag_as_required("source")
 
@@ -236,21 +284,24 @@ def run_evaluate():
         flags.DEFINE_string("data_dir", None, "TFDS data directory.")
         flags.DEFINE_string("split", None, "Split (default: validation if it exists, else test).")
         flags.DEFINE_integer("batch_size", 256, "Batch size.", lower_bound=1)
-        flags.DEFINE_enum("eval_resize", None, ["crop", "resize"], "Resize then centre-crop, or plain resize (default: the run's, else crop).")
+        flags.DEFINE_enum(
+            "eval_resize",
+            None,
+            ["crop", "resize"],
+            "Resize then centre-crop, or plain resize (default: the run's, else crop).",
+        )
         flags.DEFINE_float("crop_ratio", None, "Centre-crop ratio (default: the run's, else 0.875).")
-        flags.register_validator("dataset", dataset_ok, message="unknown data set; valid: digits, folder:PATH or a TFDS name")
+        flags.register_validator(
+            "dataset", dataset_ok, message="unknown data set; valid: digits, folder:PATH or a TFDS name"
+        )
 
-    program_flags(define)
+    def main():
+        import tensorflow as tf
 
-    def main(argv):
-        del argv
-        quiet_logs()
         from keras_mixer import data
-        from keras_mixer.training.inference import load_predictor
         from keras_mixer.preprocessing import EvalPreprocessing
         from keras_mixer.training.evaluation import make_evaluator
-
-        import tensorflow as tf
+        from keras_mixer.training.inference import load_predictor
 
         with user_errors():
             predictor = load_predictor(FLAGS.source)
@@ -264,13 +315,19 @@ def run_evaluate():
                 FLAGS.eval_resize or recorded.eval_resize, FLAGS.crop_ratio or recorded.crop_ratio
             )
             evaluate = make_evaluator(
-                tf.distribute.get_strategy(), predictor.predict, source, FLAGS.batch_size, predictor.image_size,
+                tf.distribute.get_strategy(),
+                predictor.predict,
+                source,
+                FLAGS.batch_size,
+                predictor.image_size,
                 preprocessing,
             )
             top1, top5 = evaluate()
-        print(f"top-1: {top1:.4f}  top-5: {top5:.4f}  ({source.num_examples} images of {dataset}/{split}, {FLAGS.source})")
+        print(
+            f"top-1: {top1:.4f}  top-5: {top5:.4f}  ({source.num_examples} images of {dataset}/{split}, {FLAGS.source})"
+        )
 
-    app.run(main)
+    run_program(define, main)
 
 
 def run_export():
@@ -286,24 +343,25 @@ def run_export():
             "image_size", None, "Input size, for a preset or weights file --source (default its own).", lower_bound=1
         )
         flags.DEFINE_integer(
-            "max_pixels", DEFAULT_MAX_PIXELS, "The bytes signature refuses images with more pixels (width x height).",
+            "max_pixels",
+            DEFAULT_MAX_PIXELS,
+            "The bytes signature refuses images with more pixels (width x height).",
             lower_bound=1,
         )
         flags.DEFINE_enum(
-            "precision", "float32", list(SERVING_PRECISIONS), "float32, or bfloat16 (bf16 products, float32 statistics "
+            "precision",
+            "float32",
+            list(SERVING_PRECISIONS),
+            "float32, or bfloat16 (bf16 products, float32 statistics "
             "and logits): several times faster on serving CPUs with AMX or AVX512-BF16, slower on CPUs without them.",
-        )  # fmt: skip
+        )
         flags.DEFINE_string("onnx", None, "Also write an ONNX file here.")
         flags.mark_flag_as_required("export_base")
         flags.register_validator(
             "model", lambda v: v is None or v in MODEL_NAMES, message=f"unknown model; valid: {', '.join(MODEL_NAMES)}"
         )
 
-    program_flags(define)
-
-    def main(argv):
-        del argv
-        quiet_logs()
+    def main():
         from keras_mixer.export import export_onnx, export_saved_model
         from keras_mixer.training.inference import load_keras_model
 
@@ -314,12 +372,17 @@ def run_export():
                 with open(FLAGS.class_names) as f:
                     class_names = [line.strip() for line in f if line.strip()]
             path = export_saved_model(
-                model, FLAGS.export_base, version=FLAGS.version, class_names=class_names, preprocessing=about,
-                max_pixels=FLAGS.max_pixels, metadata={k: v for k, v in about.items() if k == "dataset"},
+                model,
+                FLAGS.export_base,
+                version=FLAGS.version,
+                class_names=class_names,
+                preprocessing=about,
+                max_pixels=FLAGS.max_pixels,
+                metadata={k: v for k, v in about.items() if k == "dataset"},
                 precision=FLAGS.precision,
-            )  # fmt: skip
+            )
             if FLAGS.onnx:
                 export_onnx(model, FLAGS.onnx)
         print(f"Exported {FLAGS.source} to {path} ({FLAGS.precision})" + (f" and {FLAGS.onnx}" if FLAGS.onnx else ""))
 
-    app.run(main)
+    run_program(define, main)

@@ -65,7 +65,9 @@ class TrainConfig:
     keep_checkpoints: int = 3
     log_every: int = 50
     eval_every: int = 0  # steps; 0: only at the end
-    fewshot_every: int = 0  # steps between linear few-shot probes (keras_mixer.training.fewshot), also at the end; 0: off
+    fewshot_every: int = (
+        0  # steps between linear few-shot probes (keras_mixer.training.fewshot), also at the end; 0: off
+    )
     fewshot_shots: tuple = (1, 5, 10, 25)  # shots per class of those probes
     steps_per_loop: int = 1
     export: bool = True
@@ -109,10 +111,19 @@ class TrainConfig:
         if self.eval_every < 0:
             raise ValueError(f"eval_every must be 0 (only at the end) or positive, got {self.eval_every}")
         if isinstance(self.fewshot_every, bool) or not isinstance(self.fewshot_every, int) or self.fewshot_every < 0:
-            raise ValueError(f"fewshot_every must be 0 (no few-shot probes) or a positive number of steps, got {self.fewshot_every!r}")
+            raise ValueError(
+                "fewshot_every must be 0 (no few-shot probes) or a positive number of steps, "
+                f"got {self.fewshot_every!r}"
+            )
         shots = self.fewshot_shots
-        if not isinstance(shots, (list, tuple)) or not shots or any(isinstance(k, bool) or not isinstance(k, int) or k <= 0 for k in shots):
-            raise ValueError(f"fewshot_shots must be a non-empty list of positive integers (e.g. 1,5,10,25), got {shots!r}")
+        if (
+            not isinstance(shots, (list, tuple))
+            or not shots
+            or any(isinstance(k, bool) or not isinstance(k, int) or k <= 0 for k in shots)
+        ):
+            raise ValueError(
+                f"fewshot_shots must be a non-empty list of positive integers (e.g. 1,5,10,25), got {shots!r}"
+            )
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
         if not 0 < self.crop_area_min <= 1:
@@ -133,11 +144,25 @@ class TrainConfig:
 # generator: a run ends with bit-identical weights with or without them (tests/test_fewshot.py).
 OPERATIONAL_FIELDS = frozenset(
     {
-        "workdir", "data_dir", "download", "cache", "checkpoint_every", "keep_checkpoints", "log_every",
-        "eval_every", "fewshot_every", "fewshot_shots", "steps_per_loop", "export", "export_precision", "write_worker_weights",
-        "strategy", "tpu", "xla",
+        "workdir",
+        "data_dir",
+        "download",
+        "cache",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "log_every",
+        "eval_every",
+        "fewshot_every",
+        "fewshot_shots",
+        "steps_per_loop",
+        "export",
+        "export_precision",
+        "write_worker_weights",
+        "strategy",
+        "tpu",
+        "xla",
     }
-)  # fmt: skip
+)
 
 
 class RecipeChanged(ValueError):
@@ -228,7 +253,8 @@ def recipe_path(name_or_path, configs_dir=CONFIGS_DIR):
     path = os.path.join(configs_dir, f"{name_or_path}.py")
     if not os.path.isfile(path):
         raise ValueError(
-            f"unknown recipe {name_or_path!r}; recipes: {', '.join(recipe_names(configs_dir))} (or a path to a .py file)"
+            f"unknown recipe {name_or_path!r}; recipes: {', '.join(recipe_names(configs_dir))} "
+            "(or a path to a .py file)"
         )
     return path
 
@@ -242,10 +268,14 @@ def load_config(name_or_path, configs_dir=CONFIGS_DIR, **overrides):
         spec.loader.exec_module(module)
         fields = module.get_config()
     except Exception as e:  # a user's recipe file: its error is the user's to fix, not a crash of ours
-        line = next((frame.lineno for frame in reversed(traceback.extract_tb(e.__traceback__)) if frame.filename == path), "?")
+        line = next(
+            (frame.lineno for frame in reversed(traceback.extract_tb(e.__traceback__)) if frame.filename == path), "?"
+        )
         raise ValueError(f"recipe {path!r} failed at line {line}: {type(e).__name__}: {e}") from None
     if not isinstance(fields, dict):
-        raise ValueError(f"recipe {path!r}: get_config() must return a dict of TrainConfig fields, got {type(fields).__name__}")
+        raise ValueError(
+            f"recipe {path!r}: get_config() must return a dict of TrainConfig fields, got {type(fields).__name__}"
+        )
     fields = dict(fields)
     overrides = {k: v for k, v in overrides.items() if v is not None}
     # A length given on the command line replaces the recipe's, whichever unit it uses.

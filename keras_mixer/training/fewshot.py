@@ -93,9 +93,13 @@ def extract_features(features_fn, source, image_size, preprocessing=None, batch_
     """
     preprocessing = preprocessing or EvalPreprocessing()
     batches = data.make_pipeline(
-        source, training=False, image_size=image_size, batch_size=batch_size,
-        eval_resize=preprocessing.eval_resize, crop_ratio=preprocessing.crop_ratio,
-    )  # fmt: skip
+        source,
+        training=False,
+        image_size=image_size,
+        batch_size=batch_size,
+        eval_resize=preprocessing.eval_resize,
+        crop_ratio=preprocessing.crop_ratio,
+    )
     total = -(-source.num_examples // batch_size) if source.num_examples else None
     progress = keras.utils.Progbar(total, unit_name="batch", verbose=verbose)
     features, labels = [], []

@@ -48,7 +48,11 @@ def _about_run(record):
     if "about" in record:
         return record["about"]
     config = record.get("config", {})  # a run.json written by version 0.1
-    return dict(dataset=config.get("dataset"), class_names=record.get("class_names"), **EvalPreprocessing.from_dict(config).to_dict())
+    return dict(
+        dataset=config.get("dataset"),
+        class_names=record.get("class_names"),
+        **EvalPreprocessing.from_dict(config).to_dict(),
+    )
 
 
 def _run_record(source):

@@ -30,10 +30,10 @@ import tensorflow as tf
 from keras_mixer import data, loader
 from keras_mixer.files import read_json, write_json
 from keras_mixer.models import MlpMixer
-from keras_mixer.training.fewshot import TRAINING_DRAWS, FewshotProbe, features_function
 from keras_mixer.training.checkpointing import CheckpointStore, NoCheckpointRestores, has_checkpoint_files
 from keras_mixer.training.config import TrainConfig, check_resumed_recipe, run_length
 from keras_mixer.training.evaluation import make_evaluator
+from keras_mixer.training.fewshot import TRAINING_DRAWS, FewshotProbe, features_function
 from keras_mixer.training.reporting import Report, Throughput
 from keras_mixer.training.step import all_finite, decide_xla, make_optimizer, make_train_steps
 from keras_mixer.training.strategy import choose_strategy, is_chief, make_strategy, task_id
@@ -105,7 +105,9 @@ def build_model(config, num_classes):
 def trained_on(config, class_names):
     """What a model trained by `config` needs to be evaluated and served as it was trained: written
     once into run.json and carried by model.keras and the export."""
-    return dict(dataset=config.dataset, class_names=class_names, model=config.model, **config.eval_preprocessing.to_dict())
+    return dict(
+        dataset=config.dataset, class_names=class_names, model=config.model, **config.eval_preprocessing.to_dict()
+    )
 
 
 @dataclasses.dataclass
@@ -207,13 +209,29 @@ def _prepare(config, strategy, kind, restart, accept_changes):
     if config.fewshot_every:
         # Drawn now, so shots the data cannot give fail before anything is built.
         fewshot = FewshotProbe(
-            train_source, eval_source, config.fewshot_shots, config.image_size, config.eval_preprocessing,
-            config.batch_size, draws=TRAINING_DRAWS, seed=config.seed or 0,
-        )  # fmt: skip
+            train_source,
+            eval_source,
+            config.fewshot_shots,
+            config.image_size,
+            config.eval_preprocessing,
+            config.batch_size,
+            draws=TRAINING_DRAWS,
+            seed=config.seed or 0,
+        )
     return _Run(
-        config, strategy, kind, chief, record, changes, train_source, eval_source, eval_split, total_steps,
-        steps_per_epoch, fewshot,
-    )  # fmt: skip
+        config,
+        strategy,
+        kind,
+        chief,
+        record,
+        changes,
+        train_source,
+        eval_source,
+        eval_split,
+        total_steps,
+        steps_per_epoch,
+        fewshot,
+    )
 
 
 def _build(run):
@@ -233,7 +251,9 @@ def _build(run):
     # tf.train.Checkpoint finds through the model: save them by name, or a resumed run would draw
     # other masks than an uninterrupted one.
     rng_states = {v.path.replace("/", "."): v for v in model.non_trainable_variables if "seed_generator" in v.path}
-    state = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step_var, run_seed=run_seed, rng_states=rng_states)
+    state = tf.train.Checkpoint(
+        model=model, optimizer=optimizer, step=step_var, run_seed=run_seed, rng_states=rng_states
+    )
     # Every worker must write (saving is collective); only the chief's copy is kept.
     write_dir = None if run.chief else os.path.join(run.workdir, f".tmp_worker_{task_id(run.strategy)}")
     folder = os.path.join(run.workdir, "checkpoints")
@@ -247,17 +267,24 @@ def _write_record(run, model, resumed_from):
     config, record = run.config, run.record
     if resumed_from is None or record is None:
         record = dict(
-            config=dataclasses.asdict(config), architecture=model.get_config(),
-            about=trained_on(config, run.train_source.class_names), num_classes=run.train_source.num_classes,
-            eval_split=run.eval_split, total_steps=run.total_steps, recipe_changes=[],
-        )  # fmt: skip
+            config=dataclasses.asdict(config),
+            architecture=model.get_config(),
+            about=trained_on(config, run.train_source.class_names),
+            num_classes=run.train_source.num_classes,
+            eval_split=run.eval_split,
+            total_steps=run.total_steps,
+            recipe_changes=[],
+        )
     if run.changes:
         record["recipe_changes"] = record.get("recipe_changes", []) + [
             dict(step=resumed_from, field=name, recorded=old, now=new) for name, old, new in run.changes
         ]
         record.update(config=dataclasses.asdict(config), total_steps=run.total_steps)
         record["about"] = trained_on(config, run.train_source.class_names)
-        print(f"Accepted recipe changes at step {resumed_from}: " + ", ".join(f"{n} {o!r} -> {v!r}" for n, o, v in run.changes))
+        print(
+            f"Accepted recipe changes at step {resumed_from}: "
+            + ", ".join(f"{n} {o!r} -> {v!r}" for n, o, v in run.changes)
+        )
     write_json(os.path.join(run.workdir, "run.json"), record)
     return record
 
@@ -293,23 +320,44 @@ def _train(run, signals):
         print(f"XLA {'on' if use_xla else 'off'} for the training step: {xla_reason}", flush=True)
     train_steps = make_train_steps(strategy, model, optimizer, config, step_var, use_xla)
     evaluate = make_evaluator(
-        strategy, lambda images: model(images, training=False), run.eval_source, config.batch_size,
-        config.image_size, config.eval_preprocessing,
-    )  # fmt: skip
+        strategy,
+        lambda images: model(images, training=False),
+        run.eval_source,
+        config.batch_size,
+        config.image_size,
+        config.eval_preprocessing,
+    )
     # The probe reads the model in inference mode only: no dropout or drop-path draws, no training data.
     fewshot_features = features_function(model) if run.fewshot else None
     step = int(step_var.numpy())
     previous = previous or {}
     data_problems = {s.split: s.problems() for s in (run.train_source, run.eval_source) if s.problems()}
-    report = Report(run.workdir, run.chief, run.total_steps, dict(
-        finished=False, step=step, total_steps=run.total_steps, train_loss=previous.get("train_loss"),
-        train_top1=previous.get("train_top1"), eval_top1=None, eval_top5=None, eval_split=run.eval_split,
-        images_per_second=None,
-        # The loss history of the steps before the restored checkpoint survives in metrics.json.
-        loss_history=[h for h in previous.get("loss_history", []) if h[0] <= step],
-        resumed_from_step=resumed_from or 0, model=config.model, dataset=config.dataset, strategy=run.kind,
-        replicas=strategy.num_replicas_in_sync, xla=use_xla, data_problems=data_problems, fewshot=None,
-    ))  # fmt: skip
+    report = Report(
+        run.workdir,
+        run.chief,
+        run.total_steps,
+        dict(
+            finished=False,
+            step=step,
+            total_steps=run.total_steps,
+            train_loss=previous.get("train_loss"),
+            train_top1=previous.get("train_top1"),
+            eval_top1=None,
+            eval_top5=None,
+            eval_split=run.eval_split,
+            images_per_second=None,
+            # The loss history of the steps before the restored checkpoint survives in metrics.json.
+            loss_history=[h for h in previous.get("loss_history", []) if h[0] <= step],
+            resumed_from_step=resumed_from or 0,
+            model=config.model,
+            dataset=config.dataset,
+            strategy=run.kind,
+            replicas=strategy.num_replicas_in_sync,
+            xla=use_xla,
+            data_problems=data_problems,
+            fewshot=None,
+        ),
+    )
     speed = Throughput(config.batch_size)
     while step < run.total_steps:
         epoch, offset = divmod(step, run.steps_per_epoch)
@@ -413,9 +461,14 @@ def _finish(run, model, report):
             metrics["export_path"] = target
         else:
             metrics["export_path"] = export_saved_model(
-                model, export_base, version=metrics["step"], class_names=about["class_names"],
-                preprocessing=config.eval_preprocessing, metadata=about, precision=config.export_precision,
-            )  # fmt: skip
+                model,
+                export_base,
+                version=metrics["step"],
+                class_names=about["class_names"],
+                preprocessing=config.eval_preprocessing,
+                metadata=about,
+                precision=config.export_precision,
+            )
     report.save()
     print(
         f"Finished step {metrics['step']}: eval top-1 {metrics['eval_top1']:.4f}, top-5 {metrics['eval_top5']:.4f}, "

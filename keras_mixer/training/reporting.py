@@ -62,8 +62,16 @@ class Report:
         if not log_point:
             return
         self.metrics["loss_history"].append([step, loss])
-        self._scalars(step, {"train/loss": loss, "train/top1": top1, "train/learning_rate": learning_rate,
-                             "train/gradient_norm": norm, "train/images_per_second": rate})  # fmt: skip
+        self._scalars(
+            step,
+            {
+                "train/loss": loss,
+                "train/top1": top1,
+                "train/learning_rate": learning_rate,
+                "train/gradient_norm": norm,
+                "train/images_per_second": rate,
+            },
+        )
 
     def evaluated(self, step, top1, top5):
         log.info("step %d: eval top-1 %.4f, top-5 %.4f", step, top1, top5)

@@ -106,7 +106,9 @@ def make_train_steps(strategy, model, optimizer, config, step_var, use_xla, whol
         correct = tf.reduce_sum(tf.cast(tf.argmax(logits, -1) == tf.argmax(labels, -1), tf.float32))
         return loss, gradients, correct
 
-    forward_backward_fn = tf.function(forward_backward, jit_compile=True) if use_xla and not whole_step else forward_backward
+    forward_backward_fn = (
+        tf.function(forward_backward, jit_compile=True) if use_xla and not whole_step else forward_backward
+    )
 
     def update(gradients):
         """Clips the all-reduced gradients and applies them; returns their norm before clipping."""

@@ -62,7 +62,9 @@ def is_chief(strategy):
     if resolver is None or not getattr(strategy.extended, "_in_multi_worker_mode", lambda: False)():
         return True
     task_type, task_id = resolver.task_type, resolver.task_id
-    return task_type in (None, "chief") or (task_type == "worker" and task_id == 0 and "chief" not in resolver.cluster_spec().as_dict())
+    return task_type in (None, "chief") or (
+        task_type == "worker" and task_id == 0 and "chief" not in resolver.cluster_spec().as_dict()
+    )
 
 
 def task_id(strategy):

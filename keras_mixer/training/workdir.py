@@ -1,11 +1,11 @@
 """The training workdir: one owner at a time, no litter from killed runs, nothing deleted.
 
-    WORKDIR/lock              who owns the workdir (pid, host, start time, command); empty when free
-    WORKDIR/run.json          the recipe the run was started with, and any accepted changes
-    WORKDIR/metrics.json      progress (rewritten at every checkpoint), then the final results
-    WORKDIR/checkpoints/      training state, see `checkpointing`
-    WORKDIR/model.keras, WORKDIR/export/<step>/, WORKDIR/tensorboard/
-    WORKDIR/previous/<time>/  what `--restart` moved out of the way
+WORKDIR/lock              who owns the workdir (pid, host, start time, command); empty when free
+WORKDIR/run.json          the recipe the run was started with, and any accepted changes
+WORKDIR/metrics.json      progress (rewritten at every checkpoint), then the final results
+WORKDIR/checkpoints/      training state, see `checkpointing`
+WORKDIR/model.keras, WORKDIR/export/<step>/, WORKDIR/tensorboard/
+WORKDIR/previous/<time>/  what `--restart` moved out of the way
 """
 
 import errno
@@ -111,11 +111,10 @@ class WorkdirLock:
             print(
                 f"warning: took over a stale workdir lock (pid {holder.get('pid')} on {holder.get('host')}, "
                 f"started {holder.get('started')}, is gone)",
-                file=sys.stderr, flush=True,
-            )  # fmt: skip
-        record = dict(
-            pid=os.getpid(), host=socket.gethostname(), started=_utc(time.time()), command=" ".join(sys.argv)
-        )
+                file=sys.stderr,
+                flush=True,
+            )
+        record = dict(pid=os.getpid(), host=socket.gethostname(), started=_utc(time.time()), command=" ".join(sys.argv))
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(record).encode(), 0)
         os.fsync(fd)

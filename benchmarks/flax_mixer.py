@@ -1,4 +1,5 @@
-"""A Flax (linen) Mixer with the official parameter tree, written for the parity tests.
+"""A Flax (linen) Mixer with the official parameter tree: the Flax peer of the parity tests and of
+compare.py.
 
 Its auto-named modules give exactly the published keys: `stem`, `MixerBlock_{i}/LayerNorm_0`,
 `MixerBlock_{i}/token_mixing/Dense_0`, ..., `pre_head_layer_norm`, `head`. LayerNorm epsilon is

@@ -162,6 +162,7 @@ def test_versions_and_bad_targets(tmp_path):
         export_onnx(model, tmp_path)
 
 
+@pytest.mark.slow
 def test_export_command_line(tmp_path):
     model = randomize(tiny_mixer())
     model.save(tmp_path / "m.keras")

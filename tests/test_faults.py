@@ -78,6 +78,7 @@ def test_rerunning_a_finished_run_rewrites_nothing(workdir):
     assert m["finished"] is True and m["step"] == 60 and history_steps(workdir) == [20, 40, 60]
 
 
+@pytest.mark.slow
 def test_a_run_killed_while_finishing_completes_without_training_or_a_second_export(workdir):
     progress = metrics(workdir)
     progress.update(finished=False, eval_top1=None)  # as metrics.json stands before the end
@@ -298,6 +299,7 @@ def test_a_second_trainer_is_refused_and_a_dead_owners_lock_is_taken_over(tmp_pa
     assert metrics(workdir)["resumed_from_step"] >= 20 and (workdir / "lock").read_text() == ""
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_the_current_step_and_exits_143(tmp_path):
     workdir = tmp_path / "run"
     command = [
@@ -437,6 +439,7 @@ def test_a_bad_init_is_one_line(init, message, tmp_path):
     assert_one_line_error(result, message, init)
 
 
+@pytest.mark.slow
 def test_help_shows_each_programs_own_flags():
     runs = [
         ("pretrain", "--help", ["--steps:", "--workdir:", "--[no]restart:", "--accept_changes:", "--[no]debug:"]),

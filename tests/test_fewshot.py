@@ -145,6 +145,7 @@ def test_demo_features_beat_chance_by_far(demo):
 # --- the command -------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_fewshot_command_writes_its_numbers_and_picture(demo, tmp_path):
     workdir, _, _ = demo
     result = trainer("fewshot", "--source", workdir, "--shots", "5,1", "--draws", 3, "--out", tmp_path / "out")

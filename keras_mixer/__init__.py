@@ -39,7 +39,7 @@ __version__ = "0.2.0"
 def freeze(model, precision="float32"):
     """`model` frozen into one TF graph for inference, as the TF Serving export runs it: a
     `keras_mixer.export.FrozenModel` with `predict(images)`. On a CPU with AMX or AVX512-BF16,
-    `precision="bfloat16"` is the fastest way to run the model (the README's speed section).
+    `precision="bfloat16"` is the fastest way to run the model (docs/speed.md).
     Needs Keras' TensorFlow backend."""
     import keras
 

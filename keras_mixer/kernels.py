@@ -3,7 +3,7 @@
 On every backend but TensorFlow these are the plain `keras.ops` forms, which XLA fuses itself.
 On TensorFlow they are written for the CPU's oneDNN kernels, the only ones there that reach the
 bf16 matrix units (AMX, AVX512-BF16): XLA's CPU backend does not use them. Measured on a 2-core
-Xeon with AMX, S/16, batch 16, bf16 (`benchmarks/compare.py`, the README's speed section):
+Xeon with AMX, S/16, batch 16, bf16 (`benchmarks/compare.py`, docs/speed.md):
 
 - `dense` computes [..., D] @ [D, U] as one 2-D MatMul followed by `tf.nn.bias_add`. Only in that
   form does TF's graph optimizer fuse MatMul + BiasAdd + GELU into one oneDNN call; Keras' Dense

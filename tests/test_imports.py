@@ -119,9 +119,9 @@ def test_the_cycle_finder_finds_a_lazy_import_cycle():
 
 
 def layout_order():
-    """The README's "Code layout" entries under keras_mixer/, top to bottom: lists of module names
+    """docs/code_layout.md's entries under keras_mixer/, top to bottom: lists of module names
     ("keras_mixer.data" for `data/`), one list per line."""
-    with open(os.path.join(ROOT, "README.md")) as f:
+    with open(os.path.join(ROOT, "docs", "code_layout.md")) as f:
         text = f.read()
     block = text[text.index("\nkeras_mixer/\n") + 1 :].split("\ntrainers/")[0].splitlines()[1:]
     entries = []
@@ -133,7 +133,7 @@ def layout_order():
     return entries
 
 
-def test_each_module_in_the_readme_layout_imports_only_what_is_listed_above_it():
+def test_each_module_in_the_code_layout_imports_only_what_is_listed_above_it():
     graph = _without_package_inits(import_graph())
     entries = layout_order()
     assert len(entries) >= 15, entries

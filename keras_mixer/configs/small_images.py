@@ -11,7 +11,7 @@ Model and size, per data set, by one rule:
 
 Why each choice differs from the ImageNet-scale defaults (checked on four data sets it was not tuned
 on: 8 px digits, 28 px MNIST, 16 px texture patches, 25 px face / non-face crops; the table and the
-command are in the README, `benchmarks/small_images.py`):
+command are in docs/training.md, `benchmarks/small_images.py`):
     epochs 40, batch 64, lr 3e-3, warmup 100 steps, weight decay 0.05
                   a few thousand images need about 40 passes; warmup is short because the run is.
     crop_area_min 0.7

@@ -120,8 +120,14 @@ def eval_pipeline(
     """One worker's evaluation batches: every example once, in order, the last batch partial.
 
     Args:
-        source, image_size, batch_size, input_context, cache, one_hot, permutation, rescale: as
-            `train_pipeline`.
+        source: a `keras_mixer.data.Source`.
+        image_size: (H, W) or an int.
+        batch_size: the global batch size; with `input_context` each replica gets its share.
+        input_context: `tf.distribute.InputContext`: this worker reads only its shard.
+        cache: cache decoded source examples.
+        one_hot: one-hot labels [B, classes], else int labels [B].
+        permutation: None or an `ImagePermutation`, applied to every image.
+        rescale: pixels to [-1, 1] (for models without built-in preprocessing).
         eval_resize: "crop" (shorter side to size / crop_ratio, centre crop) or "resize" (whole
             image to size).
         pad_to_steps: evaluation under a strategy: yield exactly this many global steps of full

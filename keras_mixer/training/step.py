@@ -52,7 +52,7 @@ def clip_by_global_norm(gradients, max_norm):
 
 def decide_xla(config, kind):
     """Whether XLA compiles the step. `--xla on|off` is obeyed; `auto` decides per device and
-    precision from what measured faster (`benchmarks/compare.py`, the README's speed section):
+    precision from what measured faster (`benchmarks/compare.py`, docs/speed.md):
 
     - TPU: no separate compile, the TPU strategy compiles everything anyway.
     - bfloat16 on a CPU with bf16 matrix units (AMX-BF16, AVX512-BF16): off. XLA's CPU backend

@@ -13,15 +13,14 @@ import os
 
 from absl import flags
 
-from keras_mixer.models import MODEL_NAMES
-from keras_mixer.training.cli import dataset_ok, run_program, user_errors
+from keras_mixer.training.cli import dataset_ok, define_model_flag, run_program, user_errors
 
 FLAGS = flags.FLAGS
 
 
 def _define():
     flags.DEFINE_string("config", "permutation_study", "Recipe (name or .py path); the flags below override it.")
-    flags.DEFINE_string("model", None, f"Mixer variant: {', '.join(MODEL_NAMES)}.")
+    define_model_flag()
     flags.DEFINE_string("dataset", None, "A TFDS name, folder:PATH or digits.")
     flags.DEFINE_string("data_dir", None, "TFDS data directory.")
     flags.DEFINE_boolean("download", None, "Download and prepare a TFDS data set if needed.")
@@ -44,9 +43,6 @@ def _define():
         "restart", False, "Start again although --workdir holds a study (its files move to WORKDIR/previous/)."
     )
     flags.mark_flags_as_mutual_exclusive(["epochs", "steps"])
-    flags.register_validator(
-        "model", lambda v: v is None or v in MODEL_NAMES, message=f"unknown model; valid: {', '.join(MODEL_NAMES)}"
-    )
     flags.register_validator(
         "dataset",
         dataset_ok,

@@ -11,9 +11,8 @@ import os
 
 from absl import flags
 
-from keras_mixer.models import MODEL_NAMES
 from keras_mixer.studies.token_pictures import DEFAULT_BLOCKS, SCALES
-from keras_mixer.training.cli import run_program, user_errors
+from keras_mixer.training.cli import SOURCE_MODEL_HELP, define_model_flag, run_program, user_errors
 
 FLAGS = flags.FLAGS
 
@@ -40,14 +39,11 @@ def _define():
         lower_bound=-1.0,
         upper_bound=0.0,
     )
-    flags.DEFINE_string("model", None, "Variant, for a release name as --source (imagenet21k with B/16).")
+    define_model_flag(SOURCE_MODEL_HELP)
     flags.DEFINE_integer(
         "image_size", None, "Input size, for a preset or weights file --source (default its own).", lower_bound=1
     )
     flags.mark_flag_as_required("source")
-    flags.register_validator(
-        "model", lambda v: v is None or v in MODEL_NAMES, message=f"unknown model; valid: {', '.join(MODEL_NAMES)}"
-    )
 
 
 def _block_list(values):

@@ -81,11 +81,23 @@ def dataset_ok(value):
     return value.split(":")[0].split("/")[0] in tfds.list_builders()
 
 
+def define_model_flag(description=f"Mixer variant: {', '.join(MODEL_NAMES)}."):
+    """--model, refused at parsing unless a variant name (`keras_mixer.variants`)."""
+    flags.DEFINE_string("model", None, description)
+    flags.register_validator(
+        "model", lambda v: v is None or v in MODEL_NAMES, message=f"unknown model; valid: {', '.join(MODEL_NAMES)}"
+    )
+
+
+# For programs whose --source may be a release name ("imagenet21k") that needs a variant.
+SOURCE_MODEL_HELP = "Variant, for a release name as --source (imagenet21k with B/16)."
+
+
 def _common_flags(recipe):
     flags.DEFINE_string(
         "config", recipe, f"Recipe: {', '.join(recipe_names())}, or a path to a .py file; flags override its fields."
     )
-    flags.DEFINE_string("model", None, f"Mixer variant: {', '.join(MODEL_NAMES)}.")
+    define_model_flag()
     flags.DEFINE_string("dataset", None, "A TFDS name (imagenet2012, cifar10, ...), folder:PATH or digits.")
     flags.DEFINE_string("data_dir", None, "TFDS data directory.")
     flags.DEFINE_boolean("download", None, "Download and prepare a TFDS data set if needed.")
@@ -147,9 +159,6 @@ def _common_flags(recipe):
         "accept_changes", [], "Recipe fields a resumed run may change (comma list, or 'all'); recorded in run.json."
     )
     flags.mark_flags_as_mutual_exclusive(["epochs", "steps"])
-    flags.register_validator(
-        "model", lambda v: v is None or v in MODEL_NAMES, message=f"unknown model; valid: {', '.join(MODEL_NAMES)}"
-    )
     flags.register_validator(
         "dataset",
         dataset_ok,
@@ -338,7 +347,7 @@ def run_export():
         flags.DEFINE_string("export_base", None, "TF Serving model base path; the version folder goes inside.")
         flags.DEFINE_integer("version", None, "Version number (default: next free).", lower_bound=1)
         flags.DEFINE_string("class_names", None, "Text file with one class name per line, in label order.")
-        flags.DEFINE_string("model", None, "Variant, for a release name as --source (imagenet21k with B/16).")
+        define_model_flag(SOURCE_MODEL_HELP)
         flags.DEFINE_integer(
             "image_size", None, "Input size, for a preset or weights file --source (default its own).", lower_bound=1
         )
@@ -357,9 +366,6 @@ def run_export():
         )
         flags.DEFINE_string("onnx", None, "Also write an ONNX file here.")
         flags.mark_flag_as_required("export_base")
-        flags.register_validator(
-            "model", lambda v: v is None or v in MODEL_NAMES, message=f"unknown model; valid: {', '.join(MODEL_NAMES)}"
-        )
 
     def main():
         from keras_mixer.export import export_onnx, export_saved_model

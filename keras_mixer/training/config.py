@@ -65,9 +65,8 @@ class TrainConfig:
     keep_checkpoints: int = 3
     log_every: int = 50
     eval_every: int = 0  # steps; 0: only at the end
-    fewshot_every: int = (
-        0  # steps between linear few-shot probes (keras_mixer.training.fewshot), also at the end; 0: off
-    )
+    # Steps between linear few-shot probes (keras_mixer.training.fewshot), also at the end; 0: off.
+    fewshot_every: int = 0
     fewshot_shots: tuple = (1, 5, 10, 25)  # shots per class of those probes
     steps_per_loop: int = 1
     export: bool = True

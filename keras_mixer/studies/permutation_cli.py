@@ -13,7 +13,7 @@ import os
 
 from absl import flags
 
-from keras_mixer.training.cli import dataset_ok, define_model_flag, run_program, user_errors
+from keras_mixer.training.cli import dataset_ok, define_model_flag, flag_overrides, run_program, user_errors
 
 FLAGS = flags.FLAGS
 
@@ -92,11 +92,8 @@ def run():
             "tpu",
             "strategy",
         ]
-        overrides = {n: FLAGS[n].value for n in names}
-        if FLAGS.mixed_precision is not None:
-            overrides["mixed_precision"] = None if FLAGS.mixed_precision == "none" else FLAGS.mixed_precision
         with user_errors():
-            config = load_config(FLAGS.config, workdir=FLAGS.workdir, **overrides).validate()
+            config = load_config(FLAGS.config, workdir=FLAGS.workdir, **flag_overrides(names)).validate()
             if config.seed is None:
                 config.seed = 0  # the study compares runs: they must share initial weights and batches
             study = permutation.Study(

@@ -202,6 +202,15 @@ def normalise_argv(argv):
     return out
 
 
+def flag_overrides(names):
+    """{TrainConfig field: its flag's value} for `names` and --mixed_precision ("none" -> None);
+    None where a flag was not given, so the recipe's value stands."""
+    values = {name: FLAGS[name].value for name in names}
+    if FLAGS.mixed_precision is not None:
+        values["mixed_precision"] = None if FLAGS.mixed_precision == "none" else FLAGS.mixed_precision
+    return values
+
+
 def _overrides(extra=()):
     names = [
         "model",
@@ -238,13 +247,11 @@ def _overrides(extra=()):
         "write_worker_weights",
         *extra,
     ]
-    values = {name: FLAGS[name].value for name in names}
+    values = flag_overrides(names)
     if FLAGS.fewshot_shots is not None:
         from keras_mixer.training.fewshot import parse_shots
 
         values["fewshot_shots"] = parse_shots(FLAGS.fewshot_shots, "--fewshot_shots")
-    if FLAGS.mixed_precision is not None:
-        values["mixed_precision"] = None if FLAGS.mixed_precision == "none" else FLAGS.mixed_precision
     return values
 
 

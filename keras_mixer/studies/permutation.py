@@ -28,7 +28,7 @@ from keras_mixer.models import MlpMixer, variant_config
 from keras_mixer.studies.resnet import resnet_name, small_resnet
 from keras_mixer.training.config import OPERATIONAL_FIELDS, run_length
 from keras_mixer.training.evaluation import make_evaluator
-from keras_mixer.training.loop import TrainingDiverged
+from keras_mixer.training.loop import TrainingDiverged, recipe_stream
 from keras_mixer.training.step import decide_xla, make_optimizer, make_train_steps
 
 ORDERS = ("original", "patches", "pixels")
@@ -132,21 +132,7 @@ def train_cell(
         step = tf.Variable(0, dtype=tf.int64, trainable=False)
     kind = "tpu" if isinstance(strategy, tf.distribute.TPUStrategy) else "other"
     train_steps = make_train_steps(strategy, model, optimizer, config, step, decide_xla(config, kind)[0])
-    stream = data.distribute(
-        strategy,
-        train_source,
-        batch_size=config.batch_size,
-        training=True,
-        image_size=config.image_size,
-        seed=config.seed,
-        shuffle_buffer=config.shuffle_buffer,
-        randaugment=config.randaugment,
-        mixup=config.mixup,
-        one_hot=True,
-        area_range=(config.crop_area_min, 1.0),
-        flip=config.flip,
-        permutation=permutation,
-    )
+    stream = recipe_stream(strategy, train_source, config, config.seed, permutation=permutation)
     evaluate = make_evaluator(
         strategy,
         lambda images: model(images, training=False),
@@ -278,9 +264,8 @@ def draw(results, path, eval_source, config, patch_size):
     axes[0].set_ylabel(f"{dataset} {results['eval_split']} top-1 (%)")
     image = next(
         iter(
-            data.make_pipeline(
+            data.eval_pipeline(
                 eval_source,
-                training=False,
                 image_size=config.image_size,
                 batch_size=1,
                 eval_resize=config.eval_resize,

@@ -405,25 +405,32 @@ def _train(run, signals):
     return report.metrics
 
 
-def _epoch_stream(run, run_seed, epoch, skip_steps):
-    """Epoch `epoch`'s training batches, a pure function of (run seed, epoch), from `skip_steps` on."""
-    config = run.config
+def recipe_stream(strategy, source, config, seed, **kwargs):
+    """The recipe's training batches of `source` under `strategy`: its batch size, image size,
+    shuffle buffer, augmentation and one-hot labels, seeded by `seed`. `kwargs`: more
+    `train_pipeline` arguments (cache, skip_steps, permutation)."""
     return data.distribute(
-        run.strategy,
-        run.train_source,
+        strategy,
+        source,
         batch_size=config.batch_size,
         training=True,
         image_size=config.image_size,
-        seed=run_seed * 100_003 + epoch,
+        seed=seed,
         shuffle_buffer=config.shuffle_buffer,
-        cache=config.cache,
         randaugment=config.randaugment,
         mixup=config.mixup,
         one_hot=True,
         area_range=(config.crop_area_min, 1.0),
         flip=config.flip,
-        skip_steps=skip_steps,
+        **kwargs,
     )
+
+
+def _epoch_stream(run, run_seed, epoch, skip_steps):
+    """Epoch `epoch`'s training batches, a pure function of (run seed, epoch), from `skip_steps` on."""
+    seed = run_seed * 100_003 + epoch
+    config = run.config
+    return recipe_stream(run.strategy, run.train_source, config, seed, cache=config.cache, skip_steps=skip_steps)
 
 
 def _diverged(what, store):

@@ -39,7 +39,7 @@ def run_keras(root, batches):
     from keras_mixer import data
 
     source = data.load_source(f"folder:{root}", "train")
-    dataset = data.make_pipeline(source, training=True, image_size=224, batch_size=BATCH)
+    dataset = data.train_pipeline(source, image_size=224, batch_size=BATCH)
     iterator = iter(dataset)
     for _ in range(3):  # warm-up: tracing, thread pools, file cache
         next(iterator)

@@ -33,9 +33,8 @@ def agreement(source, dataset=None, split=None, data_dir=None, batch_size=256):
     split = split or data.eval_split(dataset, data_dir)
     images_source = data.load_source(dataset, split, data_dir=data_dir, class_names=about.get("class_names"))
     preprocessing = EvalPreprocessing.from_dict(about)
-    stream = data.make_pipeline(
+    stream = data.eval_pipeline(
         images_source,
-        training=False,
         image_size=model.input_shape[1:3],
         batch_size=batch_size,
         eval_resize=preprocessing.eval_resize,

@@ -92,9 +92,8 @@ def extract_features(features_fn, source, image_size, preprocessing=None, batch_
         (features float32 [N, C], labels int64 [N]) in split order.
     """
     preprocessing = preprocessing or EvalPreprocessing()
-    batches = data.make_pipeline(
+    batches = data.eval_pipeline(
         source,
-        training=False,
         image_size=image_size,
         batch_size=batch_size,
         eval_resize=preprocessing.eval_resize,

@@ -124,6 +124,25 @@ def test_bad_flags_are_one_line_usage_errors(args, message):
     assert re.search(message, errors[0]), errors[0]
 
 
+@pytest.mark.parametrize(
+    "program, flags",
+    [
+        ("pretrain", []),
+        ("evaluate", ["--source", "{tmp}/run"]),
+        ("export", ["--source", "{tmp}/run", "--export_base", "{tmp}/exports"]),
+        ("fewshot", ["--source", "{tmp}/run"]),
+        ("visualize", ["--source", "{tmp}/run"]),
+        ("study_permutation", []),
+    ],
+)
+def test_every_program_refuses_a_stray_argument_before_any_work(tmp_path, program, flags):
+    flags = [f.format(tmp=tmp_path) for f in flags]
+    result = trainer(program, *flags, "stray", check=False, timeout=120, cwd=tmp_path)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert [line for line in result.stderr.splitlines() if "stray" in line] == ["unexpected arguments: stray"]
+    assert os.listdir(tmp_path) == []  # no workdir, no export base, no output written
+
+
 def test_finetune_without_init_is_a_usage_error(tmp_path):
     result = trainer("finetune", "--init", "", "--workdir", tmp_path, check=False, timeout=120)
     assert result.returncode != 0 and "fine-tuning needs --init" in result.stderr

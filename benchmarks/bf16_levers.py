@@ -47,11 +47,11 @@ def measure(lever, call, batch=16):
     import tensorflow as tf
 
     import keras_mixer
-    from keras_mixer import export
+    from keras_mixer import precisions
     from keras_mixer.models import MlpMixer, variant_config
 
     policy = "bfloat16" if lever == "pure_policy" else "mixed_bfloat16"
-    export.PRECISIONS["bfloat16"] = policy
+    precisions.SERVING["bfloat16"] = policy  # what freeze() reads
     if lever == "bf16_statistics":
         bf16_statistics()
     rng = np.random.default_rng(0)

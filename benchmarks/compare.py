@@ -63,9 +63,11 @@ imported.
 
 Where TensorFlow is not installed (a GPU machine with only JAX and torch) its measurements are
 listed as skipped, and the JAX backend stands for keras_mixer. Peers come from the test extra:
-`pip install -e ".[test]"`. Writes DIR/compare.md (a table), DIR/compare.json and DIR/compare.png,
-the table and JSON again after every measurement, so a run cut short keeps what it measured. A
-measurement that runs past --timeout seconds is stopped and listed as failed.
+`pip install -e ".[test]"`. Writes DIR/compare.md (a table), DIR/summary.md (the same figures, one
+row per measurement and one column per model and task, which the docs include), DIR/compare.json
+and DIR/compare.png, the tables and JSON again after every measurement, so a run cut short keeps
+what it measured. A measurement that runs past --timeout seconds is stopped and listed as failed.
+`--render DIR` writes DIR/summary.md from its compare.json alone (after a change to its format).
 """
 
 import argparse
@@ -256,14 +258,12 @@ def worker_tf(name, model, batch, options):
     image_size, dtype, warmup, steps = options.image_size, options.dtype, options.warmup, options.steps
     import tensorflow as tf
 
-    from keras_mixer.training import TrainConfig
-
     images, labels = _images(batch, image_size)
     precision = "bfloat16" if dtype == "bfloat16" else None
     if name == "keras_mixer tf loop":
         import tempfile
 
-        from keras_mixer.training import train
+        from keras_mixer.training import TrainConfig, train
 
         with tempfile.TemporaryDirectory() as workdir:
             metrics = train(
@@ -286,29 +286,24 @@ def worker_tf(name, model, batch, options):
         from keras_mixer.training.step import decide_xla, make_optimizer, make_train_steps
 
         xla = "on" if name.endswith(("xla", "fwd+bwd")) else "auto"
-        config = TrainConfig(
-            model=model,
-            image_size=image_size,
-            batch_size=batch,
-            steps=10**6,
-            warmup_steps=1,
-            xla=xla,
-            mixed_precision=precision,
-        ).validate()
-        use_xla = decide_xla(config, "default")[0]
+        use_xla = decide_xla(xla, precision, "default")[0]
         net = _keras_model(model, image_size, dtype, options.expand_from)
-        optimizer = make_optimizer(config, 10**6)
-        optimizer.build(net.trainable_variables)
+        optimizer = make_optimizer(10**6, net.trainable_variables, learning_rate=1e-3, warmup_steps=1)
         step_var = tf.Variable(0, dtype=tf.int64, trainable=False)
-        whole_step = not name.endswith("fwd+bwd")
         train_steps = make_train_steps(
-            tf.distribute.get_strategy(), net, optimizer, config, step_var, use_xla, whole_step
+            tf.distribute.get_strategy(),
+            net,
+            optimizer,
+            step_var,
+            global_batch=batch,
+            clip_norm=1.0,
+            use_xla=use_xla,
+            whole_step=not name.endswith("fwd+bwd"),
         )
         one_hot = tf.one_hot(labels, CLASSES)
         iterator = iter(tf.data.Dataset.from_tensors((images, one_hot)).repeat())
-        count = tf.constant(config.steps_per_loop)
-        seconds = _timed(lambda: train_steps(iterator, count)[0], lambda loss: float(loss), warmup, steps)
-        return [s / config.steps_per_loop for s in seconds], dict(xla=use_xla)
+        seconds = _timed(lambda: train_steps(iterator, tf.constant(1))[0], lambda loss: float(loss), warmup, steps)
+        return seconds, dict(xla=use_xla)
     if name in ("keras_mixer tf frozen", "keras_mixer tf export"):
         net = _keras_model(model, image_size, "float32")  # frozen in `dtype` below
         served = _served(name, net, dtype, options)
@@ -781,6 +776,64 @@ def markdown(summary):
     return "\n".join(lines) + "\n"
 
 
+def summary_markdown(summary):
+    """One row per measurement, one column per (model, task): "images/s (÷ best peer, share of its
+    engine's matmul rate)", the fastest peer-or-keras_mixer figure of each column in bold, under a
+    line naming the machine, precision and command. The form the docs' pages include."""
+    columns = list(dict.fromkeys((r["model"], r["task"]) for r in summary["rows"]))
+    names = list(dict.fromkeys(r["name"] for r in summary["rows"]))
+    cells = {(r["name"], r["model"], r["task"]): r for r in summary["rows"]}
+    best = {
+        column: max(
+            (
+                r["images_per_second"]
+                for r in summary["rows"]
+                if (r["model"], r["task"]) == column and "images_per_second" in r and "matmuls only" not in r["name"]
+            ),
+            default=None,
+        )
+        for column in columns
+    }
+
+    def cell(name, column):
+        row = cells.get((name, *column))
+        if row is None:
+            return ""
+        if "images_per_second" not in row:
+            return "failed"
+        notes = [f"{row['ratio_to_best_peer']:.2f}×"] if "ratio_to_best_peer" in row else []
+        notes += [f"{row['matmul_share']:.0%}"] if "matmul_share" in row else []
+        rate = row["images_per_second"]
+        text = f"{rate:,.0f}" if rate >= 1000 else f"{rate:.1f}" if rate >= 100 else f"{rate:.2f}"
+        text += f" ({', '.join(notes)})" if notes else ""
+        return f"**{text}**" if row["images_per_second"] == best[column] and "matmuls only" not in name else text
+
+    lines = [
+        f"{summary['machine']}; {summary['dtype']}, {summary['image_size']}², medians of {summary['rounds']} "
+        f"rounds. Images/s (÷ best peer, share of the row's engine's matmul rate). "
+        f"Command: `{summary['command']}`",
+        "",
+        "| measurement | " + " | ".join(f"{model} {task}" for model, task in columns) + " |",
+        "|---|" + "---|" * len(columns),
+    ]
+    lines += [f"| {name} | " + " | ".join(cell(name, c) for c in columns) + " |" for name in names]
+    return "\n".join(lines) + "\n"
+
+
+def write_tables(summary, folder):
+    """compare.json, compare.md and summary.md in `folder`, each replaced whole (a reader never
+    sees half a file)."""
+    texts = (
+        ("compare.json", json.dumps(summary, indent=1)),
+        ("compare.md", markdown(summary)),
+        ("summary.md", summary_markdown(summary)),
+    )
+    for name, text in texts:
+        with open(os.path.join(folder, name + ".part"), "w") as f:
+            f.write(text)
+        os.replace(os.path.join(folder, name + ".part"), os.path.join(folder, name))
+
+
 def _colour(name):
     """keras_mixer blue, peers grey, the matmul-only ceilings white."""
     if name.startswith("keras_mixer"):
@@ -828,9 +881,17 @@ def main():
     parser.add_argument("--timeout", type=int, default=1800, help="seconds one measurement may take")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--model", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--render", nargs="+", metavar="DIR", help="write DIR/summary.md from its compare.json")
     args = parser.parse_args()
     if args.worker:
         return run_worker(args)
+    if args.render:
+        for folder in args.render:
+            with open(os.path.join(folder, "compare.json")) as f:
+                summary = json.load(f)
+            with open(os.path.join(folder, "summary.md"), "w") as f:
+                f.write(summary_markdown(summary))
+        return None
     args.models = args.models.split(",")
     args.tasks = args.tasks.split(",")
     args.only = [n for n in args.only.split(",") if n]
@@ -844,10 +905,7 @@ def main():
 
     def write(*measured):
         summary = summarise(args, *measured)
-        for name, text in (("compare.json", json.dumps(summary, indent=1)), ("compare.md", markdown(summary))):
-            with open(os.path.join(args.out, name + ".part"), "w") as f:
-                f.write(text)
-            os.replace(os.path.join(args.out, name + ".part"), os.path.join(args.out, name))
+        write_tables(summary, args.out)
         return summary
 
     summary = write(*measure(args, progress=write))

@@ -23,16 +23,15 @@ def agreement(source, dataset=None, split=None, data_dir=None, batch_size=256):
 
     from keras_mixer import data
     from keras_mixer.export import export_saved_model
-    from keras_mixer.preprocessing import EvalPreprocessing
     from keras_mixer.training.inference import load_keras_model
 
-    model, about = load_keras_model(source)
-    dataset = dataset or about.get("dataset")
+    model, trained_on = load_keras_model(source)
+    dataset = dataset or trained_on.dataset
     if dataset is None:
         raise ValueError(f"give --dataset: {source!r} does not record what it was trained on")
     split = split or data.eval_split(dataset, data_dir)
-    images_source = data.load_source(dataset, split, data_dir=data_dir, class_names=about.get("class_names"))
-    preprocessing = EvalPreprocessing.from_dict(about)
+    images_source = data.load_source(dataset, split, data_dir=data_dir, class_names=trained_on.class_names)
+    preprocessing = trained_on.preprocessing
     stream = data.eval_pipeline(
         images_source,
         image_size=model.input_shape[1:3],

@@ -39,7 +39,9 @@ from keras_mixer.data.transforms import eval_image
 from keras_mixer.files import make_tree_readable, read_json, write_json
 from keras_mixer.layers import MixerBlock
 from keras_mixer.models import MlpMixer
+from keras_mixer.precisions import SERVING
 from keras_mixer.preprocessing import EvalPreprocessing, scale_pixels
+from keras_mixer.trained_on import TrainedOn
 
 log = logging.getLogger("keras_mixer")
 
@@ -48,7 +50,6 @@ log = logging.getLogger("keras_mixer")
 # bound, one 379 KB PNG declaring 20000 x 20000 pixels takes a server to 10 GB.
 DEFAULT_MAX_PIXELS = 40_000_000
 METADATA = os.path.join("assets.extra", "keras_mixer.json")
-PRECISIONS = {"float32": "float32", "bfloat16": "mixed_bfloat16"}  # served precision -> Keras policy
 # Weights are frozen into the graph up to this size (float32 bytes), which takes S and B models
 # (B/16: 240 MB). Freezing holds several copies of the graph at once: exporting B/16 peaks at
 # 6.4 GB of memory. L and H models (0.8 and 1.7 GB) are served with variables instead; a graph is a
@@ -178,7 +179,7 @@ def export_saved_model(
     top_k=5,
     preprocessing=None,
     max_pixels=DEFAULT_MAX_PIXELS,
-    metadata=None,
+    trained_on=None,
     precision="float32",
 ):
     """Writes `model` as `export_base/<version>/` for TF Serving and returns that path.
@@ -186,13 +187,15 @@ def export_saved_model(
     Args:
         version: an integer; default one more than the highest existing version (1 for none).
             An existing version is an error: nothing is overwritten.
-        class_names: optional list of names in label order, served as `top_k_labels`.
+        class_names: optional list of names in label order, served as `top_k_labels`; default
+            those of `trained_on`.
         top_k: how many classes the top-k outputs hold.
         preprocessing: the bytes signature's image preparation, as the model was evaluated: an
             `EvalPreprocessing` or its dict (a run's or a preset's record); default the paper's
-            resize and centre crop at 0.875.
+            resize and centre crop at 0.875 (or that of `trained_on`).
         max_pixels: the bytes signature refuses images whose header declares more pixels.
-        metadata: a dict recorded in `assets.extra/keras_mixer.json` (data set, ...).
+        trained_on: the `TrainedOn` record of the model (data set, class names, preprocessing,
+            step), recorded in `assets.extra/keras_mixer.json` with the serving settings.
         precision: "float32" or "bfloat16" (bf16 products, float32 statistics and logits; for
             CPUs with bf16 matrix units, AMX or AVX512-BF16). See `serving_model`.
 
@@ -213,7 +216,9 @@ def export_saved_model(
     if os.path.exists(target):
         raise ValueError(f"version {version} already exists at {target!r}; nothing was overwritten")
 
-    preprocessing = _as_preprocessing(preprocessing)
+    trained_on = trained_on or TrainedOn()
+    class_names = trained_on.class_names if class_names is None else class_names
+    preprocessing = trained_on.preprocessing if preprocessing is None else _as_preprocessing(preprocessing)
     served = serving_model(model, precision)
     frozen = _weight_bytes(served) <= MAX_FROZEN_BYTES
     forward = frozen_forward(served) if frozen else None
@@ -231,12 +236,12 @@ def export_saved_model(
         with kernels.plain_ops():
             for name, (fn, spec) in functions.items():
                 module.add_endpoint(name=name, fn=fn, input_signature=spec)
+    served_on = trained_on.replace(
+        class_names=class_names, preprocessing=preprocessing, image_size=model.input_shape[1:3]
+    )
     about = dict(
-        metadata or {},
-        class_names=class_names,
-        **preprocessing.to_dict(),
+        served_on.to_dict(),
         max_pixels=int(max_pixels),
-        image_size=list(model.input_shape[1:3]),
         precision=precision,
         frozen=frozen,
     )
@@ -265,12 +270,12 @@ def serving_model(model, precision="float32"):
 
     precision: "float32", or "bfloat16" for the mixed_bfloat16 policy (bf16 matrix products and
     activations; LayerNorm statistics, pooling and logits in float32)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+    if precision not in SERVING:
+        raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(SERVING)}")
     if not isinstance(model, MlpMixer):
         raise ValueError(f"only an MlpMixer can be prepared for serving, got {type(model).__name__} {model.name!r}")
     previous = keras.config.dtype_policy()
-    keras.config.set_dtype_policy(PRECISIONS[precision])
+    keras.config.set_dtype_policy(SERVING[precision])
     try:
         served = MlpMixer.from_config(model.get_config())
     finally:

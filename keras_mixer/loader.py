@@ -17,8 +17,10 @@ import os
 
 import keras
 
-from keras_mixer import presets, weight_files
+from keras_mixer import presets, source_kinds, weight_files
+from keras_mixer.preprocessing import EvalPreprocessing
 from keras_mixer.resolution import expand_params, expansion_factors, trained_grid
+from keras_mixer.trained_on import TrainedOn
 from keras_mixer.validation import check_gelu, check_image_size, to_pair
 from keras_mixer.variants import ARCHITECTURE, DEFAULT_INPUT_SHAPE, variant_config, variant_name, variant_of
 from keras_mixer.weights import WeightsError, architecture_of, assign, is_mixer, keras_metadata, model_params
@@ -34,23 +36,23 @@ class WeightsFile:
         gelu: the GELU form it was trained with, or None when unknown.
         params: {official key: array}; None for a bare `.weights.h5`, readable only into a model.
         config: the `MlpMixer` config a `.keras` file records, else None.
-        about: what the source records of its training: eval_resize, crop_ratio and, where known,
-            dataset and class_names (a preset or a `.keras` written by the trainers), else {}.
+        trained_on: what the source records of its training (`TrainedOn`: a preset or a `.keras`
+            written by the trainers record it; other files only the default preprocessing).
         name: a model name for it (the preset name or the file's stem).
     """
 
-    def __init__(self, path, about=None, name=None):
+    def __init__(self, path, trained_on=None, name=None):
         self.path = os.fspath(path)
         self.format = weight_files.detect_format(self.path)
         self.gelu = weight_files.SOURCE_GELU.get(self.format)
-        self.params, self.config, self.about = None, None, dict(about or {})
+        self.params, self.config, self.trained_on = None, None, trained_on or TrainedOn()
         self.name = name or os.path.basename(self.path).split(".")[0].lower().replace("-", "_")
         if self.format == weight_files.KERAS:
             model = keras.saving.load_model(self.path, safe_mode=True, compile=False)
             self.params = model_params(model)
             if is_mixer(model):
                 self.config, self.gelu = model.get_config(), model.gelu
-            self.about = {**(keras_metadata(self.path) or {}), **self.about}
+            self.trained_on = trained_on or TrainedOn.from_dict(keras_metadata(self.path))
         elif self.format != weight_files.KERAS_H5:
             self.format, self.params = weight_files.read_arrays(self.path, self.format)
 
@@ -113,25 +115,36 @@ class WeightsFile:
 
 
 def open_weights(source, variant=None):
-    """A preset name (or a release such as "imagenet21k" with `variant`), a weights file path, or
-    an open `WeightsFile` -> a `WeightsFile`."""
+    """A preset name (or a release such as "imagenet21k" with `variant`), a weights or .keras file,
+    a finished training workdir (its model.keras), or an open `WeightsFile` -> a `WeightsFile`."""
     if isinstance(source, WeightsFile):
         return source
-    path = os.fspath(source)
-    if os.path.exists(path):
-        return WeightsFile(path)
-    if presets.is_preset_name(path):
-        name = presets.resolve(path, variant)
-        meta = presets.PRESETS[name]
-        about = dict(meta["eval_preprocessing"])
+    found = source_kinds.resolve(source, variant)
+    if found.kind in ("keras", "weights"):
+        return WeightsFile(found.path)
+    if found.kind == "preset":
+        meta = presets.PRESETS[found.path]
+        class_names = dataset = None
         if meta["classes"] == 1000:  # the ImageNet-1k label order of decode_predictions
-            from keras_mixer.imagenet import class_names
+            from keras_mixer.imagenet import class_names as imagenet_class_names
 
-            about.update(dataset="imagenet2012", class_names=class_names())
-        return WeightsFile(presets.fetch_preset(name), about=about, name=name)
-    if os.sep not in path and "." not in path:
-        presets.resolve(path, variant)  # raises, listing the presets
-    raise FileNotFoundError(f"weights file {path!r} does not exist")
+            dataset, class_names = "imagenet2012", imagenet_class_names()
+        trained_on = TrainedOn(
+            dataset=dataset,
+            class_names=class_names,
+            preprocessing=EvalPreprocessing.from_dict(meta["eval_preprocessing"]),
+            model=meta["variant"],
+            image_size=meta["image_size"],
+        )
+        return WeightsFile(presets.fetch_preset(found.path), trained_on=trained_on, name=found.path)
+    final = os.path.join(found.path, "model.keras")
+    if found.kind == "workdir" and os.path.isfile(final):
+        return WeightsFile(final)
+    raise ValueError(
+        f"{os.fspath(source)!r} is a {found.kind}"
+        + (" whose run has not finished (no model.keras yet)" if found.kind == "workdir" else "")
+        + ": weights are read from a .keras or weights file or a preset; evaluate.py and export.py read this one"
+    )
 
 
 def _load(model, weights, expansion=None):

@@ -90,6 +90,29 @@ def test_the_summary_divides_by_the_best_peer_the_best_timm_and_each_rows_own_en
     assert "| B/16 | inference | keras_mixer tf xla | TF+XLA | 16 | 5.00 | 1.25 | 1.67 |" in table
     assert "failed: exit 1: ValueError: x" in table
     assert "timm best, B/16 inference: timm eager bf16 weights, 3.00 img/s." in table
+    pivot = compare.summary_markdown(summary).splitlines()
+    assert pivot[2] == "| measurement | B/16 inference | B/16 training |"
+    assert "| keras_mixer tf frozen | **8.00 (2.00×, " in pivot[5]  # the column's fastest in bold
+    assert "| keras_mixer tf xla | 5.00 (1.25×, " in pivot[4]
+    assert pivot[-2] == "| keras_mixer tf loop |  | failed |"
+
+
+def test_each_speed_table_the_docs_include_is_its_runs_json_rendered():
+    # The docs' pages include DIR/summary.md; nobody edits one by hand: it is what its JSON renders to.
+    import glob
+    import json
+
+    found = glob.glob(os.path.join(ROOT, "docs", "speed", "**", "compare.json"), recursive=True)
+    folders = sorted(os.path.dirname(path) for path in found)
+    assert len(folders) >= 10
+    for folder in folders:
+        with open(os.path.join(folder, "compare.json")) as f:
+            expected = compare.summary_markdown(json.load(f))
+        with open(os.path.join(folder, "summary.md")) as f:
+            assert f.read() == expected, f"{folder}/summary.md: run python benchmarks/compare.py --render {folder}"
+    with open(os.path.join(ROOT, "docs", "speed.md")) as f:
+        included = [line.split('"')[1] for line in f if line.startswith("--8<--")]
+    assert included and all(os.path.isfile(os.path.join(ROOT, "docs", name)) for name in included)
 
 
 def test_the_machine_is_named_with_its_cpus_matrix_units():

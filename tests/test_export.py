@@ -14,6 +14,7 @@ from conftest import randomize, tiny_mixer
 import keras_mixer
 from keras_mixer.data.transforms import resize_and_center_crop
 from keras_mixer.export import export_onnx, export_saved_model
+from keras_mixer.preprocessing import EvalPreprocessing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = ["ant", "bee", "cat", "dog", "eel", "fox", "gnu"]
@@ -203,10 +204,10 @@ def test_a_preset_carries_its_class_names_and_evaluation_preprocessing(tmp_path,
     keras_mixer.save_npz(keras_mixer.MixerS32(), mirror / "Mixer-S_32.npz")
     monkeypatch.setenv("KERAS_MIXER_WEIGHTS_URL", (tmp_path / "mirror").as_uri())
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))
-    model, about = load_keras_model("mixer_s32_gsam")
+    model, trained_on = load_keras_model("mixer_s32_gsam")
     assert isinstance(model, keras_mixer.MlpMixer) and model.input_shape == (None, 224, 224, 3)
-    assert len(about["class_names"]) == 1000 and about["class_names"][281] == "tabby"
-    assert (about["eval_resize"], about["crop_ratio"]) == ("crop", 0.875) and about["dataset"] == "imagenet2012"
+    assert len(trained_on.class_names) == 1000 and trained_on.class_names[281] == "tabby"
+    assert trained_on.preprocessing == EvalPreprocessing("crop", 0.875) and trained_on.dataset == "imagenet2012"
     # A release name needs the variant; a larger size expands.
     bigger, _ = load_keras_model("gsam", model_name="S/32", image_size=448)
     assert bigger.grid_size == (14, 14) and bigger.tokens_mlp_dim == 4 * model.tokens_mlp_dim

@@ -12,7 +12,6 @@ from conftest import randomize, tiny_mixer
 from runs import assert_one_line_error, metrics, trainer
 
 from keras_mixer import data
-from keras_mixer.preprocessing import EvalPreprocessing
 from keras_mixer.training import fewshot as fs
 from keras_mixer.training.inference import load_keras_model
 
@@ -133,9 +132,9 @@ def test_subset_reads_only_the_chosen_examples_in_split_order():
 @pytest.mark.slow
 def test_demo_features_beat_chance_by_far(demo):
     workdir, _, _ = demo
-    model, about = load_keras_model(os.path.join(workdir, "model.keras"))
+    model, trained_on = load_keras_model(os.path.join(workdir, "model.keras"))
     train, test = data.load_source("digits", "train"), data.load_source("digits", "test")
-    probe = fs.FewshotProbe(train, test, [1, 5], (8, 8), EvalPreprocessing.from_dict(about), 256, draws=3)
+    probe = fs.FewshotProbe(train, test, [1, 5], (8, 8), trained_on.preprocessing, 256, draws=3)
     results = probe(fs.features_function(model))
     assert probe.feature_dim == model.get_layer("head").kernel.shape[0]
     assert results[5]["mean"] > 0.5  # chance is 0.1

@@ -177,10 +177,6 @@ def test_an_unknown_precision_names_the_valid_ones(tmp_path):
     assert not os.listdir(tmp_path)  # nothing half-written
 
 
-def _config(**fields):
-    return TrainConfig(steps=1, **fields).validate()
-
-
 @pytest.mark.parametrize(
     "fields, kind, units, on, reason",
     [
@@ -195,7 +191,8 @@ def _config(**fields):
 def test_xla_auto_decides_per_device_and_precision(monkeypatch, fields, kind, units, on, reason):
     present = {"amx_bf16", "amx_int8", "avx512_bf16", "avx512_vnni"} if units else {"avx2", "fma"}
     monkeypatch.setattr(cpu, "flags", lambda path="/proc/cpuinfo": present)
-    decided, why = decide_xla(_config(**fields), kind)
+    config = TrainConfig(steps=1, **fields).validate()
+    decided, why = decide_xla(config.xla, config.mixed_precision, kind)
     assert decided is on and reason in why
 
 

@@ -100,6 +100,28 @@ def test_every_recipe_loads_and_paper_rows_are_exact():
         TrainConfig(mode="finetune", epochs=1).validate()
 
 
+def test_the_flags_come_from_the_table_of_training_fields():
+    """Every recipe field but the program's `mode` has a flag of its type; a flag not given keeps the
+    recipe's value, "none" clears an Optional one, a comma list becomes a tuple."""
+    from absl import flags
+
+    from keras_mixer.training import cli
+    from keras_mixer.training.config import FLAG_FIELDS
+
+    values = flags.FlagValues()
+    cli.define_field_flags(FLAG_FIELDS, flag_values=values)
+    assert set(values) == set(TrainConfig.__dataclass_fields__) - {"mode", "init"}
+    values(["prog", "--mixed_precision=none", "--fewshot_shots=25,5,5", "--optimizer=sgd", "--nocache", "--steps=3"])
+    overrides = cli.flag_overrides(FLAG_FIELDS, values)
+    assert overrides == dict(mixed_precision=None, fewshot_shots=(5, 25), optimizer="sgd", cache=False, steps=3)
+    recipe = load_config("imagenet1k_b16", CONFIGS_DIR)
+    config = load_config("imagenet1k_b16", CONFIGS_DIR, **overrides)
+    assert recipe.mixed_precision == "bfloat16" and config.mixed_precision is None  # cleared, not ignored
+    assert (config.steps, config.epochs, config.batch_size) == (3, None, recipe.batch_size)
+    with pytest.raises(flags.IllegalFlagValueError, match="value should be one of <adamw|sgd>"):
+        values(["prog", "--optimizer=lamb"])
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -69,7 +69,6 @@ def main():
 
     from keras_mixer import data
     from keras_mixer.files import atomic_write, write_json
-    from keras_mixer.preprocessing import EvalPreprocessing
     from keras_mixer.training import fewshot as probe
     from keras_mixer.training.inference import load_keras_model
 
@@ -77,13 +76,13 @@ def main():
         shots = probe.parse_shots(FLAGS.shots, "--shots")
         if not FLAGS.l2 > 0:
             raise ValueError(f"--l2 must be positive, got {FLAGS.l2}")
-        model, about = load_keras_model(FLAGS.source)
-        dataset = FLAGS.dataset or about.get("dataset") or "digits"
+        model, trained_on = load_keras_model(FLAGS.source)
+        dataset = FLAGS.dataset or trained_on.dataset or "digits"
         # The model's class names do not constrain the probe: it may run on another data set.
         train = data.load_source(dataset, "train", data_dir=FLAGS.data_dir)
         split = data.eval_split(dataset, FLAGS.data_dir)
         test = data.load_source(dataset, split, data_dir=FLAGS.data_dir, class_names=train.class_names)
-        preprocessing = EvalPreprocessing.from_dict(about)
+        preprocessing = trained_on.preprocessing
         image_size = tuple(model.input_shape[1:3])
         # Draws the shots (a k the data cannot give fails here, before any feature is computed).
         fewshot = probe.FewshotProbe(

@@ -29,7 +29,7 @@ from keras_mixer.studies.resnet import resnet_name, small_resnet
 from keras_mixer.training.config import OPERATIONAL_FIELDS, run_length
 from keras_mixer.training.evaluation import make_evaluator
 from keras_mixer.training.loop import TrainingDiverged, recipe_stream
-from keras_mixer.training.step import decide_xla, make_optimizer, make_train_steps
+from keras_mixer.training.step import decide_xla, make_optimizer, make_train_steps, set_mixed_precision
 
 ORDERS = ("original", "patches", "pixels")
 MODELS = ("mixer", "resnet")
@@ -125,13 +125,11 @@ def train_cell(
     total = run_length(config, train_source.num_examples)[0]
     eval_every = eval_every or total
     with strategy.scope():
-        optimizer = make_optimizer(config, total)
-        if config.mixed_precision == "float16":
-            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-        optimizer.build(model.trainable_variables)  # now, or the first call traces the step twice
+        optimizer = make_optimizer(total, model.trainable_variables, **config.optimizer_args())
         step = tf.Variable(0, dtype=tf.int64, trainable=False)
     kind = "tpu" if isinstance(strategy, tf.distribute.TPUStrategy) else "other"
-    train_steps = make_train_steps(strategy, model, optimizer, config, step, decide_xla(config, kind)[0])
+    use_xla = decide_xla(config.xla, config.mixed_precision, kind)[0]
+    train_steps = make_train_steps(strategy, model, optimizer, step, use_xla=use_xla, **config.step_args())
     stream = recipe_stream(strategy, train_source, config, config.seed, permutation=permutation)
     evaluate = make_evaluator(
         strategy,
@@ -161,8 +159,7 @@ def run(study, workdir, strategy=None, progress=True, log=print):
     results of another recipe is refused."""
     config = study.config
     strategy = strategy or tf.distribute.get_strategy()
-    if config.mixed_precision:
-        keras.config.set_dtype_policy(f"mixed_{config.mixed_precision}")
+    set_mixed_precision(config.mixed_precision)
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, RESULTS)
     results = read_json(path)

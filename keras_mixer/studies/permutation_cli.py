@@ -13,41 +13,49 @@ import os
 
 from absl import flags
 
-from keras_mixer.training.cli import dataset_ok, define_model_flag, flag_overrides, run_program, user_errors
+from keras_mixer.training.cli import (
+    define_field_flags,
+    flag_overrides,
+    register_data_validators,
+    run_program,
+    user_errors,
+)
 
 FLAGS = flags.FLAGS
 
 
+# The recipe fields the study takes as flags (the training programs' flags, with these helps).
+FIELDS = {
+    "model": None,
+    "dataset": None,
+    "data_dir": None,
+    "download": None,
+    "image_size": None,
+    "batch_size": "Batch size.",
+    "epochs": "Training length of every cell in epochs.",
+    "steps": "Training length of every cell in steps.",
+    "learning_rate": None,
+    "seed": "Seed of the initial weights, the batches and the permutations (default 0).",
+    "xla": None,
+    "tpu": None,
+    "strategy": "tf.distribute strategy on one machine (multi_worker is refused).",
+    "mixed_precision": None,
+}
+
+
 def _define():
     flags.DEFINE_string("config", "permutation_study", "Recipe (name or .py path); the flags below override it.")
-    define_model_flag()
-    flags.DEFINE_string("dataset", None, "A TFDS name, folder:PATH or digits.")
-    flags.DEFINE_string("data_dir", None, "TFDS data directory.")
-    flags.DEFINE_boolean("download", None, "Download and prepare a TFDS data set if needed.")
-    flags.DEFINE_integer("image_size", None, "Square input size in pixels.", lower_bound=1)
-    flags.DEFINE_integer("batch_size", None, "Batch size.", lower_bound=1)
-    flags.DEFINE_float("epochs", None, "Training length of every cell in epochs.")
-    flags.DEFINE_integer("steps", None, "Training length of every cell in steps.", lower_bound=1)
-    flags.DEFINE_float("learning_rate", None, "Peak learning rate.")
-    flags.DEFINE_integer("seed", None, "Seed of the initial weights, the batches and the permutations.")
+    define_field_flags(FIELDS, help={k: v for k, v in FIELDS.items() if v})
     flags.DEFINE_string("workdir", "workdir/permutation", "permutation.json and permutation.png go here.")
     flags.DEFINE_integer("eval_every", 0, "Steps between points of the curves (0: about 20 points).", lower_bound=0)
     flags.DEFINE_list("orders", "original,patches,pixels", "Input orders to train on (these three).")
     flags.DEFINE_list("models", "mixer,resnet", "Models to train (these two).")
     flags.DEFINE_list("resnet_widths", ["16", "32"], "Channel widths of the ResNet's stages.")
-    flags.DEFINE_enum("xla", None, ["auto", "on", "off"], "XLA for forward/backward.")
-    flags.DEFINE_string("tpu", None, "TPU name or address; bare --tpu means the local TPU VM.")
-    flags.DEFINE_enum("strategy", None, ["auto", "default", "mirrored", "tpu"], "tf.distribute strategy (one machine).")
-    flags.DEFINE_enum("mixed_precision", None, ["bfloat16", "float16", "none"], "Mixed precision compute dtype.")
     flags.DEFINE_boolean(
         "restart", False, "Start again although --workdir holds a study (its files move to WORKDIR/previous/)."
     )
     flags.mark_flags_as_mutual_exclusive(["epochs", "steps"])
-    flags.register_validator(
-        "dataset",
-        dataset_ok,
-        message="unknown data set; valid: digits, folder:PATH (an existing folder) or a TFDS name",
-    )
+    register_data_validators()
 
 
 def _choices(flag, valid):
@@ -77,23 +85,10 @@ def run():
         from keras_mixer.training.strategy import choose_strategy, make_strategy
         from keras_mixer.training.workdir import WorkdirLock, check_workdir, move_to_previous
 
-        names = [
-            "model",
-            "dataset",
-            "data_dir",
-            "download",
-            "image_size",
-            "batch_size",
-            "epochs",
-            "steps",
-            "learning_rate",
-            "seed",
-            "xla",
-            "tpu",
-            "strategy",
-        ]
         with user_errors():
-            config = load_config(FLAGS.config, workdir=FLAGS.workdir, **flag_overrides(names)).validate()
+            config = load_config(FLAGS.config, workdir=FLAGS.workdir, **flag_overrides(FIELDS)).validate()
+            if config.strategy == "multi_worker":
+                raise ValueError("the permutation study runs on one machine: --strategy multi_worker is not supported")
             if config.seed is None:
                 config.seed = 0  # the study compares runs: they must share initial weights and batches
             study = permutation.Study(

@@ -8,17 +8,20 @@ bug and keeps its traceback.
 """
 
 import contextlib
+import dataclasses
 import errno
 import logging
 import os
 import re
 import sys
+import typing
 
 from absl import app, flags
 from absl import logging as absl_logging
 
-from keras_mixer.models import MODEL_NAMES
-from keras_mixer.training.config import PRECISIONS, SERVING_PRECISIONS, STRATEGIES, XLA, recipe_names
+from keras_mixer.variants import MODEL_NAMES
+from keras_mixer.precisions import SERVING
+from keras_mixer.training.config import FLAG_FIELDS, TrainConfig, accepts_none, parse_shots, recipe_names
 
 FLAGS = flags.FLAGS
 
@@ -81,11 +84,14 @@ def dataset_ok(value):
     return value.split(":")[0].split("/")[0] in tfds.list_builders()
 
 
-def define_model_flag(description=f"Mixer variant: {', '.join(MODEL_NAMES)}."):
+def define_model_flag(description=f"Mixer variant: {', '.join(MODEL_NAMES)}.", flag_values=FLAGS):
     """--model, refused at parsing unless a variant name (`keras_mixer.variants`)."""
-    flags.DEFINE_string("model", None, description)
+    flags.DEFINE_string("model", None, description, flag_values=flag_values)
     flags.register_validator(
-        "model", lambda v: v is None or v in MODEL_NAMES, message=f"unknown model; valid: {', '.join(MODEL_NAMES)}"
+        "model",
+        lambda v: v is None or v in MODEL_NAMES,
+        message=f"unknown model; valid: {', '.join(MODEL_NAMES)}",
+        flag_values=flag_values,
     )
 
 
@@ -93,72 +99,29 @@ def define_model_flag(description=f"Mixer variant: {', '.join(MODEL_NAMES)}."):
 SOURCE_MODEL_HELP = "Variant, for a release name as --source (imagenet21k with B/16)."
 
 
-def _common_flags(recipe):
-    flags.DEFINE_string(
-        "config", recipe, f"Recipe: {', '.join(recipe_names())}, or a path to a .py file; flags override its fields."
-    )
-    define_model_flag()
-    flags.DEFINE_string("dataset", None, "A TFDS name (imagenet2012, cifar10, ...), folder:PATH or digits.")
-    flags.DEFINE_string("data_dir", None, "TFDS data directory.")
-    flags.DEFINE_boolean("download", None, "Download and prepare a TFDS data set if needed.")
-    flags.DEFINE_integer("image_size", None, "Square input size in pixels.")
-    flags.DEFINE_integer("batch_size", None, "Global batch size (all replicas).")
-    flags.DEFINE_float("epochs", None, "Training length in epochs.")
-    flags.DEFINE_integer("steps", None, "Training length in steps.")
-    flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard logs, metrics.json and the export go here.")
-    flags.DEFINE_integer("seed", None, "Seed for initialisation, data order and augmentation (deterministic ops).")
-    flags.DEFINE_string("tpu", None, "TPU name or address; bare --tpu means the local TPU VM.")
-    flags.DEFINE_enum("strategy", None, list(STRATEGIES), "tf.distribute strategy; auto picks from the machine.")
-    flags.DEFINE_enum("mixed_precision", None, [*PRECISIONS, "none"], "Mixed precision compute dtype.")
-    flags.DEFINE_enum(
-        "xla",
-        None,
-        list(XLA),
-        "XLA for the training step (auto: per device and precision, printed at the start: off "
-        "for bfloat16 on CPUs with AMX or AVX512-BF16 and on TPUs, on elsewhere).",
-    )
-    flags.DEFINE_float("learning_rate", None, "Peak learning rate.")
-    flags.DEFINE_integer("warmup_steps", None, "Linear warmup steps.")
-    flags.DEFINE_float("weight_decay", None, "Decoupled weight decay (AdamW).")
-    flags.DEFINE_float("randaugment", None, "RandAugment magnitude m (2 ops).")
-    flags.DEFINE_float("mixup", None, "Mixup Beta alpha.")
-    flags.DEFINE_float("drop_path", None, "Stochastic depth rate of the last block.")
-    flags.DEFINE_float("dropout", None, "Dropout inside the MLPs.")
-    flags.DEFINE_float("crop_area_min", None, "Smallest area share of the training crops (1: no crops).")
-    flags.DEFINE_boolean("flip", None, "Random horizontal flips in training.")
-    flags.DEFINE_enum("eval_resize", None, ["crop", "resize"], "Evaluation (and serving): centre crop or plain resize.")
-    flags.DEFINE_float("crop_ratio", None, "Centre-crop share of the resized image for --eval_resize=crop.")
-    flags.DEFINE_boolean("export", None, "Write the TF Serving export at the end.")
-    flags.DEFINE_enum(
-        "export_precision",
-        None,
-        list(SERVING_PRECISIONS),
-        "Precision of that export: bfloat16 is several times faster "
-        "on serving CPUs with AMX or AVX512-BF16, slower on CPUs without them.",
-    )
-    flags.DEFINE_integer("checkpoint_every", None, "Steps between checkpoints.")
-    flags.DEFINE_integer("log_every", None, "Steps between TensorBoard points.")
-    flags.DEFINE_integer("eval_every", None, "Steps between evaluations (0: only at the end).")
-    flags.DEFINE_integer(
-        "fewshot_every",
-        None,
-        "Steps between linear few-shot probes of the pre-logits on the run's data set, also run "
-        "at the end (TensorBoard fewshot/{k}shot, metrics.json fewshot; 0: none).",
-    )
-    flags.DEFINE_string(
-        "fewshot_shots", None, "Shots per class of the few-shot probes, a comma list (default 1,5,10,25)."
-    )
-    flags.DEFINE_integer("steps_per_loop", None, "Steps per host call (raise on TPUs).")
-    flags.DEFINE_boolean("write_worker_weights", None, "Every worker writes its final weights (diagnostics).")
-    flags.DEFINE_boolean(
-        "restart",
-        False,
-        "Start again from step 0 although --workdir holds a run (its files move to WORKDIR/previous/).",
-    )
-    flags.DEFINE_list(
-        "accept_changes", [], "Recipe fields a resumed run may change (comma list, or 'all'); recorded in run.json."
-    )
-    flags.mark_flags_as_mutual_exclusive(["epochs", "steps"])
+def define_field_flags(names, help=None, flag_values=FLAGS):
+    """absl flags for the `TrainConfig` fields `names`, from its table: the field's type and help
+    (`help` may replace some: {name: text}), an enum for a field with choices (plus "none" where it
+    may be None: it clears the recipe's value), a comma list for a tuple. Every default is None,
+    so a flag not given leaves the recipe's value."""
+    help = help or {}
+    for field in dataclasses.fields(TrainConfig):
+        if field.name not in names:
+            continue
+        name, text, choices = field.name, help.get(field.name, field.metadata["help"]), field.metadata["choices"]
+        kind = next(t for t in typing.get_args(field.type) or (field.type,) if t is not type(None))
+        if name == "model":
+            define_model_flag(text, flag_values)
+        elif choices:
+            valid = [*choices, *(["none"] if accepts_none(field) else [])]
+            flags.DEFINE_enum(name, None, valid, text, flag_values=flag_values)
+        else:  # a str, and a tuple as its comma list, is a string flag
+            define = {bool: flags.DEFINE_boolean, int: flags.DEFINE_integer, float: flags.DEFINE_float}
+            define.get(kind, flags.DEFINE_string)(name, None, text, flag_values=flag_values)
+
+
+def register_data_validators():
+    """--dataset must name a data set, and --tpu goes with the TPU strategy only."""
     flags.register_validator(
         "dataset",
         dataset_ok,
@@ -170,6 +133,23 @@ def _common_flags(recipe):
         lambda f: f["tpu"] is None or f["strategy"] in (None, "auto", "tpu"),
         message="--tpu conflicts with --strategy other than auto or tpu",
     )
+
+
+def _common_flags(recipe):
+    flags.DEFINE_string(
+        "config", recipe, f"Recipe: {', '.join(recipe_names())}, or a path to a .py file; flags override its fields."
+    )
+    define_field_flags(FLAG_FIELDS)
+    flags.DEFINE_boolean(
+        "restart",
+        False,
+        "Start again from step 0 although --workdir holds a run (its files move to WORKDIR/previous/).",
+    )
+    flags.DEFINE_list(
+        "accept_changes", [], "Recipe fields a resumed run may change (comma list, or 'all'); recorded in run.json."
+    )
+    flags.mark_flags_as_mutual_exclusive(["epochs", "steps"])
+    register_data_validators()
 
 
 def quiet_logs():
@@ -202,65 +182,28 @@ def normalise_argv(argv):
     return out
 
 
-def flag_overrides(names):
-    """{TrainConfig field: its flag's value} for `names` and --mixed_precision ("none" -> None);
-    None where a flag was not given, so the recipe's value stands."""
-    values = {name: FLAGS[name].value for name in names}
-    if FLAGS.mixed_precision is not None:
-        values["mixed_precision"] = None if FLAGS.mixed_precision == "none" else FLAGS.mixed_precision
-    return values
-
-
-def _overrides(extra=()):
-    names = [
-        "model",
-        "dataset",
-        "data_dir",
-        "download",
-        "image_size",
-        "batch_size",
-        "epochs",
-        "steps",
-        "workdir",
-        "seed",
-        "tpu",
-        "strategy",
-        "xla",
-        "learning_rate",
-        "warmup_steps",
-        "weight_decay",
-        "randaugment",
-        "mixup",
-        "drop_path",
-        "dropout",
-        "crop_area_min",
-        "flip",
-        "eval_resize",
-        "crop_ratio",
-        "export",
-        "export_precision",
-        "checkpoint_every",
-        "log_every",
-        "eval_every",
-        "fewshot_every",
-        "steps_per_loop",
-        "write_worker_weights",
-        *extra,
-    ]
-    values = flag_overrides(names)
-    if FLAGS.fewshot_shots is not None:
-        from keras_mixer.training.fewshot import parse_shots
-
-        values["fewshot_shots"] = parse_shots(FLAGS.fewshot_shots, "--fewshot_shots")
+def flag_overrides(names, flag_values=FLAGS):
+    """{TrainConfig field: value} for the flags of `names` that were given (the recipe's value
+    stands for the others): "none" clears a field that may be None, a comma list becomes a tuple."""
+    values = {}
+    for name in names:
+        value, field = flag_values[name].value, TrainConfig.__dataclass_fields__[name]
+        if value is None:
+            continue
+        if value == "none" and field.metadata["choices"] and accepts_none(field):
+            value = None
+        elif field.type is tuple:
+            value = parse_shots(value, f"--{name}")
+        values[name] = value
     return values
 
 
 def _train(extra=(), mode="pretrain"):
-    from keras_mixer.training.config import TrainConfig, load_config
+    from keras_mixer.training.config import load_config
     from keras_mixer.training.loop import train
 
     with user_errors():
-        config = load_config(FLAGS.config, mode=mode, **_overrides(extra)).validate()
+        config = load_config(FLAGS.config, mode=mode, **flag_overrides((*FLAG_FIELDS, *extra))).validate()
         unknown = sorted(set(FLAGS.accept_changes) - set(TrainConfig.__dataclass_fields__) - {"all"})
         if unknown:
             raise ValueError(f"--accept_changes names unknown fields {unknown}; valid: recipe field names or 'all'")
@@ -276,7 +219,7 @@ def run_pretrain():
 def run_finetune():
     def define():
         _common_flags("finetune_demo")
-        flags.DEFINE_string("init", None, "Weights to start from: .keras, official .npz, timm file, or a preset name.")
+        define_field_flags(["init"])
 
     run_program(define, lambda: _train(extra=("init",), mode="finetune"))
 
@@ -321,12 +264,13 @@ def run_evaluate():
 
         with user_errors():
             predictor = load_predictor(FLAGS.source)
-            dataset = FLAGS.dataset or predictor.dataset
+            trained_on = predictor.trained_on
+            dataset = FLAGS.dataset or trained_on.dataset
             if dataset is None:
                 raise ValueError(f"give --dataset: {FLAGS.source!r} does not record what it was trained on")
             split = FLAGS.split or data.eval_split(dataset, FLAGS.data_dir)
-            source = data.load_source(dataset, split, data_dir=FLAGS.data_dir, class_names=predictor.class_names)
-            recorded = predictor.preprocessing
+            source = data.load_source(dataset, split, data_dir=FLAGS.data_dir, class_names=trained_on.class_names)
+            recorded = trained_on.preprocessing
             preprocessing = EvalPreprocessing(
                 FLAGS.eval_resize or recorded.eval_resize, FLAGS.crop_ratio or recorded.crop_ratio
             )
@@ -367,7 +311,7 @@ def run_export():
         flags.DEFINE_enum(
             "precision",
             "float32",
-            list(SERVING_PRECISIONS),
+            list(SERVING),
             "float32, or bfloat16 (bf16 products, float32 statistics "
             "and logits): several times faster on serving CPUs with AMX or AVX512-BF16, slower on CPUs without them.",
         )
@@ -379,8 +323,8 @@ def run_export():
         from keras_mixer.training.inference import load_keras_model
 
         with user_errors():
-            model, about = load_keras_model(FLAGS.source, FLAGS.model, FLAGS.image_size)
-            class_names = about.get("class_names")
+            model, trained_on = load_keras_model(FLAGS.source, FLAGS.model, FLAGS.image_size)
+            class_names = None
             if FLAGS.class_names:
                 with open(FLAGS.class_names) as f:
                     class_names = [line.strip() for line in f if line.strip()]
@@ -389,9 +333,8 @@ def run_export():
                 FLAGS.export_base,
                 version=FLAGS.version,
                 class_names=class_names,
-                preprocessing=about,
                 max_pixels=FLAGS.max_pixels,
-                metadata={k: v for k, v in about.items() if k == "dataset"},
+                trained_on=trained_on,
                 precision=FLAGS.precision,
             )
             if FLAGS.onnx:

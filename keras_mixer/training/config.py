@@ -10,86 +10,128 @@ import importlib.util
 import math
 import os
 import traceback
+import typing
 from typing import Optional
 
-from keras_mixer.models import MODEL_NAMES
+from keras_mixer import precisions, preprocessing
 from keras_mixer.preprocessing import EvalPreprocessing
+from keras_mixer.variants import MODEL_NAMES
 
 STRATEGIES = ("auto", "default", "mirrored", "multi_worker", "tpu")
-PRECISIONS = ("bfloat16", "float16")
-SERVING_PRECISIONS = ("float32", "bfloat16")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("warmup_linear", "warmup_cosine")
 XLA = ("auto", "on", "off")
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
+def _field(default, help, *, choices=None, operational=False, flag=True):
+    """One row of the table of training fields.
+
+    help: the field's flag help (every trainer's `--help`).
+    choices: the valid values (and None where the field's type is Optional).
+    operational: says where and how a run is looked after, not what it computes: a resumed run may
+        change it freely (`OPERATIONAL_FIELDS`). Every other field changes the computation or its
+        reported results, and a resumed run keeps it unless the change is accepted.
+    flag: whether the trainers have a flag for it (`mode` is the program's, `init` fine-tuning's).
+    """
+    metadata = dict(help=help, choices=choices, operational=operational, flag=flag)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
 @dataclasses.dataclass
 class TrainConfig:
+    """Every field of a training run, with its flag help, its valid values and whether a resumed
+    run may change it: the one table the flags, `validate` and the resume check read."""
+
     # What to train, on what.
-    mode: str = "pretrain"  # or "finetune"
-    model: Optional[str] = "T/2"  # a name from keras_mixer.models.MODEL_NAMES
-    init: Optional[str] = None  # finetune: .keras, official .npz, timm file or preset name
-    dataset: Optional[str] = "digits"  # TFDS name, "folder:PATH" or "digits"
-    data_dir: Optional[str] = None
-    download: bool = False
-    image_size: int = 8
+    mode: str = _field("pretrain", "pretrain or finetune.", choices=("pretrain", "finetune"), flag=False)
+    model: Optional[str] = _field("T/2", f"Mixer variant: {', '.join(MODEL_NAMES)}.", choices=MODEL_NAMES)
+    init: Optional[str] = _field(
+        None, "Weights to start from: .keras, official .npz, timm file, or a preset name.", flag=False
+    )
+    dataset: Optional[str] = _field("digits", "A TFDS name (imagenet2012, cifar10, ...), folder:PATH or digits.")
+    data_dir: Optional[str] = _field(None, "TFDS data directory.", operational=True)
+    download: bool = _field(False, "Download and prepare a TFDS data set if needed.", operational=True)
+    image_size: int = _field(8, "Square input size in pixels.")
     # How long, how fast.
-    batch_size: int = 64  # global
-    epochs: Optional[float] = None
-    steps: Optional[int] = None
-    optimizer: str = "adamw"
-    learning_rate: float = 1e-3
-    weight_decay: float = 0.1  # decoupled, multiplied by the learning rate (Keras AdamW)
-    momentum: float = 0.9  # SGD
-    beta_1: float = 0.9
-    beta_2: float = 0.999
-    schedule: str = "warmup_linear"
-    warmup_steps: int = 10_000
-    grad_clip_norm: Optional[float] = 1.0
+    batch_size: int = _field(64, "Global batch size (all replicas).")
+    epochs: Optional[float] = _field(None, "Training length in epochs.")
+    steps: Optional[int] = _field(None, "Training length in steps.")
+    optimizer: str = _field("adamw", "adamw (pre-training) or sgd with momentum (fine-tuning).", choices=OPTIMIZERS)
+    learning_rate: float = _field(1e-3, "Peak learning rate.")
+    weight_decay: float = _field(0.1, "Decoupled weight decay, multiplied by the learning rate (adamw).")
+    momentum: float = _field(0.9, "Momentum (sgd).")
+    beta_1: float = _field(0.9, "Adam beta_1 (adamw).")
+    beta_2: float = _field(0.999, "Adam beta_2 (adamw).")
+    schedule: str = _field("warmup_linear", "Linear warmup, then linear or cosine decay to 0.", choices=SCHEDULES)
+    warmup_steps: int = _field(10_000, "Linear warmup steps.")
+    grad_clip_norm: Optional[float] = _field(1.0, "Clip the all-reduced gradient to this global norm.")
     # Regularisation and augmentation.
-    randaugment: Optional[float] = None  # magnitude m, 2 ops
-    mixup: Optional[float] = None  # Beta alpha
-    dropout: float = 0.0
-    drop_path: float = 0.0
-    crop_area_min: float = 0.05
-    flip: bool = True
-    eval_resize: str = "crop"
-    crop_ratio: float = 0.875
-    shuffle_buffer: int = 10_000
-    cache: bool = False
+    randaugment: Optional[float] = _field(None, "RandAugment magnitude m (2 ops).")
+    mixup: Optional[float] = _field(None, "Mixup Beta alpha.")
+    dropout: float = _field(0.0, "Dropout inside the MLPs.")
+    drop_path: float = _field(0.0, "Stochastic depth rate of the last block.")
+    crop_area_min: float = _field(0.05, "Smallest area share of the training crops (1: no crops).")
+    flip: bool = _field(True, "Random horizontal flips in training.")
+    eval_resize: str = _field(
+        "crop", "Evaluation (and serving): centre crop or plain resize.", choices=preprocessing.EVAL_RESIZE
+    )
+    crop_ratio: float = _field(0.875, "Centre-crop share of the resized image for --eval_resize=crop.")
+    shuffle_buffer: int = _field(10_000, "Examples in the training shuffle buffer.")
+    cache: bool = _field(False, "Keep the decoded training images in memory.", operational=True)
     # Bookkeeping.
-    seed: Optional[int] = None
-    workdir: str = "workdir"
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 3
-    log_every: int = 50
-    eval_every: int = 0  # steps; 0: only at the end
-    # Steps between linear few-shot probes (keras_mixer.training.fewshot), also at the end; 0: off.
-    fewshot_every: int = 0
-    fewshot_shots: tuple = (1, 5, 10, 25)  # shots per class of those probes
-    steps_per_loop: int = 1
-    export: bool = True
-    export_precision: str = "float32"  # of the TF Serving export: "float32" or "bfloat16"
-    write_worker_weights: bool = False  # multi-worker diagnostics: every worker writes its final weights
+    seed: Optional[int] = _field(None, "Seed for initialisation, data order and augmentation (deterministic ops).")
+    workdir: str = _field(
+        "workdir", "Checkpoints, TensorBoard logs, metrics.json and the export go here.", operational=True
+    )
+    checkpoint_every: int = _field(500, "Steps between checkpoints.", operational=True)
+    keep_checkpoints: int = _field(3, "Checkpoints kept (the newest ones).", operational=True)
+    log_every: int = _field(50, "Steps between TensorBoard points.", operational=True)
+    eval_every: int = _field(0, "Steps between evaluations (0: only at the end).", operational=True)
+    # The few-shot probes only read the model in inference mode, through unshuffled pipelines and
+    # their own random generator: a run ends with bit-identical weights with or without them
+    # (tests/test_fewshot.py), so they are operational.
+    fewshot_every: int = _field(
+        0,
+        "Steps between linear few-shot probes of the pre-logits on the run's data set, also run at the end "
+        "(TensorBoard fewshot/{k}shot, metrics.json fewshot; 0: none).",
+        operational=True,
+    )
+    fewshot_shots: tuple = _field(
+        (1, 5, 10, 25), "Shots per class of the few-shot probes, a comma list.", operational=True
+    )
+    steps_per_loop: int = _field(1, "Steps per host call (raise on TPUs).", operational=True)
+    export: bool = _field(True, "Write the TF Serving export at the end.", operational=True)
+    export_precision: str = _field(
+        "float32",
+        "Precision of that export: bfloat16 is several times faster on serving CPUs with AMX or AVX512-BF16, "
+        "slower on CPUs without them.",
+        choices=tuple(precisions.SERVING),
+        operational=True,
+    )
+    write_worker_weights: bool = _field(
+        False, "Every worker writes its final weights (multi-worker diagnostics).", operational=True
+    )
     # Where it runs.
-    strategy: str = "auto"
-    tpu: Optional[str] = None
-    mixed_precision: Optional[str] = None
-    xla: str = "auto"
+    strategy: str = _field(
+        "auto", "tf.distribute strategy; auto picks from the machine.", choices=STRATEGIES, operational=True
+    )
+    tpu: Optional[str] = _field(None, "TPU name or address; bare --tpu means the local TPU VM.", operational=True)
+    mixed_precision: Optional[str] = _field(None, "Mixed precision compute dtype.", choices=precisions.MIXED)
+    xla: str = _field(
+        "auto",
+        "XLA for the training step (auto: per device and precision, printed at the start: off for bfloat16 on "
+        "CPUs with AMX or AVX512-BF16 and on TPUs, on elsewhere).",
+        choices=XLA,
+        operational=True,
+    )
 
     def validate(self):
         """Raises ValueError naming the first field that is out of range or conflicts."""
-        _choice("mode", self.mode, ("pretrain", "finetune"))
-        if self.model is not None:
-            _choice("model", self.model, MODEL_NAMES)
-        _choice("strategy", self.strategy, STRATEGIES)
-        _choice("optimizer", self.optimizer, OPTIMIZERS)
-        _choice("schedule", self.schedule, SCHEDULES)
-        _choice("xla", self.xla, XLA)
-        _choice("export_precision", self.export_precision, SERVING_PRECISIONS)
-        if self.mixed_precision is not None:
-            _choice("mixed_precision", self.mixed_precision, PRECISIONS)
+        for field in dataclasses.fields(self):
+            value, choices = getattr(self, field.name), field.metadata["choices"]
+            if choices and not (value is None and accepts_none(field)) and value not in choices:
+                raise ValueError(f"unknown {field.name} {value!r}; valid: {', '.join(map(str, choices))}")
         if self.dataset is None:
             raise ValueError("this recipe has no data set: give --dataset (a TFDS name, folder:PATH or digits)")
         if (self.epochs is None) == (self.steps is None):
@@ -98,9 +140,12 @@ class TrainConfig:
             raise ValueError("fine-tuning needs --init (a .keras, official .npz or timm file, or a preset name)")
         if self.model is None and not self.init:
             raise ValueError("give --model (or an --init whose weights carry the architecture)")
+        if self.model is None and self.mode == "pretrain":
+            raise ValueError("pre-training needs --model (a variant name): --init is read by fine-tuning only")
         if self.tpu is not None and self.strategy not in ("auto", "tpu"):
             raise ValueError(f"--tpu conflicts with --strategy={self.strategy}")
-        for name in ("batch_size", "checkpoint_every", "log_every", "steps_per_loop", "image_size", "keep_checkpoints"):
+        positive = ("batch_size", "checkpoint_every", "log_every", "steps_per_loop", "image_size", "keep_checkpoints")
+        for name in (*positive, "shuffle_buffer"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if self.steps is not None and self.steps <= 0:
@@ -125,10 +170,23 @@ class TrainConfig:
             )
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be 0 or positive, got {self.warmup_steps}")
+        if self.grad_clip_norm is not None and not self.grad_clip_norm > 0:
+            raise ValueError(f"grad_clip_norm must be positive (None: no clipping), got {self.grad_clip_norm}")
         if not 0 < self.crop_area_min <= 1:
             raise ValueError(f"crop_area_min must be in (0, 1], got {self.crop_area_min}")
         self.eval_preprocessing  # checks eval_resize and crop_ratio
         return self
+
+    def optimizer_args(self):
+        """The fields `step.make_optimizer` takes, by name, and its loss scaling (float16)."""
+        names = "optimizer learning_rate warmup_steps schedule weight_decay momentum beta_1 beta_2".split()
+        return dict({name: getattr(self, name) for name in names}, loss_scaling=self.mixed_precision == "float16")
+
+    def step_args(self):
+        """The fields `step.make_train_steps` takes, by its names."""
+        return dict(global_batch=self.batch_size, clip_norm=self.grad_clip_norm)
 
     @property
     def eval_preprocessing(self):
@@ -136,32 +194,29 @@ class TrainConfig:
         return EvalPreprocessing(self.eval_resize, self.crop_ratio)
 
 
-# Fields that say where and how a run is looked after, not what it computes: a resumed run may
-# change them freely. Every other field changes the computation (or its reported results), and a
-# resumed run must keep it unless the change is accepted (`--accept_changes`). The few-shot probes
-# only read the model in inference mode, through unshuffled pipelines and their own random
-# generator: a run ends with bit-identical weights with or without them (tests/test_fewshot.py).
-OPERATIONAL_FIELDS = frozenset(
-    {
-        "workdir",
-        "data_dir",
-        "download",
-        "cache",
-        "checkpoint_every",
-        "keep_checkpoints",
-        "log_every",
-        "eval_every",
-        "fewshot_every",
-        "fewshot_shots",
-        "steps_per_loop",
-        "export",
-        "export_precision",
-        "write_worker_weights",
-        "strategy",
-        "tpu",
-        "xla",
-    }
-)
+def accepts_none(field):
+    """Whether a `TrainConfig` field may be None (its type is Optional)."""
+    return type(None) in typing.get_args(field.type)
+
+
+# Fields a resumed run may change freely (see `_field`); every other one it keeps unless accepted.
+OPERATIONAL_FIELDS = frozenset(f.name for f in dataclasses.fields(TrainConfig) if f.metadata["operational"])
+FLAG_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.metadata["flag"])
+
+
+def parse_shots(value, name="shots"):
+    """A comma list ("1,5,10") or a sequence of ints -> a sorted tuple of distinct positive ints;
+    ValueError naming `name` and the value otherwise."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    shots = []
+    for item in items:
+        text = str(item).strip()
+        if isinstance(item, bool) or not text.isdigit() or int(text) <= 0:
+            raise ValueError(f"{name} must be a comma list of positive integers (e.g. 1,5,10,25), got {value!r}")
+        shots.append(int(text))
+    if not shots:
+        raise ValueError(f"{name} must be a comma list of positive integers (e.g. 1,5,10,25), got {value!r}")
+    return tuple(sorted(set(shots)))
 
 
 class RecipeChanged(ValueError):
@@ -222,11 +277,6 @@ def check_resumed_recipe(recorded, config, accept=()):
     return changes
 
 
-def _choice(name, value, choices):
-    if value not in choices:
-        raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(map(str, choices))}")
-
-
 def run_length(config, num_examples):
     """(total steps, steps per epoch) of a run of `config` on a split of `num_examples` (None: unknown;
     one long epoch, and the length must be given in steps)."""
@@ -259,7 +309,7 @@ def recipe_path(name_or_path, configs_dir=CONFIGS_DIR):
 
 
 def load_config(name_or_path, configs_dir=CONFIGS_DIR, **overrides):
-    """Reads a recipe file, then applies `overrides` (flags; None values are ignored)."""
+    """Reads a recipe file, then applies `overrides` (the flags given; a None clears a field)."""
     path = recipe_path(name_or_path, configs_dir)
     spec = importlib.util.spec_from_file_location(f"keras_mixer_recipe_{os.path.basename(path)[:-3]}", path)
     module = importlib.util.module_from_spec(spec)
@@ -276,7 +326,6 @@ def load_config(name_or_path, configs_dir=CONFIGS_DIR, **overrides):
             f"recipe {path!r}: get_config() must return a dict of TrainConfig fields, got {type(fields).__name__}"
         )
     fields = dict(fields)
-    overrides = {k: v for k, v in overrides.items() if v is not None}
     # A length given on the command line replaces the recipe's, whichever unit it uses.
     if "steps" in overrides or "epochs" in overrides:
         fields.pop("steps", None), fields.pop("epochs", None)

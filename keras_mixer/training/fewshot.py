@@ -29,26 +29,12 @@ import tensorflow as tf
 
 from keras_mixer import data
 from keras_mixer.preprocessing import EvalPreprocessing
+from keras_mixer.training.config import parse_shots
 
 L2 = 2.0**10  # big_vision's few-shot default (configs/common_fewshot.py)
 SHOTS = (1, 5, 10, 25)  # the shot counts the paper and big_vision report
 TRAINING_DRAWS = 3  # draws of a probe during training (big_vision's num_seeds)
 STD_EPSILON = 1e-5  # keeps the standardisation finite for a feature that is constant over the shots
-
-
-def parse_shots(value, name="shots"):
-    """A comma list ("1,5,10") or a sequence of ints -> a sorted tuple of distinct positive ints;
-    ValueError naming `name` and the value otherwise."""
-    items = value.split(",") if isinstance(value, str) else list(value)
-    shots = []
-    for item in items:
-        text = str(item).strip()
-        if isinstance(item, bool) or not text.isdigit() or int(text) <= 0:
-            raise ValueError(f"{name} must be a comma list of positive integers (e.g. 1,5,10,25), got {value!r}")
-        shots.append(int(text))
-    if not shots:
-        raise ValueError(f"{name} must be a comma list of positive integers (e.g. 1,5,10,25), got {value!r}")
-    return tuple(sorted(set(shots)))
 
 
 # --- features ----------------------------------------------------------------------------------------

@@ -30,12 +30,13 @@ import tensorflow as tf
 from keras_mixer import data, loader
 from keras_mixer.files import read_json, write_json
 from keras_mixer.models import MlpMixer
+from keras_mixer.trained_on import TrainedOn
 from keras_mixer.training.checkpointing import CheckpointStore, NoCheckpointRestores, has_checkpoint_files
 from keras_mixer.training.config import TrainConfig, check_resumed_recipe, run_length
 from keras_mixer.training.evaluation import make_evaluator
 from keras_mixer.training.fewshot import TRAINING_DRAWS, FewshotProbe, features_function
 from keras_mixer.training.reporting import Report, Throughput
-from keras_mixer.training.step import all_finite, decide_xla, make_optimizer, make_train_steps
+from keras_mixer.training.step import all_finite, decide_xla, make_optimizer, make_train_steps, set_mixed_precision
 from keras_mixer.training.strategy import choose_strategy, is_chief, make_strategy, task_id
 from keras_mixer.training.workdir import WorkdirLock, check_workdir, move_to_previous, remove_leftovers
 from keras_mixer.weights import save_keras, save_npz
@@ -103,11 +104,9 @@ def build_model(config, num_classes):
 
 
 def trained_on(config, class_names):
-    """What a model trained by `config` needs to be evaluated and served as it was trained: written
-    once into run.json and carried by model.keras and the export."""
-    return dict(
-        dataset=config.dataset, class_names=class_names, model=config.model, **config.eval_preprocessing.to_dict()
-    )
+    """The `TrainedOn` record of a model trained by `config`: written into run.json and carried by
+    model.keras and the export, so they are evaluated and served as the run evaluated."""
+    return TrainedOn(config.dataset, class_names, config.eval_preprocessing, config.model, config.image_size)
 
 
 @dataclasses.dataclass
@@ -179,8 +178,7 @@ def _prepare(config, strategy, kind, restart, accept_changes):
     changes = []
     if has_checkpoint_files(os.path.join(workdir, "checkpoints")):
         changes = check_resumed_recipe(record and record.get("config"), config, accept_changes)
-    if config.mixed_precision:
-        keras.config.set_dtype_policy(f"mixed_{config.mixed_precision}")
+    set_mixed_precision(config.mixed_precision)
     if config.seed is not None:
         keras.utils.set_random_seed(config.seed)
         tf.config.experimental.enable_op_determinism()
@@ -240,10 +238,7 @@ def _build(run):
     config = run.config
     with run.strategy.scope():
         model = build_model(config, run.train_source.num_classes)
-        optimizer = make_optimizer(config, run.total_steps)
-        if config.mixed_precision == "float16":
-            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-        optimizer.build(model.trainable_variables)
+        optimizer = make_optimizer(run.total_steps, model.trainable_variables, **config.optimizer_args())
         step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
         first_seed = config.seed if config.seed is not None else int(np.random.default_rng().integers(2**31 - 1))
         run_seed = tf.Variable(first_seed, dtype=tf.int64, trainable=False, name="run_seed")
@@ -269,7 +264,7 @@ def _write_record(run, model, resumed_from):
         record = dict(
             config=dataclasses.asdict(config),
             architecture=model.get_config(),
-            about=trained_on(config, run.train_source.class_names),
+            about=trained_on(config, run.train_source.class_names).to_dict(),
             num_classes=run.train_source.num_classes,
             eval_split=run.eval_split,
             total_steps=run.total_steps,
@@ -280,7 +275,7 @@ def _write_record(run, model, resumed_from):
             dict(step=resumed_from, field=name, recorded=old, now=new) for name, old, new in run.changes
         ]
         record.update(config=dataclasses.asdict(config), total_steps=run.total_steps)
-        record["about"] = trained_on(config, run.train_source.class_names)
+        record["about"] = trained_on(config, run.train_source.class_names).to_dict()
         print(
             f"Accepted recipe changes at step {resumed_from}: "
             + ", ".join(f"{n} {o!r} -> {v!r}" for n, o, v in run.changes)
@@ -315,10 +310,10 @@ def _train(run, signals):
     if run.chief:
         _write_record(run, model, resumed_from)
 
-    use_xla, xla_reason = decide_xla(config, run.kind)
+    use_xla, xla_reason = decide_xla(config.xla, config.mixed_precision, run.kind)
     if run.chief:
         print(f"XLA {'on' if use_xla else 'off'} for the training step: {xla_reason}", flush=True)
-    train_steps = make_train_steps(strategy, model, optimizer, config, step_var, use_xla)
+    train_steps = make_train_steps(strategy, model, optimizer, step_var, use_xla=use_xla, **config.step_args())
     evaluate = make_evaluator(
         strategy,
         lambda images: model(images, training=False),
@@ -456,8 +451,8 @@ def _finish(run, model, report):
     kill at any point leaves either nothing or a complete file; a rerun completes what is missing
     and never writes a second export of the same step."""
     config, metrics = run.config, report.metrics
-    about = dict(trained_on(config, run.train_source.class_names), step=metrics["step"])
-    metrics["model_path"] = save_keras(model, os.path.join(run.workdir, "model.keras"), about)
+    about = trained_on(config, run.train_source.class_names).replace(step=metrics["step"])
+    metrics["model_path"] = save_keras(model, os.path.join(run.workdir, "model.keras"), about.to_dict())
     if config.export:
         from keras_mixer.export import export_saved_model
 
@@ -471,9 +466,7 @@ def _finish(run, model, report):
                 model,
                 export_base,
                 version=metrics["step"],
-                class_names=about["class_names"],
-                preprocessing=config.eval_preprocessing,
-                metadata=about,
+                trained_on=about,
                 precision=config.export_precision,
             )
     report.save()

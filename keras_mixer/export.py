@@ -203,6 +203,32 @@ def export_saved_model(
     renamed into place. Files and folders get the modes the umask gives (world-readable by
     default), so a server running as another user can read them.
     """
+    target = _new_version_folder(export_base, version)
+    trained_on = trained_on or TrainedOn()
+    class_names = trained_on.class_names if class_names is None else class_names
+    preprocessing = trained_on.preprocessing if preprocessing is None else _as_preprocessing(preprocessing)
+    served = serving_model(model, precision)
+    frozen = _weight_bytes(served) <= MAX_FROZEN_BYTES
+    forward = frozen_forward(served) if frozen else None
+    functions = serving_functions(
+        served, class_names, top_k, preprocessing, max_pixels, forward and (lambda x: forward(x)[0])
+    )
+    if not frozen:
+        log.info(
+            "%s has %.1f GB of weights: served with variables, not frozen", model.name, _weight_bytes(served) / 1e9
+        )
+    served_on = trained_on.replace(
+        class_names=class_names, preprocessing=preprocessing, image_size=model.input_shape[1:3]
+    )
+    about = dict(served_on.to_dict(), max_pixels=int(max_pixels), precision=precision, frozen=frozen)
+    _write_saved_model(served if not frozen else None, functions, about, target)
+    log.info("Exported SavedModel version %s to %s", os.path.basename(target), target)
+    return target
+
+
+def _new_version_folder(export_base, version):
+    """export_base/<version> (default: one above the highest there, 1 for none), which must not
+    exist yet; the base folder is made if needed."""
     export_base = os.fspath(export_base)
     if os.path.exists(export_base) and not os.path.isdir(export_base):
         raise ValueError(f"export_base {export_base!r} is a file, not a folder")
@@ -215,39 +241,27 @@ def export_saved_model(
     target = os.path.join(export_base, str(version))
     if os.path.exists(target):
         raise ValueError(f"version {version} already exists at {target!r}; nothing was overwritten")
+    return target
 
-    trained_on = trained_on or TrainedOn()
-    class_names = trained_on.class_names if class_names is None else class_names
-    preprocessing = trained_on.preprocessing if preprocessing is None else _as_preprocessing(preprocessing)
-    served = serving_model(model, precision)
-    frozen = _weight_bytes(served) <= MAX_FROZEN_BYTES
-    forward = frozen_forward(served) if frozen else None
-    functions = serving_functions(
-        served, class_names, top_k, preprocessing, max_pixels, forward and (lambda x: forward(x)[0])
-    )
-    if frozen:  # both signatures call the one frozen forward graph: the weights are stored once
+
+def _write_saved_model(variables_model, functions, about, target):
+    """Writes the signatures `functions` ({name: (fn, input spec)}) and `about` (assets.extra) as a
+    SavedModel at `target`, whole or not at all: staged beside it, then renamed into place.
+
+    variables_model: None when the functions call a frozen graph (both signatures share it, so the
+    weights are stored once); else the model whose variables they read (a model too large to freeze).
+    """
+    if variables_model is None:
         module, signatures = tf.Module(), {name: _traced(fn, spec) for name, (fn, spec) in functions.items()}
     else:
-        log.info(
-            "%s has %.1f GB of weights: served with variables, not frozen", model.name, _weight_bytes(served) / 1e9
-        )
         module, signatures = keras.export.ExportArchive(), None
-        module.track(served)
+        module.track(variables_model)
         with kernels.plain_ops():
             for name, (fn, spec) in functions.items():
                 module.add_endpoint(name=name, fn=fn, input_signature=spec)
-    served_on = trained_on.replace(
-        class_names=class_names, preprocessing=preprocessing, image_size=model.input_shape[1:3]
-    )
-    about = dict(
-        served_on.to_dict(),
-        max_pixels=int(max_pixels),
-        precision=precision,
-        frozen=frozen,
-    )
-    staging = tempfile.mkdtemp(dir=export_base, prefix=".tmp-export-")
+    staging = tempfile.mkdtemp(dir=os.path.dirname(target), prefix=".tmp-export-")
     try:
-        if frozen:
+        if signatures is not None:
             tf.saved_model.save(module, staging, signatures=signatures)
         else:
             module.write_out(staging, verbose=False)
@@ -258,8 +272,6 @@ def export_saved_model(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    log.info("Exported SavedModel version %d to %s", version, target)
-    return target
 
 
 def serving_model(model, precision="float32"):

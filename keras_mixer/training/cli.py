@@ -19,9 +19,9 @@ import typing
 from absl import app, flags
 from absl import logging as absl_logging
 
-from keras_mixer.variants import MODEL_NAMES
 from keras_mixer.precisions import SERVING
 from keras_mixer.training.config import FLAG_FIELDS, TrainConfig, accepts_none, parse_shots, recipe_names
+from keras_mixer.variants import MODEL_NAMES
 
 FLAGS = flags.FLAGS
 

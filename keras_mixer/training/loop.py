@@ -284,17 +284,55 @@ def _write_record(run, model, resumed_from):
     return record
 
 
-def _train(run, signals):
-    config, strategy = run.config, run.strategy
-    model, optimizer, step_var, run_seed, store = _build(run)
+def _resume(run, store):
+    """Restores the newest intact checkpoint into the built model: (the step restored, None for a
+    fresh start; the run's metrics.json so far, {} for none). A run whose checkpoints were all moved
+    to broken/ earlier is refused (NoCheckpointRestores) rather than silently restarted."""
     resumed_from = store.restore_newest()
     if resumed_from is None and has_checkpoint_files(store.directory):
         raise NoCheckpointRestores(
             f"{store.directory} holds only checkpoints that were moved to broken/ earlier; pass --restart to "
             f"start again from step 0 (the current files are moved to WORKDIR/previous/, not deleted)"
         )
-    previous = read_json(os.path.join(run.workdir, "metrics.json")) if resumed_from is not None else None
-    if resumed_from is not None and resumed_from >= run.total_steps and previous and previous.get("finished"):
+    if resumed_from is None:
+        return None, {}
+    log.info("Resumed from ckpt-%d of %d steps", resumed_from, run.total_steps)
+    return resumed_from, read_json(os.path.join(run.workdir, "metrics.json")) or {}
+
+
+def _report(run, step, resumed_from, previous, use_xla):
+    """The run's `Report`, its metrics.json starting from `previous` (a resumed run's) at `step`."""
+    config = run.config
+    data_problems = {s.split: s.problems() for s in (run.train_source, run.eval_source) if s.problems()}
+    metrics = dict(
+        finished=False,
+        step=step,
+        total_steps=run.total_steps,
+        train_loss=previous.get("train_loss"),
+        train_top1=previous.get("train_top1"),
+        eval_top1=None,
+        eval_top5=None,
+        eval_split=run.eval_split,
+        images_per_second=None,
+        # The loss history of the steps before the restored checkpoint survives in metrics.json.
+        loss_history=[h for h in previous.get("loss_history", []) if h[0] <= step],
+        resumed_from_step=resumed_from or 0,
+        model=config.model,
+        dataset=config.dataset,
+        strategy=run.kind,
+        replicas=run.strategy.num_replicas_in_sync,
+        xla=use_xla,
+        data_problems=data_problems,
+        fewshot=None,
+    )
+    return Report(run.workdir, run.chief, run.total_steps, metrics)
+
+
+def _train(run, signals):
+    config, strategy = run.config, run.strategy
+    model, optimizer, step_var, run_seed, store = _build(run)
+    resumed_from, previous = _resume(run, store)
+    if resumed_from is not None and resumed_from >= run.total_steps and previous.get("finished"):
         if run.chief:
             print(
                 f"The run in {os.path.abspath(run.workdir)} already finished at step {previous.get('step')} "
@@ -303,11 +341,9 @@ def _train(run, signals):
                 flush=True,
             )
         return previous
-    if resumed_from is not None:
-        log.info("Resumed from ckpt-%d of %d steps", resumed_from, run.total_steps)
-        if run.chief:
-            print(f"Resumed from step {resumed_from} ({store.latest()})", flush=True)
     if run.chief:
+        if resumed_from is not None:
+            print(f"Resumed from step {resumed_from} ({store.latest()})", flush=True)
         _write_record(run, model, resumed_from)
 
     use_xla, xla_reason = decide_xla(config.xla, config.mixed_precision, run.kind)
@@ -325,34 +361,7 @@ def _train(run, signals):
     # The probe reads the model in inference mode only: no dropout or drop-path draws, no training data.
     fewshot_features = features_function(model) if run.fewshot else None
     step = int(step_var.numpy())
-    previous = previous or {}
-    data_problems = {s.split: s.problems() for s in (run.train_source, run.eval_source) if s.problems()}
-    report = Report(
-        run.workdir,
-        run.chief,
-        run.total_steps,
-        dict(
-            finished=False,
-            step=step,
-            total_steps=run.total_steps,
-            train_loss=previous.get("train_loss"),
-            train_top1=previous.get("train_top1"),
-            eval_top1=None,
-            eval_top5=None,
-            eval_split=run.eval_split,
-            images_per_second=None,
-            # The loss history of the steps before the restored checkpoint survives in metrics.json.
-            loss_history=[h for h in previous.get("loss_history", []) if h[0] <= step],
-            resumed_from_step=resumed_from or 0,
-            model=config.model,
-            dataset=config.dataset,
-            strategy=run.kind,
-            replicas=strategy.num_replicas_in_sync,
-            xla=use_xla,
-            data_problems=data_problems,
-            fewshot=None,
-        ),
-    )
+    report = _report(run, step, resumed_from, previous, use_xla)
     speed = Throughput(config.batch_size)
     while step < run.total_steps:
         epoch, offset = divmod(step, run.steps_per_epoch)

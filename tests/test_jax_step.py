@@ -113,12 +113,14 @@ def test_the_step_updates_the_weights_as_train_on_batch_does(seen):
     assert seen["moved"] > 1e-3
 
 
+@pytest.mark.slow  # the module's JAX process takes about 40 s
 def test_class_ids_and_one_hot_labels_give_the_cross_entropy_and_the_state_is_donated(seen):
     assert seen["hard"] == pytest.approx(seen["expected"], rel=1e-5)
     assert seen["soft"] == pytest.approx(seen["expected"], rel=1e-5)
     assert seen["donated"]
 
 
+@pytest.mark.slow  # the module's JAX process takes about 40 s
 def test_recomputing_the_gelu_changes_no_weight_and_keeps_less_for_the_backward_pass(seen):
     assert seen["default_on_cpu"] is False
     assert seen["recompute_difference"] < 1e-6  # three AdamW steps, every weight

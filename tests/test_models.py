@@ -25,7 +25,11 @@ PAPER_PARAMS = {
 }
 
 
-@pytest.mark.parametrize("constructor", sorted(PAPER_PARAMS))
+# The two largest (200M and 430M parameters) take 10-15 s each to build: in the slow lane.
+@pytest.mark.parametrize(
+    "constructor",
+    [pytest.param(c, marks=pytest.mark.slow) if c in ("MixerL16", "MixerH14") else c for c in sorted(PAPER_PARAMS)],
+)
 def test_variant_parameter_counts_match_the_paper(constructor):
     model = getattr(keras_mixer, constructor)()
     assert model.count_params() == PAPER_PARAMS[constructor]

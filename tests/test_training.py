@@ -173,6 +173,7 @@ def test_finetune_without_init_is_a_usage_error(tmp_path):
 # --- the demo, end to end -------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_demo_recipe_reaches_95_percent_and_writes_its_workdir(demo):
     workdir, result, seconds = demo
     m = metrics(workdir)

@@ -44,7 +44,7 @@ def timm_outputs(model, images):
     "timm_name, variant, size, fmt",
     [
         ("mixer_s32_224", "S/32", (224, 224), "pth"),
-        ("mixer_b16_224", "B/16", (224, 224), "safetensors"),
+        pytest.param("mixer_b16_224", "B/16", (224, 224), "safetensors", marks=pytest.mark.slow),  # 12-16 s
         ("mixer_s16_224", "S/16", (160, 224), "pth"),
     ],
 )

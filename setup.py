@@ -56,6 +56,7 @@ setup(
             "timm>=1.0",
             "jax>=0.4.30",
             "flax>=0.10",
+            "orbax-checkpoint>=0.11",  # the JAX backend's checkpoints (training/orbax_store.py)
             "tf2onnx>=1.17",
             "onnx",
             "onnxruntime",

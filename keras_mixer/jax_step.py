@@ -6,6 +6,9 @@
         state, metrics = step(state, images, labels)
     step.write_back(state)                      # into model.variables and optimizer.variables
 
+Over several devices (and hosts): `place = keras_mixer.jax_step.data_parallel()` before building the
+model, then `step(state, *place((images, labels)))` with each host's part of the global batch.
+
 One XLA program per step: forward (`model.stateless_call`), backward (`jax.value_and_grad`),
 clipping at the global gradient norm (as the paper), and the optimizer's update
 (`optimizer.stateless_apply`, so schedules and weight-decay exclusions behave as in Keras). The
@@ -33,7 +36,8 @@ class TrainState(NamedTuple):
 
 
 class JaxTrainStep:
-    """`step(state, images, labels) -> (new state, {"loss", "gradient_norm"})`, jitted.
+    """`step(state, images, labels) -> (new state, {"loss", "gradient_norm", "top1"})`, jitted
+    (top1: the share of the batch whose largest logit is its label, or its largest-weight label).
 
     Args:
         model: a Keras model whose outputs are logits [B, classes] (classifier_activation=None).
@@ -96,15 +100,43 @@ class JaxTrainStep:
 
         def loss_of(trainable):
             logits, non_trainable = self.model.stateless_call(trainable, state.non_trainable, images, training=True)
-            return cross_entropy(logits, labels), non_trainable
+            return cross_entropy(logits, labels), (non_trainable, logits)
 
-        (loss, non_trainable), gradients = jax.value_and_grad(loss_of, has_aux=True)(state.trainable)
+        (loss, (non_trainable, logits)), gradients = jax.value_and_grad(loss_of, has_aux=True)(state.trainable)
+        truth = labels if labels.ndim == 1 else jnp.argmax(labels, axis=1)
+        top1 = jnp.mean(jnp.argmax(logits, axis=1) == truth.astype(jnp.int32))
         norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in gradients))
         if self.clip_norm is not None:
             scale = jnp.minimum(1.0, self.clip_norm / jnp.maximum(norm, 1e-12))
             gradients = [g * scale.astype(g.dtype) for g in gradients]
         trainable, optimizer = self.optimizer.stateless_apply(state.optimizer, gradients, state.trainable)
-        return TrainState(trainable, non_trainable, optimizer), {"loss": loss, "gradient_norm": norm}
+        return TrainState(trainable, non_trainable, optimizer), {"loss": loss, "gradient_norm": norm, "top1": top1}
+
+
+def data_parallel():
+    """Data parallelism over every device of every host, the Keras way: sets Keras'
+    `DataParallel` over all devices as the global distribution (the models and optimizers built
+    next keep a replica of each variable on every device) and returns `place`.
+
+    place(batch): a pytree of this host's part of the global batch, NumPy arrays [B_local, ...]
+    -> JAX arrays [B_global, ...] split along the batch axis over the devices (B_global = B_local
+    x hosts). A `JaxTrainStep` given them runs on every device at once, and its mean loss and
+    gradients are those of the global batch: the same step as on one device, summed in another
+    order. Several hosts: call `keras.distribution.initialize()` first.
+    """
+    import jax
+    import numpy as np
+
+    devices = jax.devices()
+    keras.distribution.set_distribution(keras.distribution.DataParallel(devices=keras.distribution.list_devices()))
+    sharding = jax.sharding.NamedSharding(
+        jax.sharding.Mesh(np.array(devices), ("batch",)), jax.sharding.PartitionSpec("batch")
+    )
+
+    def place(batch):
+        return jax.tree_util.tree_map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
+
+    return place
 
 
 def cross_entropy(logits, labels):

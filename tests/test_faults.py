@@ -428,6 +428,13 @@ def test_user_errors_of_pretrain_are_one_line(case, tmp_path):
     assert_one_line_error(trainer("pretrain", *args, check=False), message)
 
 
+def test_the_trainers_on_another_keras_backend_stop_in_one_line_before_writing(tmp_path):
+    pytest.importorskip("jax")
+    result = trainer("pretrain", "--workdir", tmp_path / "run", check=False, env={"KERAS_BACKEND": "jax"})
+    assert_one_line_error(result, "KERAS_BACKEND=jax", "set KERAS_BACKEND=tensorflow", "JaxTrainStep")
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize(
     "init, message", [("notes.txt", "Unrecognised weights file"), ("missing.keras", "does not exist")]
 )

@@ -182,6 +182,7 @@ def test_demo_recipe_reaches_95_percent_and_writes_its_workdir(demo):
     assert m["loss_history"][-1][1] < m["loss_history"][0][1] / 10
     assert seconds < 300  # the budget on 2 CPU cores (also the README's claim)
     assert str(workdir) in result.stdout and "Finished step 880" in result.stdout
+    assert "Keras on tensorflow, default strategy, 1 replica(s): /device:CPU:0" in result.stdout
     assert os.path.isfile(os.path.join(workdir, "model.keras"))
     assert os.path.isfile(os.path.join(workdir, "export", "880", "saved_model.pb"))  # the version is the step
     assert tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints")).endswith("ckpt-880")

@@ -37,7 +37,7 @@ from keras_mixer.training.evaluation import make_evaluator
 from keras_mixer.training.fewshot import TRAINING_DRAWS, FewshotProbe, features_function
 from keras_mixer.training.reporting import Report, Throughput
 from keras_mixer.training.step import all_finite, decide_xla, make_optimizer, make_train_steps, set_mixed_precision
-from keras_mixer.training.strategy import choose_strategy, is_chief, make_strategy, task_id
+from keras_mixer.training.strategy import choose_strategy, is_chief, make_strategy, replica_devices, task_id
 from keras_mixer.training.workdir import WorkdirLock, check_workdir, move_to_previous, remove_leftovers
 from keras_mixer.weights import save_keras, save_npz
 
@@ -145,6 +145,13 @@ def train(config: TrainConfig, strategy=None, restart=False, accept_changes=()):
     that restores, after checking the recipe; one whose run already finished is left as it is.
     """
     config.validate()
+    backend = keras.backend.backend()
+    if backend != "tensorflow":  # checked before anything is written
+        raise ValueError(
+            f"the trainers run on Keras' TensorFlow backend, and this process has KERAS_BACKEND={backend}: unset "
+            f"it or set KERAS_BACKEND=tensorflow. On the {backend} backend, train in Python with "
+            f"keras_mixer.JaxTrainStep (see the training docs)"
+        )
     if strategy is None:
         kind = choose_strategy(
             config.strategy, config.tpu, os.environ.get("TF_CONFIG"), len(tf.config.list_physical_devices("GPU"))
@@ -153,6 +160,9 @@ def train(config: TrainConfig, strategy=None, restart=False, accept_changes=()):
     else:
         kind = type(strategy).__name__
     check_workdir(config.workdir)
+    if is_chief(strategy):
+        devices = ", ".join(replica_devices(strategy))
+        print(f"Keras on {backend}, {kind} strategy, {strategy.num_replicas_in_sync} replica(s): {devices}", flush=True)
     lock = WorkdirLock(config.workdir).acquire() if is_chief(strategy) else None
     multi_worker = getattr(strategy.extended, "_in_multi_worker_mode", lambda: False)()
     try:

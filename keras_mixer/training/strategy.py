@@ -70,3 +70,13 @@ def is_chief(strategy):
 def task_id(strategy):
     resolver = getattr(strategy, "cluster_resolver", None)
     return getattr(resolver, "task_id", 0) or 0
+
+
+def replica_devices(strategy):
+    """The devices this worker's replicas run on ("/job:localhost/replica:0/task:0/device:CPU:0", ...);
+    the default strategy's one device is the first GPU, else the CPU."""
+    try:
+        return list(strategy.extended.worker_devices)
+    except RuntimeError:  # the default strategy has no device list: TF places on the first GPU, else the CPU
+        gpus = tf.config.list_logical_devices("GPU")
+        return [gpus[0].name if gpus else tf.config.list_logical_devices("CPU")[0].name]

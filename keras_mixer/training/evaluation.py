@@ -9,6 +9,14 @@ from keras_mixer import data
 from keras_mixer.preprocessing import EvalPreprocessing
 
 
+def padded_steps(source, batch_size, readers):
+    """How many batches each of `readers` (workers, hosts) reads for the whole split in batches of
+    batch_size / readers, every one the same number (the evaluation pads the last ones)."""
+    if not source.num_examples:
+        raise ValueError(f"evaluation needs the size of {source.name!r} split {source.split!r}")
+    return max(1, math.ceil(math.ceil(source.num_examples / readers) / (batch_size // readers)))
+
+
 def make_evaluator(strategy, predict, source, batch_size, image_size, preprocessing=None, permutation=None):
     """() -> (top-1, top-5) over the whole split, as fractions.
 
@@ -23,11 +31,7 @@ def make_evaluator(strategy, predict, source, batch_size, image_size, preprocess
     """
     preprocessing = preprocessing or EvalPreprocessing()
     workers = strategy.extended._num_workers if hasattr(strategy.extended, "_num_workers") else 1
-    per_worker = math.ceil(source.num_examples / workers) if source.num_examples else None
-    if per_worker is None:
-        raise ValueError(f"evaluation needs the size of {source.name!r} split {source.split!r}")
-    local_batch = batch_size // workers
-    steps = max(1, math.ceil(per_worker / local_batch))
+    steps = padded_steps(source, batch_size, workers)
     k = min(5, source.num_classes)
 
     def replica_eval(images, labels, mask):

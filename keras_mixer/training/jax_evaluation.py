@@ -5,12 +5,11 @@ The counterpart of `evaluation.make_evaluator` for a model whose state lives in 
 the same on either backend.
 """
 
-import math
-
 import numpy as np
 
 from keras_mixer import data
 from keras_mixer.preprocessing import EvalPreprocessing
+from keras_mixer.training.evaluation import padded_steps
 
 
 def make_jax_evaluator(model, source, batch_size, image_size, preprocessing=None, place=None):
@@ -34,10 +33,8 @@ def make_jax_evaluator(model, source, batch_size, image_size, preprocessing=None
     import tensorflow as tf
 
     preprocessing = preprocessing or EvalPreprocessing()
-    if not source.num_examples:
-        raise ValueError(f"evaluation needs the size of {source.name!r} split {source.split!r}")
     hosts, host = jax.process_count(), jax.process_index()
-    steps = max(1, math.ceil(math.ceil(source.num_examples / hosts) / (batch_size // hosts)))
+    steps = padded_steps(source, batch_size, hosts)
     k = min(5, source.num_classes)
     context = tf.distribute.InputContext(num_input_pipelines=hosts, input_pipeline_id=host, num_replicas_in_sync=hosts)
     place = place or (lambda batch: batch)

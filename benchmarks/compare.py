@@ -33,6 +33,8 @@ What is measured (training: AdamW, gradient clipping at global norm 1, softmax c
     keras_mixer jax step no recompute   the same with the model's `recompute=False`: the GELUs'
                                  intermediates kept for the backward pass, not recomputed (the
                                  default recomputes them on a GPU; left out unless named in --only)
+    keras_mixer jax loop         the whole training loop on the JAX backend (`train` hands it to
+                                 `training.jax_loop`), as `keras_mixer tf loop`: input included
     keras_mixer jax train_on_batch   JAX backend, compiled Keras `train_on_batch`
     timm eager / timm compile    `timm.create_model("mixer_b16_224")`, eager and `torch.compile`;
                                  with --dtype bfloat16 under bf16 autocast (float32 weights)
@@ -103,6 +105,7 @@ MEASUREMENTS = {
     "keras_mixer tf trainers fwd+bwd": ("tf", "training"),
     "keras_mixer tf loop": ("tf", "training"),
     "keras_mixer jax step": ("jax", "training"),
+    "keras_mixer jax loop": ("jax", "training"),
     "keras_mixer jax step no recompute": ("jax", "training"),
     "keras_mixer jax train_on_batch": ("jax", "training"),
     "timm eager train": ("torch", "training"),
@@ -261,26 +264,7 @@ def worker_tf(name, model, batch, options):
     images, labels = _images(batch, image_size)
     precision = "bfloat16" if dtype == "bfloat16" else None
     if name == "keras_mixer tf loop":
-        import tempfile
-
-        from keras_mixer.training import TrainConfig, train
-
-        with tempfile.TemporaryDirectory() as workdir:
-            metrics = train(
-                TrainConfig(
-                    model=model,
-                    image_size=image_size,
-                    batch_size=batch,
-                    steps=warmup + steps,
-                    log_every=1,
-                    export=False,
-                    checkpoint_every=10**6,
-                    warmup_steps=1,
-                    workdir=workdir,
-                    seed=0,
-                    mixed_precision=precision,
-                )
-            )
+        metrics = _whole_loop(model, batch, options)
         return [batch / metrics["images_per_second"]], dict(xla=metrics["xla"])
     if name.startswith("keras_mixer tf trainers"):
         from keras_mixer.training.step import decide_xla, make_optimizer, make_train_steps
@@ -316,6 +300,32 @@ def worker_tf(name, model, batch, options):
     return _timed(lambda: forward(tensor), lambda out: out.numpy(), warmup, steps), {}
 
 
+def _whole_loop(model, batch, options):
+    """metrics.json of `keras_mixer.training.train` (either backend, as the process runs Keras) for
+    warmup + steps steps on the digits resized to the image size: its steady-state img/s leaves
+    its first host call out; no checkpoint, evaluation only at the end, no export."""
+    import tempfile
+
+    from keras_mixer.training import TrainConfig, train
+
+    with tempfile.TemporaryDirectory() as workdir:
+        return train(
+            TrainConfig(
+                model=model,
+                image_size=options.image_size,
+                batch_size=batch,
+                steps=options.warmup + options.steps,
+                log_every=1,
+                export=False,
+                checkpoint_every=10**6,
+                warmup_steps=1,
+                workdir=workdir,
+                seed=0,
+                mixed_precision="bfloat16" if options.dtype == "bfloat16" else None,
+            )
+        )
+
+
 def _served(name, net, dtype, options):
     """A call that runs `net`'s frozen graph on one batch: `freeze` (float input), or the TF
     Serving export loaded back (uint8 input to its `serving_images` signature)."""
@@ -341,6 +351,8 @@ def worker_jax(name, model, batch, options):
     import jax
     import keras
 
+    if name == "keras_mixer jax loop":
+        return [batch / _whole_loop(model, batch, options)["images_per_second"]]
     images, labels = _images(batch, image_size)
     net = _keras_model(
         model, image_size, dtype, options.expand_from, recompute=False if "no recompute" in name else None

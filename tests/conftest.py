@@ -1,6 +1,7 @@
 """Shared test helpers: tiny Mixer configs so the suite stays fast on 2 CPU cores."""
 
 import os
+import subprocess
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -65,3 +66,24 @@ def demo(tmp_path_factory):
     started = time.perf_counter()
     result = trainer("pretrain", "--workdir", workdir)
     return workdir, result, time.perf_counter() - started
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A tmpfs of a given size mounted in tmp_path (needs root, as CI runs); skipped elsewhere."""
+    mounted = []
+
+    def mount(kilobytes):
+        point = tmp_path / f"disk{len(mounted)}"
+        point.mkdir()
+        result = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={kilobytes}k", "tmpfs", str(point)], capture_output=True
+        )
+        if result.returncode != 0:
+            pytest.skip(f"cannot mount a small tmpfs here: {result.stderr.decode().strip()}")
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in mounted:
+        subprocess.run(["umount", "-l", str(point)], check=False)

@@ -347,27 +347,6 @@ def test_a_lock_record_from_another_host_counts_until_its_heartbeat_stops(tmp_pa
 # --- a full disk --------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A tmpfs of a given size mounted in tmp_path (needs root, as CI runs); skipped elsewhere."""
-    mounted = []
-
-    def mount(kilobytes):
-        point = tmp_path / f"disk{len(mounted)}"
-        point.mkdir()
-        result = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={kilobytes}k", "tmpfs", str(point)], capture_output=True
-        )
-        if result.returncode != 0:
-            pytest.skip(f"cannot mount a small tmpfs here: {result.stderr.decode().strip()}")
-        mounted.append(point)
-        return point
-
-    yield mount
-    for point in mounted:
-        subprocess.run(["umount", "-l", str(point)], check=False)
-
-
 @pytest.mark.slow
 def test_a_full_disk_stops_training_with_one_line_and_loses_no_finished_checkpoint(small_disk):
     disk = small_disk(2500)  # room for one 1.7 MB checkpoint, not two

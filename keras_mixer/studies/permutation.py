@@ -28,7 +28,8 @@ from keras_mixer.models import MlpMixer, variant_config
 from keras_mixer.studies.resnet import resnet_name, small_resnet
 from keras_mixer.training.config import OPERATIONAL_FIELDS, run_length
 from keras_mixer.training.evaluation import make_evaluator
-from keras_mixer.training.loop import TrainingDiverged, recipe_stream
+from keras_mixer.training.loop import recipe_stream
+from keras_mixer.training.run import TrainingDiverged
 from keras_mixer.training.step import decide_xla, make_optimizer, make_train_steps, set_mixed_precision
 
 ORDERS = ("original", "patches", "pixels")

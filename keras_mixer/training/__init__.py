@@ -1,19 +1,27 @@
-"""Training: recipes (`TrainConfig`), schedules, strategy resolution and the distributed loop."""
+"""Training: recipes (`TrainConfig`), schedules, strategy resolution and the loops.
 
-from keras_mixer.training.config import TrainConfig, load_config
-from keras_mixer.training.loop import TrainingDiverged, train
-from keras_mixer.training.schedules import WarmupDecay
-from keras_mixer.training.step import clip_by_global_norm, make_optimizer
-from keras_mixer.training.strategy import choose_strategy, make_strategy
+Names are imported on first use, so `import keras_mixer.training` (or `training.config`) loads
+neither TensorFlow nor JAX; `train` hands a process on Keras' JAX backend to `jax_loop`.
+"""
 
-__all__ = [
-    "TrainConfig",
-    "TrainingDiverged",
-    "WarmupDecay",
-    "choose_strategy",
-    "clip_by_global_norm",
-    "load_config",
-    "make_optimizer",
-    "make_strategy",
-    "train",
-]
+import importlib
+
+_WHERE = {
+    "TrainConfig": "config",
+    "load_config": "config",
+    "train": "loop",
+    "TrainingDiverged": "run",
+    "WarmupDecay": "schedules",
+    "clip_by_global_norm": "step",
+    "make_optimizer": "step",
+    "choose_strategy": "strategy",
+    "make_strategy": "strategy",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)

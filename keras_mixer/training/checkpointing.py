@@ -48,6 +48,17 @@ def checkpoint_steps(directory):
     return found
 
 
+def checkpoint_backend(directory):
+    """The Keras backend whose trainer wrote the checkpoints in `directory`: "tensorflow"
+    (ckpt-<step> files, here or in broken/), "jax" (orbax step folders, `orbax_store`) or None."""
+    if has_checkpoint_files(directory):
+        return "tensorflow"
+    if os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory)):
+        return "jax"
+    broken = os.path.join(directory, "broken")
+    return "jax" if os.path.isdir(broken) and os.listdir(broken) else None
+
+
 def has_checkpoint_files(directory):
     """True when `directory` or its `broken/` folder holds any checkpoint file at all."""
     if checkpoint_steps(directory):

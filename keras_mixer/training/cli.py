@@ -31,7 +31,7 @@ def _error_line(error):
     import tensorflow as tf
 
     from keras_mixer.training.checkpointing import NoCheckpointRestores
-    from keras_mixer.training.loop import TrainingDiverged, TrainingStopped
+    from keras_mixer.training.run import TrainingDiverged, TrainingStopped
 
     # TensorFlow's file errors (a missing, unreadable or corrupt file) are the user's to fix too.
     file_errors = (tf.errors.NotFoundError, tf.errors.DataLossError, tf.errors.PermissionDeniedError)
@@ -255,16 +255,14 @@ def run_evaluate():
         )
 
     def main():
-        import tensorflow as tf
+        import keras
 
         from keras_mixer import data
         from keras_mixer.preprocessing import EvalPreprocessing
-        from keras_mixer.training.evaluation import make_evaluator
-        from keras_mixer.training.inference import load_predictor
 
         with user_errors():
-            predictor = load_predictor(FLAGS.source)
-            trained_on = predictor.trained_on
+            on_jax = keras.backend.backend() == "jax"
+            evaluator, image_size, trained_on = (_jax_evaluator if on_jax else _tf_evaluator)(FLAGS.source)
             dataset = FLAGS.dataset or trained_on.dataset
             if dataset is None:
                 raise ValueError(f"give --dataset: {FLAGS.source!r} does not record what it was trained on")
@@ -274,20 +272,56 @@ def run_evaluate():
             preprocessing = EvalPreprocessing(
                 FLAGS.eval_resize or recorded.eval_resize, FLAGS.crop_ratio or recorded.crop_ratio
             )
-            evaluate = make_evaluator(
-                tf.distribute.get_strategy(),
-                predictor.predict,
-                source,
-                FLAGS.batch_size,
-                predictor.image_size,
-                preprocessing,
-            )
-            top1, top5 = evaluate()
+            top1, top5 = evaluator(source, FLAGS.batch_size, image_size, preprocessing)
         print(
             f"top-1: {top1:.4f}  top-5: {top5:.4f}  ({source.num_examples} images of {dataset}/{split}, {FLAGS.source})"
         )
 
     run_program(define, main)
+
+
+def _tf_evaluator(source):
+    """(evaluate(split, batch_size, image_size, preprocessing) -> (top-1, top-5), the model's input
+    size, its `TrainedOn`) for any source, on Keras' TensorFlow backend."""
+    import tensorflow as tf
+
+    from keras_mixer.training.evaluation import make_evaluator
+    from keras_mixer.training.inference import load_predictor
+
+    predictor = load_predictor(source)
+
+    def evaluate(split, batch_size, image_size, preprocessing):
+        strategy = tf.distribute.get_strategy()
+        return make_evaluator(strategy, predictor.predict, split, batch_size, image_size, preprocessing)()
+
+    return evaluate, predictor.image_size, predictor.trained_on
+
+
+def _jax_evaluator(source):
+    """`_tf_evaluator` on Keras' JAX backend: a Keras source, data-parallel over every device."""
+    import jax
+
+    from keras_mixer import source_kinds
+    from keras_mixer.jax_step import data_parallel
+    from keras_mixer.training.inference import load_keras_model
+    from keras_mixer.training.jax_evaluation import make_jax_evaluator
+
+    if source_kinds.resolve(source).kind == "export":
+        raise ValueError(
+            f"{source!r} is a SavedModel, a TensorFlow graph: evaluate it with KERAS_BACKEND=tensorflow, or give the "
+            f".keras file or workdir it was exported from"
+        )
+    place = data_parallel()  # before the model is built: its variables go to every device
+    model, trained_on = load_keras_model(source)
+
+    def evaluate(split, batch_size, image_size, preprocessing):
+        if batch_size % jax.device_count():
+            raise ValueError(f"--batch_size {batch_size} is not divisible by the {jax.device_count()} devices")
+        evaluate_values = make_jax_evaluator(model, split, batch_size, image_size, preprocessing, place)
+        values = ([v.value for v in vs] for vs in (model.trainable_variables, model.non_trainable_variables))
+        return evaluate_values(*values)
+
+    return evaluate, tuple(model.input_shape[1:3]), trained_on
 
 
 def run_export():
@@ -319,6 +353,16 @@ def run_export():
         flags.mark_flag_as_required("export_base")
 
     def main():
+        import keras
+
+        if keras.backend.backend() != "tensorflow":
+            # A SavedModel is a TensorFlow graph: this program runs again on Keras' TensorFlow backend,
+            # on the CPU (an export needs no accelerator).
+            print(f"Exporting on Keras' tensorflow backend (this process has {keras.backend.backend()})", flush=True)
+            sys.stdout.flush()
+            env = {**os.environ, "KERAS_BACKEND": "tensorflow", "CUDA_VISIBLE_DEVICES": ""}
+            os.execve(sys.executable, [sys.executable, "-m", "keras_mixer.training.export_main", *sys.argv[1:]], env)
+
         from keras_mixer.export import export_onnx, export_saved_model
         from keras_mixer.training.inference import load_keras_model
 

@@ -19,7 +19,7 @@ from keras_mixer.export import export_metadata
 from keras_mixer.files import read_json
 from keras_mixer.models import MlpMixer
 from keras_mixer.trained_on import TrainedOn
-from keras_mixer.training.checkpointing import checkpoint_steps, newest_intact
+from keras_mixer.training.checkpointing import checkpoint_backend, checkpoint_steps, newest_intact
 
 
 @dataclasses.dataclass
@@ -56,12 +56,26 @@ def _restore_newest(model, prefixes):
     return intact
 
 
+def _finished_model(workdir):
+    """The .keras `Source` of a JAX-backend workdir (its checkpoints are orbax training states,
+    which only the JAX trainer reads): its model.keras, once the run finished."""
+    path = os.path.join(workdir, "model.keras")
+    if not os.path.isfile(path):
+        raise ValueError(
+            f"workdir {workdir!r} holds checkpoints of the JAX trainer (orbax) and no model.keras yet: evaluate "
+            f"or export it once the run finished, or resume it on KERAS_BACKEND=jax to finish it"
+        )
+    return source_kinds.Source("keras", path)
+
+
 def load_keras_model(source, model_name=None, image_size=None):
     """(MlpMixer, `TrainedOn`) from a .keras file, a workdir/checkpoint, a preset or a weights file.
 
     `model_name` (a variant) is needed only for a release name such as "imagenet21k"; `image_size`
     builds a preset or weights file at another (larger, multiple) size."""
     found = source_kinds.resolve(source, model_name)
+    if found.kind == "workdir" and checkpoint_backend(os.path.join(found.path, "checkpoints")) == "jax":
+        found = _finished_model(found.path)
     if found.kind in ("workdir", "checkpoint"):
         record, prefixes = _run_record(found)
         model = MlpMixer.from_config(record["architecture"])

@@ -1,13 +1,14 @@
-"""The one training loop, on every tf.distribute engine: setup, steps, checkpoints, reports, finish.
+"""The training loop on every tf.distribute engine (Keras' TensorFlow backend); `train` hands a
+process on Keras' JAX backend to `jax_loop`.
 
     train(config)
       -> lock the workdir (one owner), catch SIGTERM/SIGINT
-      -> _prepare: leftovers out, recipe checked against run.json, data sources, run length
+      -> run.prepare: leftovers out, recipe checked against run.json, data sources, run length
       -> _build: model (fresh or from weights), optimizer, training state, CheckpointStore;
                  restore the newest checkpoint that restores completely
-      -> _run: host calls of `steps_per_loop` steps (step.make_train_steps), each followed by the
-               report, a checkpoint, an evaluation and a few-shot probe when due
-      -> _finish: final evaluation (and probe), model.keras, the export, metrics.json
+      -> _train: host calls of `steps_per_loop` steps (step.make_train_steps), each followed by the
+                 report, a checkpoint, an evaluation and a few-shot probe when due
+      -> run.finish: final evaluation (and probe), model.keras, the export, metrics.json
 
 Preemption: a checkpoint (model, optimizer, step, the run's data seed, the dropout/drop-path RNG
 states) every `checkpoint_every` steps and at the end. A restart with the same workdir restores the
@@ -15,120 +16,42 @@ newest intact checkpoint and rebuilds the data stream at the same position: epoc
 pure function of (run seed, e), and the examples of the finished steps are skipped.
 """
 
-import dataclasses
 import logging
 import math
 import os
 import signal
-import threading
-from typing import Optional
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_mixer import data, loader
-from keras_mixer.files import read_json, write_json
-from keras_mixer.models import MlpMixer
-from keras_mixer.trained_on import TrainedOn
+from keras_mixer import data
 from keras_mixer.training.checkpointing import CheckpointStore, NoCheckpointRestores, has_checkpoint_files
-from keras_mixer.training.config import TrainConfig, check_resumed_recipe, run_length
+from keras_mixer.training.config import TrainConfig
 from keras_mixer.training.evaluation import make_evaluator
-from keras_mixer.training.fewshot import TRAINING_DRAWS, FewshotProbe, features_function
-from keras_mixer.training.reporting import Report, Throughput
-from keras_mixer.training.step import all_finite, decide_xla, make_optimizer, make_train_steps, set_mixed_precision
+from keras_mixer.training.fewshot import features_function
+from keras_mixer.training.reporting import Throughput
+from keras_mixer.training.run import (
+    StopSignals,
+    TrainingStopped,
+    already_finished,
+    build_model,
+    diverged,
+    epoch_seed,
+    finish,
+    make_report,
+    next_boundary,
+    prepare,
+    previous_metrics,
+    recipe_pipeline_args,
+    write_record,
+)
+from keras_mixer.training.step import all_finite, decide_xla, make_optimizer, make_train_steps
 from keras_mixer.training.strategy import choose_strategy, is_chief, make_strategy, replica_devices, task_id
-from keras_mixer.training.workdir import WorkdirLock, check_workdir, move_to_previous, remove_leftovers
-from keras_mixer.weights import save_keras, save_npz
+from keras_mixer.training.workdir import WorkdirLock, check_workdir
+from keras_mixer.weights import save_npz
 
 log = logging.getLogger("keras_mixer")
-
-
-class TrainingDiverged(FloatingPointError):
-    """The loss became NaN or Inf; the last good checkpoint is kept."""
-
-
-class TrainingStopped(RuntimeError):
-    """SIGTERM or SIGINT arrived; a checkpoint of the current step was written first."""
-
-    def __init__(self, message, signum):
-        super().__init__(message)
-        self.signum = signum
-
-
-class StopSignals:
-    """While active, SIGTERM (what schedulers and preemptible VMs send before killing) and SIGINT
-    (Ctrl-C) only set `received`; the loop then checkpoints the step it is at and stops. A second
-    signal acts as usual (kills). Only in the main thread, and not in multi-worker runs, where
-    saving needs every worker at once."""
-
-    def __init__(self, enabled=True):
-        self.received = None
-        self._previous = {}
-        self._enabled = enabled and threading.current_thread() is threading.main_thread()
-
-    def _handle(self, signum, frame):
-        self.received = signum
-        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
-
-    def __enter__(self):
-        if self._enabled:
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-
-
-def build_model(config, num_classes):
-    """The Mixer to train, outputting logits: fresh (pre-training) or from `config.init` (any
-    weights source; its head is kept when the class counts match, else set to zeros) and, for a
-    larger `image_size`, the block-diagonal resolution expansion (fine-tuning). Without
-    `config.model` the architecture is the init weights'."""
-    size = config.image_size
-    common = dict(
-        input_shape=(size, size, 3),
-        classes=num_classes,
-        classifier_activation=None,
-        dropout_rate=config.dropout,
-        drop_path_rate=config.drop_path,
-        seed=config.seed,
-    )
-    if config.mode == "pretrain":
-        return loader.create(MlpMixer, config.model, **common)
-    if config.model is None:
-        return MlpMixer.from_preset(config.init, name="mixer_finetuned", **common)
-    return loader.create(MlpMixer, config.model, config.init, **common)
-
-
-def trained_on(config, class_names):
-    """The `TrainedOn` record of a model trained by `config`: written into run.json and carried by
-    model.keras and the export, so they are evaluated and served as the run evaluated."""
-    return TrainedOn(config.dataset, class_names, config.eval_preprocessing, config.model, config.image_size)
-
-
-@dataclasses.dataclass
-class _Run:
-    """What `_prepare` works out before anything is built."""
-
-    config: TrainConfig
-    strategy: object
-    kind: str
-    chief: bool
-    record: Optional[dict]  # run.json as found (None for a new workdir)
-    changes: list  # accepted recipe changes [(field, recorded, new)]
-    train_source: object
-    eval_source: object
-    eval_split: str
-    total_steps: int
-    steps_per_epoch: int
-    fewshot: Optional[FewshotProbe]  # with config.fewshot_every: the shots drawn, their labels read
-
-    @property
-    def workdir(self):
-        return self.config.workdir
 
 
 def train(config: TrainConfig, strategy=None, restart=False, accept_changes=()):
@@ -146,11 +69,15 @@ def train(config: TrainConfig, strategy=None, restart=False, accept_changes=()):
     """
     config.validate()
     backend = keras.backend.backend()
+    if backend == "jax":
+        if strategy is not None:
+            raise ValueError("a tf.distribute strategy was passed to train() on Keras' JAX backend, which has none")
+        from keras_mixer.training.jax_loop import train_jax
+
+        return train_jax(config, restart, accept_changes)
     if backend != "tensorflow":  # checked before anything is written
         raise ValueError(
-            f"the trainers run on Keras' TensorFlow backend, and this process has KERAS_BACKEND={backend}: unset "
-            f"it or set KERAS_BACKEND=tensorflow. On the {backend} backend, train in Python with "
-            f"keras_mixer.JaxTrainStep (see the training docs)"
+            f"the trainers run on Keras' tensorflow and jax backends, and this process has KERAS_BACKEND={backend}"
         )
     if strategy is None:
         kind = choose_strategy(
@@ -167,86 +94,21 @@ def train(config: TrainConfig, strategy=None, restart=False, accept_changes=()):
     multi_worker = getattr(strategy.extended, "_in_multi_worker_mode", lambda: False)()
     try:
         with StopSignals(enabled=not multi_worker) as signals:
-            run = _prepare(config, strategy, kind, restart, tuple(accept_changes))
-            return _train(run, signals)
+            chief, replicas = is_chief(strategy), strategy.num_replicas_in_sync
+            run = prepare(config, kind, chief, replicas, restart, tuple(accept_changes))
+            if config.seed is not None:
+                tf.config.experimental.enable_op_determinism()
+            return _train(run, strategy, signals)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _prepare(config, strategy, kind, restart, accept_changes):
-    """Workdir housekeeping, the recipe check, the data sources and the run's length."""
-    chief = is_chief(strategy)
-    workdir = config.workdir
-    if chief:
-        remove_leftovers(workdir)
-        if restart:
-            moved = move_to_previous(workdir)
-            if moved:
-                print(f"--restart: the earlier run's files were moved to {moved}", flush=True)
-    record = read_json(os.path.join(workdir, "run.json"))
-    changes = []
-    if has_checkpoint_files(os.path.join(workdir, "checkpoints")):
-        changes = check_resumed_recipe(record and record.get("config"), config, accept_changes)
-    set_mixed_precision(config.mixed_precision)
-    if config.seed is not None:
-        keras.utils.set_random_seed(config.seed)
-        tf.config.experimental.enable_op_determinism()
-
-    train_source = data.load_source(config.dataset, "train", data_dir=config.data_dir, download=config.download)
-    eval_split = data.eval_split(config.dataset, config.data_dir)
-    eval_source = data.load_source(
-        config.dataset, eval_split, data_dir=config.data_dir, class_names=train_source.class_names
-    )
-    if chief:
-        for source in (train_source, eval_source):
-            if source.problems():
-                print(f"warning: {source.describe_problems()}", flush=True)
-        if config.crop_area_min >= 1 and config.eval_resize == "crop":
-            print(
-                f"warning: training sees whole images (crop_area_min 1) but evaluation centre-crops them "
-                f"(eval_resize crop, crop_ratio {config.crop_ratio}), showing objects larger than training did; "
-                f"--eval_resize resize matches training",
-                flush=True,
-            )
-    replicas = strategy.num_replicas_in_sync
-    if config.batch_size % replicas:
-        raise ValueError(f"batch_size {config.batch_size} is not divisible by the {replicas} replicas")
-    total_steps, steps_per_epoch = run_length(config, train_source.num_examples)
-    fewshot = None
-    if config.fewshot_every:
-        # Drawn now, so shots the data cannot give fail before anything is built.
-        fewshot = FewshotProbe(
-            train_source,
-            eval_source,
-            config.fewshot_shots,
-            config.image_size,
-            config.eval_preprocessing,
-            config.batch_size,
-            draws=TRAINING_DRAWS,
-            seed=config.seed or 0,
-        )
-    return _Run(
-        config,
-        strategy,
-        kind,
-        chief,
-        record,
-        changes,
-        train_source,
-        eval_source,
-        eval_split,
-        total_steps,
-        steps_per_epoch,
-        fewshot,
-    )
-
-
-def _build(run):
+def _build(run, strategy):
     """(model, optimizer, step variable, run seed variable, CheckpointStore), restored from the
     newest intact checkpoint if there is one."""
     config = run.config
-    with run.strategy.scope():
+    with strategy.scope():
         model = build_model(config, run.train_source.num_classes)
         optimizer = make_optimizer(run.total_steps, model.trainable_variables, **config.optimizer_args())
         step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
@@ -260,38 +122,10 @@ def _build(run):
         model=model, optimizer=optimizer, step=step_var, run_seed=run_seed, rng_states=rng_states
     )
     # Every worker must write (saving is collective); only the chief's copy is kept.
-    write_dir = None if run.chief else os.path.join(run.workdir, f".tmp_worker_{task_id(run.strategy)}")
+    write_dir = None if run.chief else os.path.join(run.workdir, f".tmp_worker_{task_id(strategy)}")
     folder = os.path.join(run.workdir, "checkpoints")
     store = CheckpointStore(state, folder, config.keep_checkpoints, write_dir)
     return model, optimizer, step_var, run_seed, store
-
-
-def _write_record(run, model, resumed_from):
-    """run.json: the recipe, the architecture and what the model is trained on (what evaluate.py
-    and export.py need to rebuild and use it), and every accepted recipe change."""
-    config, record = run.config, run.record
-    if resumed_from is None or record is None:
-        record = dict(
-            config=dataclasses.asdict(config),
-            architecture=model.get_config(),
-            about=trained_on(config, run.train_source.class_names).to_dict(),
-            num_classes=run.train_source.num_classes,
-            eval_split=run.eval_split,
-            total_steps=run.total_steps,
-            recipe_changes=[],
-        )
-    if run.changes:
-        record["recipe_changes"] = record.get("recipe_changes", []) + [
-            dict(step=resumed_from, field=name, recorded=old, now=new) for name, old, new in run.changes
-        ]
-        record.update(config=dataclasses.asdict(config), total_steps=run.total_steps)
-        record["about"] = trained_on(config, run.train_source.class_names).to_dict()
-        print(
-            f"Accepted recipe changes at step {resumed_from}: "
-            + ", ".join(f"{n} {o!r} -> {v!r}" for n, o, v in run.changes)
-        )
-    write_json(os.path.join(run.workdir, "run.json"), record)
-    return record
 
 
 def _resume(run, store):
@@ -304,57 +138,19 @@ def _resume(run, store):
             f"{store.directory} holds only checkpoints that were moved to broken/ earlier; pass --restart to "
             f"start again from step 0 (the current files are moved to WORKDIR/previous/, not deleted)"
         )
-    if resumed_from is None:
-        return None, {}
-    log.info("Resumed from ckpt-%d of %d steps", resumed_from, run.total_steps)
-    return resumed_from, read_json(os.path.join(run.workdir, "metrics.json")) or {}
+    return resumed_from, previous_metrics(run, resumed_from)
 
 
-def _report(run, step, resumed_from, previous, use_xla):
-    """The run's `Report`, its metrics.json starting from `previous` (a resumed run's) at `step`."""
+def _train(run, strategy, signals):
     config = run.config
-    data_problems = {s.split: s.problems() for s in (run.train_source, run.eval_source) if s.problems()}
-    metrics = dict(
-        finished=False,
-        step=step,
-        total_steps=run.total_steps,
-        train_loss=previous.get("train_loss"),
-        train_top1=previous.get("train_top1"),
-        eval_top1=None,
-        eval_top5=None,
-        eval_split=run.eval_split,
-        images_per_second=None,
-        # The loss history of the steps before the restored checkpoint survives in metrics.json.
-        loss_history=[h for h in previous.get("loss_history", []) if h[0] <= step],
-        resumed_from_step=resumed_from or 0,
-        model=config.model,
-        dataset=config.dataset,
-        strategy=run.kind,
-        replicas=run.strategy.num_replicas_in_sync,
-        xla=use_xla,
-        data_problems=data_problems,
-        fewshot=None,
-    )
-    return Report(run.workdir, run.chief, run.total_steps, metrics)
-
-
-def _train(run, signals):
-    config, strategy = run.config, run.strategy
-    model, optimizer, step_var, run_seed, store = _build(run)
+    model, optimizer, step_var, run_seed, store = _build(run, strategy)
     resumed_from, previous = _resume(run, store)
-    if resumed_from is not None and resumed_from >= run.total_steps and previous.get("finished"):
-        if run.chief:
-            print(
-                f"The run in {os.path.abspath(run.workdir)} already finished at step {previous.get('step')} "
-                f"(eval top-1 {previous.get('eval_top1')}): nothing to do, nothing rewritten. Give a larger --steps "
-                f"with --accept_changes=steps to train further, or --restart to start again.",
-                flush=True,
-            )
+    if already_finished(run, resumed_from, previous):
         return previous
     if run.chief:
         if resumed_from is not None:
             print(f"Resumed from step {resumed_from} ({store.latest()})", flush=True)
-        _write_record(run, model, resumed_from)
+        write_record(run, model, resumed_from)
 
     use_xla, xla_reason = decide_xla(config.xla, config.mixed_precision, run.kind)
     if run.chief:
@@ -371,20 +167,20 @@ def _train(run, signals):
     # The probe reads the model in inference mode only: no dropout or drop-path draws, no training data.
     fewshot_features = features_function(model) if run.fewshot else None
     step = int(step_var.numpy())
-    report = _report(run, step, resumed_from, previous, use_xla)
+    report = make_report(run, step, resumed_from, previous, use_xla)
     speed = Throughput(config.batch_size)
     while step < run.total_steps:
         epoch, offset = divmod(step, run.steps_per_epoch)
-        iterator = iter(_epoch_stream(run, int(run_seed.numpy()), epoch, offset))
+        iterator = iter(_epoch_stream(run, strategy, int(run_seed.numpy()), epoch, offset))
         epoch_end = min((epoch + 1) * run.steps_per_epoch, run.total_steps)
         speed.restart()  # a new input stream fills its buffers first
         while step < epoch_end:
-            count = min(config.steps_per_loop, _next_boundary(step, config, epoch_end) - step)
+            count = min(config.steps_per_loop, next_boundary(step, config, epoch_end) - step)
             speed.start()
             loss, norm, top1 = (float(v) for v in train_steps(iterator, tf.constant(count)))
             rate = speed.stop(count)
             if not math.isfinite(loss):
-                _diverged(f"loss is {loss} at step {step + count}", store)
+                diverged(f"loss is {loss} at step {step + count}", store)
             step += count
             log_point = step % config.log_every == 0 or step == run.total_steps
             learning_rate = float(optimizer.learning_rate) if log_point else None
@@ -392,7 +188,7 @@ def _train(run, signals):
             if step % config.checkpoint_every == 0 or step == run.total_steps or signals.received:
                 # A finite loss can still come with an update that overflowed: never save such weights.
                 if not bool(all_finite(model.trainable_variables)):
-                    _diverged(f"weights became NaN or Inf at step {step}", store)
+                    diverged(f"weights became NaN or Inf at step {step}", store)
                 store.save(step)
                 report.save(images_per_second=speed.rate())  # progress: a resumed run continues it
             if signals.received:
@@ -415,83 +211,24 @@ def _train(run, signals):
         os.makedirs(folder, exist_ok=True)
         save_npz(model, os.path.join(folder, "final_weights.npz"))
     if run.chief:
-        _finish(run, model, report)
+        finish(run, model, report, _export)
     return report.metrics
 
 
+def _export(model, export_base, version, trained_on, precision):
+    from keras_mixer.export import export_saved_model
+
+    return export_saved_model(model, export_base, version=version, trained_on=trained_on, precision=precision)
+
+
 def recipe_stream(strategy, source, config, seed, **kwargs):
-    """The recipe's training batches of `source` under `strategy`: its batch size, image size,
-    shuffle buffer, augmentation and one-hot labels, seeded by `seed`. `kwargs`: more
-    `train_pipeline` arguments (cache, skip_steps, permutation)."""
-    return data.distribute(
-        strategy,
-        source,
-        batch_size=config.batch_size,
-        training=True,
-        image_size=config.image_size,
-        seed=seed,
-        shuffle_buffer=config.shuffle_buffer,
-        randaugment=config.randaugment,
-        mixup=config.mixup,
-        one_hot=True,
-        area_range=(config.crop_area_min, 1.0),
-        flip=config.flip,
-        **kwargs,
-    )
+    """The recipe's training batches of `source` under `strategy` (`run.recipe_pipeline_args`),
+    seeded by `seed`. `kwargs`: more `train_pipeline` arguments (cache, skip_steps, permutation)."""
+    return data.distribute(strategy, source, training=True, seed=seed, **recipe_pipeline_args(config), **kwargs)
 
 
-def _epoch_stream(run, run_seed, epoch, skip_steps):
+def _epoch_stream(run, strategy, run_seed, epoch, skip_steps):
     """Epoch `epoch`'s training batches, a pure function of (run seed, epoch), from `skip_steps` on."""
-    seed = run_seed * 100_003 + epoch
     config = run.config
-    return recipe_stream(run.strategy, run.train_source, config, seed, cache=config.cache, skip_steps=skip_steps)
-
-
-def _diverged(what, store):
-    last = store.latest()
-    raise TrainingDiverged(
-        f"{what}: training stopped. The last good checkpoint ({last or 'none yet'}) is kept; lower the "
-        f"learning rate or check the data, then rerun with the same --workdir to resume from it."
-    )
-
-
-def _next_boundary(step, config, epoch_end):
-    """The next step at which the loop must stop to log, checkpoint, evaluate, probe or change epoch."""
-    candidates = [epoch_end, (step // config.checkpoint_every + 1) * config.checkpoint_every]
-    candidates.append((step // config.log_every + 1) * config.log_every)
-    for every in (config.eval_every, config.fewshot_every):
-        if every:
-            candidates.append((step // every + 1) * every)
-    return min(candidates)
-
-
-def _finish(run, model, report):
-    """Chief only: the final model (.keras), the export and metrics.json, each written so that a
-    kill at any point leaves either nothing or a complete file; a rerun completes what is missing
-    and never writes a second export of the same step."""
-    config, metrics = run.config, report.metrics
-    about = trained_on(config, run.train_source.class_names).replace(step=metrics["step"])
-    metrics["model_path"] = save_keras(model, os.path.join(run.workdir, "model.keras"), about.to_dict())
-    if config.export:
-        from keras_mixer.export import export_saved_model
-
-        export_base = os.path.join(run.workdir, "export")
-        target = os.path.join(export_base, str(metrics["step"]))  # version = step: one export per step
-        if os.path.isdir(target):
-            log.info("%s exists already (an earlier, interrupted finish): not exported again", target)
-            metrics["export_path"] = target
-        else:
-            metrics["export_path"] = export_saved_model(
-                model,
-                export_base,
-                version=metrics["step"],
-                trained_on=about,
-                precision=config.export_precision,
-            )
-    report.save()
-    print(
-        f"Finished step {metrics['step']}: eval top-1 {metrics['eval_top1']:.4f}, top-5 {metrics['eval_top5']:.4f}, "
-        f"{metrics['images_per_second'] or 0:.0f} img/s. Workdir: {os.path.abspath(run.workdir)} "
-        f"(checkpoints/, tensorboard/, model.keras, {'export/, ' if config.export else ''}metrics.json)",
-        flush=True,
-    )
+    seed = epoch_seed(run_seed, epoch)
+    return recipe_stream(strategy, run.train_source, config, seed, cache=config.cache, skip_steps=skip_steps)

@@ -93,8 +93,9 @@ def check_fits(restored, target):
     if have_tree != want_tree:
         raise CheckpointMismatch(f"its state has another structure ({len(have)} arrays, this run's {len(want)})")
     for (path, got), (_, expected) in zip(have, want):
-        got, expected = np.asarray(got), np.asarray(expected)
-        if got.shape != expected.shape or got.dtype != expected.dtype:
+        # shape and dtype only: np.asarray of an array spread over several hosts would fail
+        got, expected = (x if hasattr(x, "dtype") else np.asarray(x) for x in (got, expected))
+        if tuple(got.shape) != tuple(expected.shape) or np.dtype(got.dtype) != np.dtype(expected.dtype):
             raise CheckpointMismatch(
                 f"{jax.tree_util.keystr(path)} is {got.dtype}{list(got.shape)} there and "
                 f"{expected.dtype}{list(expected.shape)} here"
@@ -174,8 +175,15 @@ class OrbaxStore:
         folder = self.folder(step)
         if os.path.exists(folder):  # an unfinished save of this step (no digests): orbax will not overwrite
             shutil.rmtree(folder)
-        self._checkpointer.save(folder, state)
-        self._checkpointer.wait_until_finished()
+        try:
+            self._checkpointer.save(folder, state)
+            self._checkpointer.wait_until_finished()
+        except BaseException:
+            # Stop orbax's background threads now, and mute asyncio's reports of the same error
+            # from orbax's other write tasks: both would print tracebacks after the one error line.
+            logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+            self._checkpointer.close()
+            raise
         if not self.chief:
             return folder
         write_digests(folder)

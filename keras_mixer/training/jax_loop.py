@@ -1,0 +1,323 @@
+"""The training loop on Keras' JAX backend: the same recipes, workdir and guarantees as `loop`
+(TensorFlow), data-parallel over every device of every host.
+
+    train_jax(config)                    (`loop.train` hands a JAX-backend process here)
+      -> several hosts: keras.distribution.initialize (jax.distributed)
+      -> lock the workdir, catch SIGTERM/SIGINT, run.prepare (as on TensorFlow)
+      -> DataParallel over every device (`jax_step.data_parallel`); model, optimizer, JaxTrainStep
+      -> restore the newest intact orbax checkpoint (`orbax_store`, the same walk-back rule)
+      -> host calls of up to `steps_per_loop` steps, each batch placed on the devices ahead of its
+         step; report, checkpoint, evaluation (`jax_evaluation`) and few-shot probe when due
+      -> run.finish: model.keras, the TF Serving export (by TensorFlow, in a child process), metrics.json
+
+The input is the TF trainer's tf.data pipeline (TensorFlow as a data library only: it is kept off
+the accelerators), each host reading its own shard of every global batch: step s sees the same
+examples, crops and flips on either backend. The checkpointed state is the JaxTrainStep's
+(trainable, non-trainable, optimizer variables; the dropout/drop-path RNG states are among the
+non-trainable ones), the step and the run's data seed.
+"""
+
+import collections
+import importlib.util
+import math
+import os
+import signal
+import subprocess
+import sys
+
+import keras
+import numpy as np
+
+from keras_mixer import data
+from keras_mixer.training.checkpointing import NoCheckpointRestores
+from keras_mixer.training.orbax_store import OrbaxStore
+from keras_mixer.training.reporting import Throughput
+from keras_mixer.training.run import (
+    StopSignals,
+    TrainingStopped,
+    already_finished,
+    build_model,
+    diverged,
+    epoch_seed,
+    finish,
+    make_report,
+    next_boundary,
+    prepare,
+    previous_metrics,
+    recipe_pipeline_args,
+    write_record,
+)
+from keras_mixer.training.step import make_optimizer
+from keras_mixer.training.workdir import WorkdirLock, check_workdir
+
+KIND = "jax data-parallel"
+PREFETCH = 2  # batches placed on the devices ahead of the step that takes them
+
+
+def check_jax_fields(config):
+    """Raises ValueError (one line) for a recipe field that means nothing on the JAX backend."""
+    if config.strategy not in ("auto", "tpu"):
+        raise ValueError(
+            f"--strategy {config.strategy} is a tf.distribute strategy; on Keras' JAX backend the trainer is "
+            f"data-parallel over every device of every host (keras.distribution.DataParallel): leave --strategy unset"
+        )
+    if config.tpu not in (None, "local"):
+        raise ValueError(
+            f"--tpu {config.tpu}: on Keras' JAX backend, start the same command on every host of the TPU VM with "
+            f"a bare --tpu (JAX finds its TPU and the other hosts itself); a TPU name is resolved by TensorFlow only"
+        )
+    if config.xla == "off":
+        raise ValueError("--xla off: on Keras' JAX backend XLA compiles every step; leave --xla unset (auto)")
+    if config.mixed_precision == "float16":
+        raise ValueError(
+            "--mixed_precision float16 needs loss scaling, which the JAX trainer does not do: use bfloat16 "
+            "(the same range as float32) or none"
+        )
+
+
+def initialize_hosts(config):
+    """`keras.distribution.initialize` (jax.distributed) where the run spans hosts: on a TPU VM
+    (`--tpu`, which finds its hosts itself) or when KERAS_DISTRIBUTION_JOB_ADDRESSES and
+    KERAS_DISTRIBUTION_NUM_PROCESSES / _PROCESS_ID say where the others are (GPU hosts)."""
+    if config.tpu is not None or os.environ.get("KERAS_DISTRIBUTION_NUM_PROCESSES"):
+        keras.distribution.initialize()
+
+
+def _keep_tensorflow_off_the_accelerators():
+    """TensorFlow reads and augments the input on the CPU only: left alone it would take the GPUs'
+    memory that JAX needs."""
+    import tensorflow as tf
+
+    try:
+        tf.config.set_visible_devices([], "GPU")
+    except RuntimeError:  # TensorFlow already initialised its devices in this process
+        pass
+
+
+def train_jax(config, restart=False, accept_changes=()):
+    """`loop.train` on Keras' JAX backend: trains as `config` says and returns the final metrics."""
+    import jax
+
+    from keras_mixer.jax_step import data_parallel
+
+    check_jax_fields(config)
+    check_workdir(config.workdir)
+    initialize_hosts(config)
+    _keep_tensorflow_off_the_accelerators()
+    chief = jax.process_index() == 0
+    devices = jax.devices()
+    if chief:
+        names = ", ".join(f"{d.platform}:{d.id}" for d in devices)
+        print(
+            f"Keras on jax, DataParallel over {len(devices)} device(s) on {jax.process_count()} host(s): {names}",
+            flush=True,
+        )
+    lock = WorkdirLock(config.workdir).acquire() if chief else None
+    try:
+        # Several hosts save collectively: one cannot checkpoint on its own when signalled.
+        with StopSignals(enabled=jax.process_count() == 1) as signals:
+            place = data_parallel()  # before the model is built: its variables go to every device
+            run = prepare(config, KIND, chief, len(devices), restart, tuple(accept_changes))
+            if config.seed is not None:
+                import tensorflow as tf
+
+                tf.config.experimental.enable_op_determinism()  # the input pipeline's, as on TensorFlow
+            return _train(run, place, signals)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _checkpoint(state, step, run_seed):
+    """The pytree saved at `step`: the step's state, the step and the run's data seed."""
+    return dict(
+        trainable=state.trainable,
+        non_trainable=state.non_trainable,
+        optimizer=state.optimizer,
+        step=np.asarray(step, np.int64),
+        run_seed=np.asarray(run_seed, np.int64),
+    )
+
+
+def _resume(run, store, state, run_seed):
+    """(step restored or None, state, run seed, metrics.json so far) from the newest intact
+    checkpoint; a run whose checkpoints were all moved to broken/ earlier is refused."""
+    from keras_mixer.jax_step import TrainState
+
+    step, saved = store.restore_newest(_checkpoint(state, 0, run_seed))
+    if step is None:
+        if os.path.isdir(os.path.join(store.directory, "broken")):
+            raise NoCheckpointRestores(
+                f"{store.directory} holds only checkpoints that were moved to broken/ earlier; pass --restart to "
+                f"start again from step 0 (the current files are moved to WORKDIR/previous/, not deleted)"
+            )
+        return None, state, run_seed, {}
+    state = TrainState(saved["trainable"], saved["non_trainable"], saved["optimizer"])
+    return step, state, int(saved["run_seed"]), previous_metrics(run, step)
+
+
+def _train(run, place, signals):
+    import jax
+
+    from keras_mixer.jax_step import JaxTrainStep
+    from keras_mixer.training.jax_evaluation import make_jax_evaluator
+
+    config = run.config
+    model = build_model(config, run.train_source.num_classes)
+    optimizer = make_optimizer(run.total_steps, model.trainable_variables, **config.optimizer_args())
+    train_step = JaxTrainStep(model, optimizer, clip_norm=config.grad_clip_norm)
+    first_seed = config.seed if config.seed is not None else int(np.random.default_rng().integers(2**31 - 1))
+    store = OrbaxStore(os.path.join(run.workdir, "checkpoints"), config.keep_checkpoints, run.chief)
+    resumed_from, state, run_seed, previous = _resume(run, store, train_step.initial_state(), first_seed)
+    if already_finished(run, resumed_from, previous):
+        return previous
+    if run.chief:
+        if resumed_from is not None:
+            print(f"Resumed from step {resumed_from} ({store.latest()})", flush=True)
+        write_record(run, model, resumed_from)
+        print("XLA compiles the whole training step (Keras' JAX backend)", flush=True)
+
+    evaluate = make_jax_evaluator(
+        model, run.eval_source, config.batch_size, config.image_size, config.eval_preprocessing, place
+    )
+    fewshot_features = _features_function(model) if run.fewshot else None
+    finite = jax.jit(lambda arrays: jax.numpy.all(jax.numpy.array([jax.numpy.isfinite(a).all() for a in arrays])))
+    step = resumed_from or 0
+    report = make_report(run, step, resumed_from, previous, use_xla=True)
+    speed = Throughput(config.batch_size)
+    while step < run.total_steps:
+        epoch, offset = divmod(step, run.steps_per_epoch)
+        batches = _on_devices(_host_batches(run, run_seed, epoch, offset), place)
+        epoch_end = min((epoch + 1) * run.steps_per_epoch, run.total_steps)
+        speed.restart()  # a new input stream fills its buffers first
+        while step < epoch_end:
+            count = min(config.steps_per_loop, next_boundary(step, config, epoch_end) - step)
+            speed.start()
+            sums = None
+            for _ in range(count):  # dispatched without waiting: the host reads only the sums
+                state, metrics = train_step(state, *next(batches))
+                sums = metrics if sums is None else {k: sums[k] + metrics[k] for k in sums}
+            loss, norm, top1 = (float(sums[k]) / count for k in ("loss", "gradient_norm", "top1"))
+            rate = speed.stop(count)
+            if not math.isfinite(loss):
+                diverged(f"loss is {loss} at step {step + count}", store)
+            step += count
+            log_point = step % config.log_every == 0 or step == run.total_steps
+            learning_rate = _learning_rate(optimizer, step) if log_point else None
+            report.trained(step, loss, top1, norm, learning_rate, rate, log_point)
+            if step % config.checkpoint_every == 0 or step == run.total_steps or signals.received:
+                # A finite loss can still come with an update that overflowed: never save such weights.
+                if not bool(finite(state.trainable)):
+                    diverged(f"weights became NaN or Inf at step {step}", store)
+                store.save(step, _checkpoint(state, step, run_seed))
+                report.save(images_per_second=speed.rate())  # progress: a resumed run continues it
+            if signals.received:
+                raise TrainingStopped(
+                    f"stopped by {signal.Signals(signals.received).name} at step {step} of {run.total_steps}; "
+                    f"checkpoint {store.latest()} written. Rerun the same command to resume from it.",
+                    signals.received,
+                )
+            if config.eval_every and step % config.eval_every == 0 and step < run.total_steps:
+                report.evaluated(step, *evaluate(state.trainable, state.non_trainable))
+            if config.fewshot_every and step % config.fewshot_every == 0 and step < run.total_steps:
+                train_step.write_back(state)  # the probe reads the model's variables
+                report.fewshot(step, run.fewshot(fewshot_features))
+    report.evaluated(step, *evaluate(state.trainable, state.non_trainable))
+    train_step.write_back(state)  # the final weights into the model (and optimizer), to save and probe
+    if run.fewshot:
+        report.fewshot(step, run.fewshot(fewshot_features))
+    report.metrics.update(finished=True, images_per_second=speed.rate())
+    if config.write_worker_weights:
+        from keras_mixer.weights import save_npz
+
+        folder = run.workdir if run.chief else os.path.join(run.workdir, f"worker_{jax.process_index()}")
+        os.makedirs(folder, exist_ok=True)
+        save_npz(model, os.path.join(folder, "final_weights.npz"))
+    if run.chief:
+        model_path = os.path.join(run.workdir, "model.keras")
+        finish(run, model, report, lambda _, *args: export_in_tensorflow(model_path, *args))
+    return report.metrics
+
+
+def _host_batches(run, run_seed, epoch, skip_steps):
+    """This host's part of epoch `epoch`'s global batches as NumPy arrays, from `skip_steps` on:
+    the TF trainer's stream (`run.epoch_seed`), read in shards of batch_size / hosts."""
+    import jax
+    import tensorflow as tf
+
+    hosts = jax.process_count()
+    context = tf.distribute.InputContext(
+        num_input_pipelines=hosts, input_pipeline_id=jax.process_index(), num_replicas_in_sync=hosts
+    )
+    config = run.config
+    stream = data.train_pipeline(
+        run.train_source,
+        input_context=context,
+        seed=epoch_seed(run_seed, epoch),
+        cache=config.cache,
+        skip_steps=skip_steps,
+        **recipe_pipeline_args(config),
+    )
+    return stream.as_numpy_iterator()
+
+
+def _on_devices(batches, place):
+    """`batches` placed on the devices (split along the batch axis) `PREFETCH` ahead: the copy to
+    the devices of the next batches overlaps the running step."""
+    ahead = collections.deque()
+    for batch in batches:
+        ahead.append(place(batch))
+        if len(ahead) > PREFETCH:
+            yield ahead.popleft()
+    while ahead:
+        yield ahead.popleft()
+
+
+def _learning_rate(optimizer, step):
+    """The schedule's rate after `step` steps (the JAX step keeps the optimizer's step count in its
+    state, not in `optimizer.iterations`)."""
+    optimizer.iterations.assign(step)
+    return float(optimizer.learning_rate)
+
+
+def _features_function(model):
+    """images [B, H, W, 3] -> pre-logits [B, C] from the model's variables (written back first)."""
+    import jax
+
+    from keras_mixer.training.fewshot import prelogit_model
+
+    features = prelogit_model(model)
+    call = jax.jit(lambda trainable, other, images: features.stateless_call(trainable, other, images)[0])
+
+    def features_fn(images):
+        variables = (features.trainable_variables, features.non_trainable_variables)
+        return call(*([v.value for v in vs] for vs in variables), np.asarray(images))
+
+    return features_fn
+
+
+def export_in_tensorflow(model_path, export_base, version, trained_on, precision):
+    """The TF Serving export of `model_path` (a .keras file carrying `trained_on`), written by
+    `trainers/export.py` on Keras' TensorFlow backend in a child process on the CPU (the SavedModel's
+    graph is TensorFlow's; one process runs one Keras backend). Without TensorFlow: a note, None."""
+    if importlib.util.find_spec("tensorflow") is None:
+        print(
+            f"TensorFlow is not installed here, so no TF Serving export was written. On a machine with it: "
+            f"python trainers/export.py --source {model_path} --export_base {export_base}",
+            flush=True,
+        )
+        return None
+    command = [
+        sys.executable,
+        "-m",
+        "keras_mixer.training.export_main",
+        *("--source", model_path, "--export_base", export_base, "--version", str(version)),
+        *("--precision", precision),
+    ]
+    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+        why = lines[-1][len("error: ") :] if lines else result.stderr.strip()[-500:]
+        raise OSError(f"the TF Serving export failed ({why}); model.keras is written: rerun the same command")
+    return os.path.join(export_base, str(version))

@@ -1,6 +1,7 @@
 """Shared test helpers: tiny Mixer configs so the suite stays fast on 2 CPU cores."""
 
 import os
+import shutil
 import subprocess
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -87,3 +88,20 @@ def small_disk(tmp_path):
     yield mount
     for point in mounted:
         subprocess.run(["umount", "-l", str(point)], check=False)
+
+
+@pytest.fixture(scope="module")
+def jax_finished(tmp_path_factory):
+    """A finished 60-step demo run on the JAX backend (checkpoints 20, 40, 60, model.keras, export/60):
+    (workdir, the program's result). Once per test file that asks for it."""
+    workdir = tmp_path_factory.mktemp("jax_finished") / "run"
+    args = ["--steps", 60, "--checkpoint_every", 20, "--log_every", 20, "--workdir", workdir]
+    return workdir, trainer("pretrain", *args, env={"KERAS_BACKEND": "jax"})
+
+
+@pytest.fixture
+def jax_workdir(jax_finished, tmp_path):
+    """A copy of `jax_finished`'s workdir for a test to break."""
+    copy = tmp_path / "run"
+    shutil.copytree(jax_finished[0], copy)
+    return copy

@@ -4,9 +4,24 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": ROOT}
+# The programs the suite starts compile the same few XLA programs again and again (a training step,
+# an evaluation step, ~160 variable initializers on JAX); both compilers' on-disk caches let every
+# run after the first load them instead, which halves a short run (39 -> 19 s on JAX, 32 -> 21 s on
+# TF for a one-step demo run, 2-core Xeon). A cached program is the compiled program, so results
+# are unchanged; the caches are shared by the suite's processes and keyed by the program and flags.
+_CACHE = os.path.join(tempfile.gettempdir(), f"keras_mixer_test_xla_cache_{os.getuid()}")
+ENV = {
+    **os.environ,
+    "TF_CPP_MIN_LOG_LEVEL": "3",
+    "PYTHONPATH": ROOT,
+    "JAX_COMPILATION_CACHE_DIR": os.path.join(_CACHE, "jax"),
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+    "TF_XLA_FLAGS": f"--tf_xla_persistent_cache_directory={os.path.join(_CACHE, 'tf')}",
+}
 
 
 def trainer(program, *args, check=True, timeout=600, env=None, cwd=ROOT):

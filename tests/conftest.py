@@ -19,7 +19,7 @@ import time  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-from runs import trainer  # noqa: E402
+from runs import JAX, RUN, trainer  # noqa: E402
 
 import keras_mixer  # noqa: E402
 
@@ -95,8 +95,7 @@ def jax_finished(tmp_path_factory):
     """A finished 60-step demo run on the JAX backend (checkpoints 20, 40, 60, model.keras, export/60):
     (workdir, the program's result). Once per test file that asks for it."""
     workdir = tmp_path_factory.mktemp("jax_finished") / "run"
-    args = ["--steps", 60, "--checkpoint_every", 20, "--log_every", 20, "--workdir", workdir]
-    return workdir, trainer("pretrain", *args, env={"KERAS_BACKEND": "jax"})
+    return workdir, trainer("pretrain", *RUN, "--workdir", workdir, env=JAX)
 
 
 @pytest.fixture

@@ -23,6 +23,10 @@ ENV = {
     "TF_XLA_FLAGS": f"--tf_xla_persistent_cache_directory={os.path.join(_CACHE, 'tf')}",
 }
 
+# A short demo run with checkpoints at 20, 40 and 60: the run the fault tests break on either backend.
+RUN = ["--steps", 60, "--checkpoint_every", 20, "--log_every", 20]
+JAX = {"KERAS_BACKEND": "jax"}
+
 
 def trainer(program, *args, check=True, timeout=600, env=None, cwd=ROOT):
     """Runs trainers/<program>.py with `args`; raises with its output when `check` and it fails."""

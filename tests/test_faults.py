@@ -20,12 +20,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from conftest import TINY, randomize, tiny_mixer
-from runs import ENV, ROOT, assert_one_line_error, metrics, trainer
+from runs import ENV, ROOT, RUN, assert_one_line_error, metrics, trainer
 
 import keras_mixer
 from keras_mixer.export import export_saved_model
-
-RUN = ["--steps", 60, "--checkpoint_every", 20, "--log_every", 20]
 
 
 @pytest.fixture(scope="module")

@@ -13,15 +13,13 @@ import sys
 import keras
 import numpy as np
 import pytest
-from runs import ENV, ROOT, assert_one_line_error, metrics, trainer
+from runs import ENV, JAX, ROOT, assert_one_line_error, metrics, trainer
 from test_faults import history_steps, strict_load
 
 from keras_mixer.training.config import load_config
 from keras_mixer.training.jax_loop import check_jax_fields
 
-JAX = {"KERAS_BACKEND": "jax"}
 TWO_DEVICES = {**JAX, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-RUN = ["--steps", 60, "--checkpoint_every", 20, "--log_every", 20]
 
 
 def jax_trainer(program, *args, env=JAX, **kwargs):

@@ -13,11 +13,9 @@ import time
 
 import numpy as np
 import pytest
-from runs import assert_one_line_error, error_lines, metrics
+from runs import RUN, assert_one_line_error, error_lines, metrics
 from test_faults import _flip, history_steps, snapshot, strict_load
-from test_jax_trainer import RUN, _popen, _weights, jax_trainer
-
-# --- faults --------------------------------------------------------------------------------------
+from test_jax_trainer import _popen, _weights, jax_trainer
 
 
 def _data_files(step_folder):

@@ -267,7 +267,8 @@ def worker_tf(name, model, batch, options):
         metrics = _whole_loop(model, batch, options)
         return [batch / metrics["images_per_second"]], dict(xla=metrics["xla"])
     if name.startswith("keras_mixer tf trainers"):
-        from keras_mixer.training.step import decide_xla, make_optimizer, make_train_steps
+        from keras_mixer.training.optimizer import make_optimizer
+        from keras_mixer.training.step import decide_xla, make_train_steps
 
         xla = "on" if name.endswith(("xla", "fwd+bwd")) else "auto"
         use_xla = decide_xla(xla, precision, "default")[0]
@@ -303,7 +304,8 @@ def worker_tf(name, model, batch, options):
 def _whole_loop(model, batch, options):
     """metrics.json of `keras_mixer.training.train` (either backend, as the process runs Keras) for
     warmup + steps steps on the digits resized to the image size: its steady-state img/s leaves
-    its first host call out; no checkpoint, evaluation only at the end, no export."""
+    its first host call out; no checkpoint, evaluation only at the end, no export. The recipe's own
+    log_every (a TensorBoard point every 50 steps), as a real run logs."""
     import tempfile
 
     from keras_mixer.training import TrainConfig, train
@@ -315,7 +317,6 @@ def _whole_loop(model, batch, options):
                 image_size=options.image_size,
                 batch_size=batch,
                 steps=options.warmup + options.steps,
-                log_every=1,
                 export=False,
                 checkpoint_every=10**6,
                 warmup_steps=1,

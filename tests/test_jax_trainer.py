@@ -7,6 +7,7 @@ tests/test_jax_trainer_faults.py, a file of its own so that the suite's two proc
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -37,6 +38,14 @@ def tf_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("tf_run") / "run"
     trainer("pretrain", "--steps", 20, "--log_every", 20, "--checkpoint_every", 20, "--workdir", workdir)
     return workdir
+
+
+@pytest.fixture(scope="module")
+def jax_demo(tmp_path_factory):
+    """`KERAS_BACKEND=jax python trainers/pretrain.py`, the demo recipe with only the workdir moved:
+    (workdir, the finished program). One run for the accuracy, the outputs and the cross-backend tests."""
+    workdir = tmp_path_factory.mktemp("jax_demo") / "run"
+    return workdir, jax_trainer("pretrain", "--workdir", workdir)
 
 
 def _weights(workdir):
@@ -71,14 +80,15 @@ def test_a_tf_only_flag_stops_the_jax_trainer_in_one_line_before_writing(tmp_pat
 
 
 @pytest.mark.slow
-def test_a_jax_run_writes_what_a_tf_run_writes_and_each_backend_reads_the_other(jax_finished, tf_run, tmp_path):
-    workdir, result = jax_finished
+def test_a_jax_run_writes_what_a_tf_run_writes_and_each_backend_reads_the_other(jax_demo, tf_run, tmp_path):
+    workdir, result = jax_demo
     assert "Keras on jax, DataParallel over 1 device(s) on 1 host(s): cpu:0" in result.stdout
     m = strict_load(workdir / "metrics.json")
     assert set(m) == set(strict_load(tf_run / "metrics.json"))  # the same fields
-    assert m["finished"] and m["step"] == 60 and m["strategy"] == "jax data-parallel" and m["replicas"] == 1
-    assert history_steps(workdir) == [20, 40, 60]
-    assert sorted(os.listdir(workdir / "checkpoints")) == ["20", "40", "60"]
+    assert m["finished"] and m["step"] == 880 and m["strategy"] == "jax data-parallel" and m["replicas"] == 1
+    assert history_steps(workdir) == list(range(20, 881, 20))  # the demo's log_every
+    assert sorted(os.listdir(workdir / "checkpoints"), key=int) == ["600", "800", "880"]  # every 200, the 3 newest
+    assert os.path.isfile(workdir / "export" / "880" / "saved_model.pb")
     assert json.loads((workdir / "run.json").read_text())["about"]["class_names"] == [str(i) for i in range(10)]
 
     # The export (written by TensorFlow in a child process) and model.keras score on TensorFlow as the
@@ -101,9 +111,11 @@ def test_a_jax_run_writes_what_a_tf_run_writes_and_each_backend_reads_the_other(
 
 
 @pytest.mark.slow
-def test_a_workdir_resumes_only_on_the_backend_that_wrote_its_checkpoints(tf_run, jax_workdir):
+def test_a_workdir_resumes_only_on_the_backend_that_wrote_its_checkpoints(tf_run, jax_demo, tmp_path):
+    jax_workdir = tmp_path / "jax"
+    shutil.copytree(jax_demo[0], jax_workdir)
     for run, wrote, other in ((tf_run, "tensorflow", JAX), (jax_workdir, "jax", {"KERAS_BACKEND": "tensorflow"})):
-        more = ["--steps", 80, "--accept_changes", "steps"]
+        more = ["--steps", 1000, "--accept_changes", "steps"]
         result = trainer("pretrain", *more, "--workdir", run, env=other, check=False)
         assert_one_line_error(result, f"written on Keras' {wrote} backend", f"resume with KERAS_BACKEND={wrote}")
 
@@ -144,8 +156,7 @@ def test_two_devices_take_the_same_steps_as_one(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_demo_reaches_95_percent_on_jax_in_the_same_steps(tmp_path):
-    jax_trainer("pretrain", "--workdir", tmp_path / "demo", "--noexport")
-    m = metrics(tmp_path / "demo")
+def test_the_demo_reaches_95_percent_on_jax_in_the_same_steps(jax_demo):
+    m = metrics(jax_demo[0])
     assert m["step"] == m["total_steps"] == 880  # the demo's 880 steps on either backend
     assert m["eval_top1"] >= 0.95, m["eval_top1"]

@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 import pytest
-from runs import ENV, ROOT, assert_one_line_error, trainer
+from runs import ENV, JAX, ROOT, assert_one_line_error, trainer
 
 from keras_mixer import data
 from keras_mixer.studies import permutation
@@ -168,3 +168,10 @@ def test_the_command_survives_a_kill_continues_and_refuses_another_recipe(tmp_pa
 def test_bad_input_is_one_line(tmp_path, args, fragments):
     result = trainer("study_permutation", "--steps", 2, "--workdir", tmp_path, *args, check=False, timeout=300)
     assert_one_line_error(result, *fragments)
+
+
+def test_the_jax_backend_is_refused_in_one_line_before_anything_is_written(tmp_path):
+    workdir = tmp_path / "study"
+    result = trainer("study_permutation", "--steps", 2, "--workdir", workdir, env=JAX, check=False, timeout=300)
+    assert_one_line_error(result, "KERAS_BACKEND=jax", "KERAS_BACKEND=tensorflow")
+    assert not workdir.exists()

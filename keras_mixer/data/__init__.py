@@ -1,9 +1,22 @@
 """Input pipelines on tf.data: TFDS, image folders and the embedded digits set, with the paper's
-augmentations and permutations. See `train_pipeline` and `eval_pipeline`."""
+augmentations and permutations. See `train_pipeline` and `eval_pipeline`; `arrays` batches the
+digits and image folders with NumPy and Pillow where TensorFlow is not installed.
 
-from keras_mixer.data.permutations import ImagePermutation, permutation_index
-from keras_mixer.data.pipeline import distribute, eval_pipeline, make_pipeline, train_pipeline
+The sources import TensorFlow only when a tf.data stream is asked for, and the pipelines only when
+first used, so `from keras_mixer import data` works on a machine with JAX alone."""
+
+import importlib
+
 from keras_mixer.data.sources import Source, digits_source, eval_split, folder_source, load_source, tfds_source
+
+_LAZY = {
+    "ImagePermutation": "permutations",
+    "permutation_index": "permutations",
+    "distribute": "pipeline",
+    "eval_pipeline": "pipeline",
+    "make_pipeline": "pipeline",
+    "train_pipeline": "pipeline",
+}
 
 __all__ = [
     "ImagePermutation",
@@ -19,3 +32,11 @@ __all__ = [
     "tfds_source",
     "train_pipeline",
 ]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"keras_mixer.data.{_LAZY[name]}"), name)
+    if name in ("arrays", "permutations", "pipeline", "transforms"):
+        return importlib.import_module(f"keras_mixer.data.{name}")
+    raise AttributeError(f"module 'keras_mixer.data' has no attribute {name!r}")

@@ -4,15 +4,19 @@ Every source gives a `Source`: metadata plus a function that makes a `tf.data.Da
 (image uint8 [h, w, 3] of any size, label int64) for one input pipeline (worker). A source can also
 give its labels and a subset of its examples without decoding the images it does not keep: the
 few-shot probe keeps 1-25 images per class of a split that may hold a million.
+
+The digits and image folders are also readable without TensorFlow (`Source.read`, one example at a
+time, decoded by Pillow), which `data.arrays` batches on a machine with JAX only; TensorFlow is
+imported when a tf.data stream or a TFDS set is asked for.
 """
 
 import dataclasses
+import importlib.util
 import logging
 import os
 from typing import Callable, Optional
 
 import numpy as np
-import tensorflow as tf
 
 log = logging.getLogger("keras_mixer")
 
@@ -36,6 +40,8 @@ class Source:
             falls back to one decoding pass over `dataset()`.
         make_subset: positions (sorted distinct int64 [n]) -> the `Source` of those examples,
             decoding none of the others; None falls back to filtering the decoded `dataset()`.
+        read: position -> uint8 [h, w, 3], the example's image without TensorFlow (digits, image
+            folders); None where only tf.data reads the source (TFDS).
     """
 
     name: str
@@ -47,6 +53,7 @@ class Source:
     skipped: dict = dataclasses.field(default_factory=dict)
     make_labels: Optional[Callable] = dataclasses.field(default=None, repr=False)
     make_subset: Optional[Callable] = dataclasses.field(default=None, repr=False)
+    read: Optional[Callable] = dataclasses.field(default=None, repr=False)
 
     def dataset(self, input_context=None, shuffle_files=False, seed=None):
         return self.make(input_context, shuffle_files, seed)
@@ -104,6 +111,7 @@ def _label(image, label):
 
 def _labels_of(labels):
     """int64 [N] the elements of a Dataset of scalar labels, in order."""
+
     # Batched: one host transfer per 64k labels, not one per example (ImageNet has 1.28M).
     batches = labels.batch(1 << 16).as_numpy_iterator()
     return np.concatenate([np.zeros([0], np.int64), *batches]).astype(np.int64)
@@ -111,6 +119,8 @@ def _labels_of(labels):
 
 def _at_positions(examples, positions):
     """The elements of `examples` at `positions` (sorted distinct int64 [n]), in order."""
+    import tensorflow as tf
+
     keep = np.zeros(positions[-1] + 1, dtype=bool)
     keep[positions] = True
     keep = tf.constant(keep)
@@ -124,6 +134,8 @@ def _filtered_source(source, positions, read, decode):
     (the split, in order, unsharded) before `decode` (example -> (image, label), None for none) runs."""
 
     def make(input_context, shuffle_files, seed):
+        import tensorflow as tf
+
         del shuffle_files, seed  # positions are those of the split's own order
         kept = _at_positions(read(input_context), positions)
         if decode is not None:
@@ -141,6 +153,8 @@ def _in_memory(name, split, images, labels, class_names):
     """A `Source` of arrays: images uint8 [N, h, w, 3], labels int64 [N]."""
 
     def make(input_context, shuffle_files, seed):
+        import tensorflow as tf
+
         del shuffle_files, seed  # examples are shuffled by the pipeline
         return _shard(tf.data.Dataset.from_tensor_slices((images, labels)), input_context)
 
@@ -148,7 +162,7 @@ def _in_memory(name, split, images, labels, class_names):
         return _in_memory(name, split, images[positions], labels[positions], class_names)
 
     source = Source(name, split, len(class_names), list(class_names), len(labels), make)
-    source.make_labels, source.make_subset = labels.copy, make_subset
+    source.make_labels, source.make_subset, source.read = labels.copy, make_subset, images.__getitem__
     return source
 
 
@@ -193,9 +207,13 @@ def _is_image(path):
 
 def undecodable(paths):
     """The paths among `paths` whose image fails to decode (truncated, corrupt body): one parallel
-    decode pass, so a broken file is known, named and counted before training starts."""
+    decode pass (TensorFlow's decoder, which the tf.data stream uses; Pillow's without TensorFlow),
+    so a broken file is known, named and counted before training starts."""
     if not len(paths):
         return []
+    if importlib.util.find_spec("tensorflow") is None:
+        return [p for p in paths if _pillow_decode(p) is None]
+    import tensorflow as tf
 
     def decode(path):
         image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
@@ -205,6 +223,25 @@ def undecodable(paths):
     decoded = decoded.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False).ignore_errors()
     good = {path.decode() for path, _ in decoded.as_numpy_iterator()}
     return [p for p in paths if p not in good]
+
+
+def _pillow_decode(path):
+    """uint8 [h, w, 3] of the image file at `path` (grey and palette images become RGB), or None
+    when it does not decode."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except (OSError, ValueError, SyntaxError):  # Pillow's errors for truncated or corrupt files
+        return None
+
+
+def _read_file(path):
+    image = _pillow_decode(path)
+    if image is None:
+        raise ValueError(f"{path} no longer decodes as an image (it decoded when the folder was opened)")
+    return image
 
 
 def folder_source(root, split="train", class_names=None, verify=True):
@@ -267,6 +304,8 @@ def _files(name, split, class_names, paths, labels, skipped):
     the file list: no file is read for them."""
 
     def make(input_context, shuffle_files, seed):
+        import tensorflow as tf
+
         files = _shard(tf.data.Dataset.from_tensor_slices((paths, labels)), input_context)
         if shuffle_files:  # the whole file list: cheap, and a full shuffle of the examples
             files = files.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
@@ -280,10 +319,13 @@ def _files(name, split, class_names, paths, labels, skipped):
 
     source = Source(name, split, len(class_names), class_names, len(paths), make, skipped)
     source.make_labels, source.make_subset = labels.copy, make_subset
+    source.read = lambda position: _read_file(paths[position])
     return source
 
 
 def _decode_file(path, label):
+    import tensorflow as tf
+
     image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
     image.set_shape([None, None, 3])
     return image, label
@@ -328,6 +370,8 @@ def tfds_source(name, split="train", data_dir=None, download=False):
     read = _tfds_reader(builder, name, split, data_dir)
 
     def make(input_context, shuffle_files, seed):
+        import tensorflow as tf
+
         examples = read(input_context, shuffle_files, seed, as_supervised=True)
         return examples.map(_to_rgb, num_parallel_calls=tf.data.AUTOTUNE)
 
@@ -345,6 +389,8 @@ def _tfds_reader(builder, name, split, data_dir):
     import tensorflow_datasets as tfds
 
     def read(input_context=None, shuffle_files=False, seed=None, **kwargs):
+        import tensorflow as tf
+
         read_config = tfds.ReadConfig(input_context=input_context, shuffle_seed=seed)
         try:
             return builder.as_dataset(split=split, shuffle_files=shuffle_files, read_config=read_config, **kwargs)
@@ -389,6 +435,8 @@ def _tfds_subset(source, builder, read, positions):
 
 
 def _to_rgb(image, label):
+    import tensorflow as tf
+
     if image.shape.rank == 3 and image.shape[-1] == 1:
         image = tf.image.grayscale_to_rgb(image)
     return image, tf.cast(label, tf.int64)

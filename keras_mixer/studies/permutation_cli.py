@@ -76,6 +76,19 @@ def _widths():
     return widths
 
 
+def _check_backend():
+    """The study's cells train with the TF trainer's step on a tf.distribute strategy; on another
+    Keras backend it is refused before anything is read or written."""
+    import keras
+
+    backend = keras.backend.backend()
+    if backend != "tensorflow":
+        raise ValueError(
+            f"the permutation study trains on Keras' tensorflow backend only, and this process has "
+            f"KERAS_BACKEND={backend}: rerun it with KERAS_BACKEND=tensorflow (the trainers themselves run on jax)"
+        )
+
+
 def run():
     def main():
         import tensorflow as tf
@@ -86,6 +99,7 @@ def run():
         from keras_mixer.training.workdir import WorkdirLock, check_workdir, move_to_previous
 
         with user_errors():
+            _check_backend()
             config = load_config(FLAGS.config, workdir=FLAGS.workdir, **flag_overrides(FIELDS)).validate()
             if config.strategy == "multi_worker":
                 raise ValueError("the permutation study runs on one machine: --strategy multi_worker is not supported")

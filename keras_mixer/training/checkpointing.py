@@ -19,8 +19,6 @@ import re
 import shutil
 import time
 
-import tensorflow as tf
-
 from keras_mixer.files import atomic_write
 
 log = logging.getLogger("keras_mixer")
@@ -72,6 +70,8 @@ def verify(prefix):
     Raises on a missing, truncated or corrupt index or data file."""
     if not os.path.isfile(prefix + ".index"):
         raise FileNotFoundError(f"{os.path.basename(prefix)}.index is missing")
+    import tensorflow as tf  # here: the JAX trainer uses this module's folder rules without TensorFlow
+
     reader = tf.train.load_checkpoint(prefix)
     for name in reader.get_variable_to_shape_map():
         reader.get_tensor(name)

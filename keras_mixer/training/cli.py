@@ -28,13 +28,16 @@ FLAGS = flags.FLAGS
 
 def _error_line(error):
     """The one line for a user's or the machine's error, or None for a bug."""
-    import tensorflow as tf
-
+    from keras_mixer.data.numpy_streams import tensorflow_installed
     from keras_mixer.training.checkpointing import NoCheckpointRestores
     from keras_mixer.training.run import TrainingDiverged, TrainingStopped
 
-    # TensorFlow's file errors (a missing, unreadable or corrupt file) are the user's to fix too.
-    file_errors = (tf.errors.NotFoundError, tf.errors.DataLossError, tf.errors.PermissionDeniedError)
+    file_errors = ()
+    if tensorflow_installed():
+        import tensorflow as tf
+
+        # TensorFlow's file errors (a missing, unreadable or corrupt file) are the user's to fix too.
+        file_errors = (tf.errors.NotFoundError, tf.errors.DataLossError, tf.errors.PermissionDeniedError)
 
     text = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", " ".join(str(error).split()))
     if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in text:

@@ -25,9 +25,8 @@ shots are nested: the k-shot set is the first k of the class's shuffled examples
 
 import keras
 import numpy as np
-import tensorflow as tf
 
-from keras_mixer import data
+from keras_mixer.data.numpy_streams import eval_stream
 from keras_mixer.preprocessing import EvalPreprocessing
 from keras_mixer.training.config import parse_shots
 
@@ -60,6 +59,8 @@ def prelogit_model(model):
 def features_function(model):
     """images float32 [B, H, W, 3] in [0, 255] -> pre-logits float32 [B, C], in inference mode
     (no dropout, no stochastic depth: nothing draws random numbers)."""
+    import tensorflow as tf  # the TF backend's; the JAX trainer jits its own (`jax_loop`)
+
     features = prelogit_model(model)
     return tf.function(lambda images: features(images, training=False), reduce_retracing=True)
 
@@ -78,7 +79,7 @@ def extract_features(features_fn, source, image_size, preprocessing=None, batch_
         (features float32 [N, C], labels int64 [N]) in split order.
     """
     preprocessing = preprocessing or EvalPreprocessing()
-    batches = data.eval_pipeline(
+    batches = eval_stream(
         source,
         image_size=image_size,
         batch_size=batch_size,
@@ -90,7 +91,7 @@ def extract_features(features_fn, source, image_size, preprocessing=None, batch_
     features, labels = [], []
     for images, batch_labels in batches:
         features.append(np.asarray(features_fn(images), dtype=np.float32))
-        labels.append(batch_labels.numpy())
+        labels.append(batch_labels)
         progress.add(1)
     if not features:
         raise ValueError(f"{source.name} split {source.split!r} has no examples")

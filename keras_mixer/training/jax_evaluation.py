@@ -7,7 +7,7 @@ the same on either backend.
 
 import numpy as np
 
-from keras_mixer import data
+from keras_mixer.data.numpy_streams import eval_stream
 from keras_mixer.preprocessing import EvalPreprocessing
 from keras_mixer.training.evaluation import padded_steps
 
@@ -30,13 +30,11 @@ def make_jax_evaluator(model, source, batch_size, image_size, preprocessing=None
     """
     import jax
     import jax.numpy as jnp
-    import tensorflow as tf
 
     preprocessing = preprocessing or EvalPreprocessing()
     hosts, host = jax.process_count(), jax.process_index()
     steps = padded_steps(source, batch_size, hosts)
     k = min(5, source.num_classes)
-    context = tf.distribute.InputContext(num_input_pipelines=hosts, input_pipeline_id=host, num_replicas_in_sync=hosts)
     place = place or (lambda batch: batch)
 
     @jax.jit
@@ -47,17 +45,18 @@ def make_jax_evaluator(model, source, batch_size, image_size, preprocessing=None
         return jnp.stack([jnp.sum((above < 1) * mask), jnp.sum((above < k) * mask), jnp.sum(mask)])
 
     def evaluate(trainable, non_trainable):
-        stream = data.eval_pipeline(
+        stream = eval_stream(
             source,
+            host=host,
+            hosts=hosts,
             image_size=image_size,
             batch_size=batch_size,
-            input_context=context,
             eval_resize=preprocessing.eval_resize,
             crop_ratio=preprocessing.crop_ratio,
             pad_to_steps=steps,
         )
         totals = np.zeros(3)
-        for images, labels, mask in stream.as_numpy_iterator():
+        for images, labels, mask in stream:
             totals += np.asarray(counts(trainable, non_trainable, *place((images, labels, mask))))
         return totals[0] / totals[2], totals[1] / totals[2]
 

@@ -18,36 +18,30 @@ non-trainable ones), the step and the run's data seed.
 """
 
 import collections
-import importlib.util
-import math
 import os
-import signal
 import subprocess
 import sys
 
 import keras
 import numpy as np
 
-from keras_mixer import data
+from keras_mixer.data.numpy_streams import tensorflow_installed, train_stream
 from keras_mixer.training.checkpointing import NoCheckpointRestores
+from keras_mixer.training.optimizer import make_optimizer
 from keras_mixer.training.orbax_store import OrbaxStore
-from keras_mixer.training.reporting import Throughput
 from keras_mixer.training.run import (
     StopSignals,
-    TrainingStopped,
     already_finished,
     build_model,
-    diverged,
     epoch_seed,
     finish,
     make_report,
-    next_boundary,
     prepare,
     previous_metrics,
     recipe_pipeline_args,
+    train_steps,
     write_record,
 )
-from keras_mixer.training.step import make_optimizer
 from keras_mixer.training.workdir import WorkdirLock, check_workdir
 
 KIND = "jax data-parallel"
@@ -86,6 +80,8 @@ def initialize_hosts(config):
 def _keep_tensorflow_off_the_accelerators():
     """TensorFlow reads and augments the input on the CPU only: left alone it would take the GPUs'
     memory that JAX needs."""
+    if not tensorflow_installed():
+        return
     import tensorflow as tf
 
     try:
@@ -118,7 +114,7 @@ def train_jax(config, restart=False, accept_changes=()):
         with StopSignals(enabled=jax.process_count() == 1) as signals:
             place = data_parallel()  # before the model is built: its variables go to every device
             run = prepare(config, KIND, chief, len(devices), restart, tuple(accept_changes))
-            if config.seed is not None:
+            if config.seed is not None and tensorflow_installed():
                 import tensorflow as tf
 
                 tf.config.experimental.enable_op_determinism()  # the input pipeline's, as on TensorFlow
@@ -181,52 +177,9 @@ def _train(run, place, signals):
         model, run.eval_source, config.batch_size, config.image_size, config.eval_preprocessing, place
     )
     fewshot_features = _features_function(model) if run.fewshot else None
-    finite = jax.jit(lambda arrays: jax.numpy.all(jax.numpy.array([jax.numpy.isfinite(a).all() for a in arrays])))
-    step = resumed_from or 0
-    report = make_report(run, step, resumed_from, previous, use_xla=True)
-    speed = Throughput(config.batch_size)
-    while step < run.total_steps:
-        epoch, offset = divmod(step, run.steps_per_epoch)
-        batches = _on_devices(_host_batches(run, run_seed, epoch, offset), place)
-        epoch_end = min((epoch + 1) * run.steps_per_epoch, run.total_steps)
-        speed.restart()  # a new input stream fills its buffers first
-        while step < epoch_end:
-            count = min(config.steps_per_loop, next_boundary(step, config, epoch_end) - step)
-            speed.start()
-            sums = None
-            for _ in range(count):  # dispatched without waiting: the host reads only the sums
-                state, metrics = train_step(state, *next(batches))
-                sums = metrics if sums is None else {k: sums[k] + metrics[k] for k in sums}
-            loss, norm, top1 = (float(sums[k]) / count for k in ("loss", "gradient_norm", "top1"))
-            rate = speed.stop(count)
-            if not math.isfinite(loss):
-                diverged(f"loss is {loss} at step {step + count}", store)
-            step += count
-            log_point = step % config.log_every == 0 or step == run.total_steps
-            learning_rate = _learning_rate(optimizer, step) if log_point else None
-            report.trained(step, loss, top1, norm, learning_rate, rate, log_point)
-            if step % config.checkpoint_every == 0 or step == run.total_steps or signals.received:
-                # A finite loss can still come with an update that overflowed: never save such weights.
-                if not bool(finite(state.trainable)):
-                    diverged(f"weights became NaN or Inf at step {step}", store)
-                store.save(step, _checkpoint(state, step, run_seed))
-                report.save(images_per_second=speed.rate())  # progress: a resumed run continues it
-            if signals.received:
-                raise TrainingStopped(
-                    f"stopped by {signal.Signals(signals.received).name} at step {step} of {run.total_steps}; "
-                    f"checkpoint {store.latest()} written. Rerun the same command to resume from it.",
-                    signals.received,
-                )
-            if config.eval_every and step % config.eval_every == 0 and step < run.total_steps:
-                report.evaluated(step, *evaluate(state.trainable, state.non_trainable))
-            if config.fewshot_every and step % config.fewshot_every == 0 and step < run.total_steps:
-                train_step.write_back(state)  # the probe reads the model's variables
-                report.fewshot(step, run.fewshot(fewshot_features))
-    report.evaluated(step, *evaluate(state.trainable, state.non_trainable))
-    train_step.write_back(state)  # the final weights into the model (and optimizer), to save and probe
-    if run.fewshot:
-        report.fewshot(step, run.fewshot(fewshot_features))
-    report.metrics.update(finished=True, images_per_second=speed.rate())
+    report = make_report(run, resumed_from or 0, resumed_from, previous, use_xla=True)
+    engine = _Engine(run, place, train_step, state, run_seed, store, optimizer, evaluate, fewshot_features)
+    train_steps(run, engine, report, signals, resumed_from or 0)
     if config.write_worker_weights:
         from keras_mixer.weights import save_npz
 
@@ -239,26 +192,67 @@ def _train(run, place, signals):
     return report.metrics
 
 
+class _Engine:
+    """`run.Engine` on Keras' JAX backend: the JaxTrainStep's state in JAX arrays (donated to each
+    step), batches placed on the devices ahead of their steps, orbax checkpoints."""
+
+    def __init__(self, run, place, train_step, state, run_seed, store, optimizer, evaluate_fn, fewshot_features):
+        import jax
+
+        self.run, self.place, self.train_step, self.state = run, place, train_step, state
+        self.run_seed, self.store, self.optimizer, self.evaluate_fn = run_seed, store, optimizer, evaluate_fn
+        self.fewshot_features = fewshot_features
+        jnp = jax.numpy
+        self.finite = jax.jit(lambda arrays: jnp.all(jnp.array([jnp.isfinite(a).all() for a in arrays])))
+        self.batches = None
+
+    def open_epoch(self, epoch, skip_steps):
+        self.batches = _on_devices(_host_batches(self.run, self.run_seed, epoch, skip_steps), self.place)
+
+    def train(self, count):
+        sums = None
+        for _ in range(count):  # dispatched without waiting: the host reads only the sums
+            self.state, metrics = self.train_step(self.state, *next(self.batches))
+            sums = metrics if sums is None else {k: sums[k] + metrics[k] for k in sums}
+        return tuple(float(sums[k]) / count for k in ("loss", "gradient_norm", "top1"))
+
+    def learning_rate(self, step):
+        # The JAX step keeps the optimizer's step count in its state, not in `optimizer.iterations`.
+        self.optimizer.iterations.assign(step)
+        return float(self.optimizer.learning_rate)
+
+    def weights_finite(self):
+        return bool(self.finite(self.state.trainable))
+
+    def save(self, step):
+        self.store.save(step, _checkpoint(self.state, step, self.run_seed))
+
+    def evaluate(self):
+        return self.evaluate_fn(self.state.trainable, self.state.non_trainable)
+
+    def probe(self):
+        self.train_step.write_back(self.state)  # the probe reads the model's variables
+        return self.run.fewshot(self.fewshot_features)
+
+    def close(self):
+        self.train_step.write_back(self.state)  # the final weights into the model (and optimizer)
+
+
 def _host_batches(run, run_seed, epoch, skip_steps):
     """This host's part of epoch `epoch`'s global batches as NumPy arrays, from `skip_steps` on:
-    the TF trainer's stream (`run.epoch_seed`), read in shards of batch_size / hosts."""
+    the TF trainer's stream (`run.epoch_seed`), read in shards of batch_size / hosts (without
+    TensorFlow: the NumPy reader's stream of the same seed)."""
     import jax
-    import tensorflow as tf
 
-    hosts = jax.process_count()
-    context = tf.distribute.InputContext(
-        num_input_pipelines=hosts, input_pipeline_id=jax.process_index(), num_replicas_in_sync=hosts
-    )
-    config = run.config
-    stream = data.train_pipeline(
+    return train_stream(
         run.train_source,
-        input_context=context,
+        host=jax.process_index(),
+        hosts=jax.process_count(),
         seed=epoch_seed(run_seed, epoch),
-        cache=config.cache,
+        cache=run.config.cache,
         skip_steps=skip_steps,
-        **recipe_pipeline_args(config),
+        **recipe_pipeline_args(run.config),
     )
-    return stream.as_numpy_iterator()
 
 
 def _on_devices(batches, place):
@@ -271,13 +265,6 @@ def _on_devices(batches, place):
             yield ahead.popleft()
     while ahead:
         yield ahead.popleft()
-
-
-def _learning_rate(optimizer, step):
-    """The schedule's rate after `step` steps (the JAX step keeps the optimizer's step count in its
-    state, not in `optimizer.iterations`)."""
-    optimizer.iterations.assign(step)
-    return float(optimizer.learning_rate)
 
 
 def _features_function(model):
@@ -300,7 +287,7 @@ def export_in_tensorflow(model_path, export_base, version, trained_on, precision
     """The TF Serving export of `model_path` (a .keras file carrying `trained_on`), written by
     `trainers/export.py` on Keras' TensorFlow backend in a child process on the CPU (the SavedModel's
     graph is TensorFlow's; one process runs one Keras backend). Without TensorFlow: a note, None."""
-    if importlib.util.find_spec("tensorflow") is None:
+    if not tensorflow_installed():
         print(
             f"TensorFlow is not installed here, so no TF Serving export was written. On a machine with it: "
             f"python trainers/export.py --source {model_path} --export_base {export_base}",

@@ -17,9 +17,7 @@ pure function of (run seed, e), and the examples of the finished steps are skipp
 """
 
 import logging
-import math
 import os
-import signal
 
 import keras
 import numpy as np
@@ -30,23 +28,21 @@ from keras_mixer.training.checkpointing import CheckpointStore, NoCheckpointRest
 from keras_mixer.training.config import TrainConfig
 from keras_mixer.training.evaluation import make_evaluator
 from keras_mixer.training.fewshot import features_function
-from keras_mixer.training.reporting import Throughput
+from keras_mixer.training.optimizer import make_optimizer
 from keras_mixer.training.run import (
     StopSignals,
-    TrainingStopped,
     already_finished,
     build_model,
-    diverged,
     epoch_seed,
     finish,
     make_report,
-    next_boundary,
     prepare,
     previous_metrics,
     recipe_pipeline_args,
+    train_steps,
     write_record,
 )
-from keras_mixer.training.step import all_finite, decide_xla, make_optimizer, make_train_steps
+from keras_mixer.training.step import all_finite, decide_xla, make_train_steps
 from keras_mixer.training.strategy import choose_strategy, is_chief, make_strategy, replica_devices, task_id
 from keras_mixer.training.workdir import WorkdirLock, check_workdir
 from keras_mixer.weights import save_npz
@@ -155,7 +151,7 @@ def _train(run, strategy, signals):
     use_xla, xla_reason = decide_xla(config.xla, config.mixed_precision, run.kind)
     if run.chief:
         print(f"XLA {'on' if use_xla else 'off'} for the training step: {xla_reason}", flush=True)
-    train_steps = make_train_steps(strategy, model, optimizer, step_var, use_xla=use_xla, **config.step_args())
+    steps = make_train_steps(strategy, model, optimizer, step_var, use_xla=use_xla, **config.step_args())
     evaluate = make_evaluator(
         strategy,
         lambda images: model(images, training=False),
@@ -166,45 +162,9 @@ def _train(run, strategy, signals):
     )
     # The probe reads the model in inference mode only: no dropout or drop-path draws, no training data.
     fewshot_features = features_function(model) if run.fewshot else None
-    step = int(step_var.numpy())
-    report = make_report(run, step, resumed_from, previous, use_xla)
-    speed = Throughput(config.batch_size)
-    while step < run.total_steps:
-        epoch, offset = divmod(step, run.steps_per_epoch)
-        iterator = iter(_epoch_stream(run, strategy, int(run_seed.numpy()), epoch, offset))
-        epoch_end = min((epoch + 1) * run.steps_per_epoch, run.total_steps)
-        speed.restart()  # a new input stream fills its buffers first
-        while step < epoch_end:
-            count = min(config.steps_per_loop, next_boundary(step, config, epoch_end) - step)
-            speed.start()
-            loss, norm, top1 = (float(v) for v in train_steps(iterator, tf.constant(count)))
-            rate = speed.stop(count)
-            if not math.isfinite(loss):
-                diverged(f"loss is {loss} at step {step + count}", store)
-            step += count
-            log_point = step % config.log_every == 0 or step == run.total_steps
-            learning_rate = float(optimizer.learning_rate) if log_point else None
-            report.trained(step, loss, top1, norm, learning_rate, rate, log_point)
-            if step % config.checkpoint_every == 0 or step == run.total_steps or signals.received:
-                # A finite loss can still come with an update that overflowed: never save such weights.
-                if not bool(all_finite(model.trainable_variables)):
-                    diverged(f"weights became NaN or Inf at step {step}", store)
-                store.save(step)
-                report.save(images_per_second=speed.rate())  # progress: a resumed run continues it
-            if signals.received:
-                raise TrainingStopped(
-                    f"stopped by {signal.Signals(signals.received).name} at step {step} of {run.total_steps}; "
-                    f"checkpoint {store.latest()} written. Rerun the same command to resume from it.",
-                    signals.received,
-                )
-            if config.eval_every and step % config.eval_every == 0 and step < run.total_steps:
-                report.evaluated(step, *evaluate())
-            if config.fewshot_every and step % config.fewshot_every == 0 and step < run.total_steps:
-                report.fewshot(step, run.fewshot(fewshot_features))
-    report.evaluated(step, *evaluate())
-    if run.fewshot:
-        report.fewshot(step, run.fewshot(fewshot_features))
-    report.metrics.update(finished=True, images_per_second=speed.rate())
+    report = make_report(run, int(step_var.numpy()), resumed_from, previous, use_xla)
+    engine = _Engine(run, strategy, model, optimizer, run_seed, store, steps, evaluate, fewshot_features)
+    train_steps(run, engine, report, signals, int(step_var.numpy()))
     store.discard_worker_copies()
     if config.write_worker_weights:
         folder = run.workdir if run.chief else os.path.join(run.workdir, f"worker_{task_id(strategy)}")
@@ -213,6 +173,39 @@ def _train(run, strategy, signals):
     if run.chief:
         finish(run, model, report, _export)
     return report.metrics
+
+
+class _Engine:
+    """`run.Engine` on tf.distribute: a tf.function of `count` steps over the strategy's iterator
+    (`step.make_train_steps`), a tf.train.Checkpoint in a `CheckpointStore`."""
+
+    def __init__(self, run, strategy, model, optimizer, run_seed, store, steps, evaluate, fewshot_features):
+        self.run, self.strategy, self.model, self.optimizer = run, strategy, model, optimizer
+        self.run_seed, self.store, self.steps, self.evaluate = run_seed, store, steps, evaluate
+        self.fewshot_features = fewshot_features
+        self.iterator = None
+
+    def open_epoch(self, epoch, skip_steps):
+        stream = _epoch_stream(self.run, self.strategy, int(self.run_seed.numpy()), epoch, skip_steps)
+        self.iterator = iter(stream)
+
+    def train(self, count):
+        return tuple(float(v) for v in self.steps(self.iterator, tf.constant(count)))
+
+    def learning_rate(self, step):
+        return float(self.optimizer.learning_rate)  # the optimizer's own step count is `step`
+
+    def weights_finite(self):
+        return bool(all_finite(self.model.trainable_variables))
+
+    def save(self, step):
+        self.store.save(step)
+
+    def probe(self):
+        return self.run.fewshot(self.fewshot_features)
+
+    def close(self):
+        pass  # the state is the Keras model's own variables
 
 
 def _export(model, export_base, version, trained_on, precision):

@@ -6,7 +6,6 @@ import os
 import time
 
 import keras
-import tensorflow as tf
 
 from keras_mixer.files import write_json
 
@@ -50,7 +49,7 @@ class Report:
         self.path = os.path.join(workdir, "metrics.json")
         self.chief = chief
         self.metrics = metrics
-        self.writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard")) if chief else None
+        self.writer = _summary_writer(os.path.join(workdir, "tensorboard")) if chief else None
         self.progress = keras.utils.Progbar(total_steps, stateful_metrics=["loss", "img/s"], verbose=1 if chief else 0)
         self.progress.update(metrics["step"])
 
@@ -94,7 +93,18 @@ class Report:
     def _scalars(self, step, values):
         if self.writer is None:
             return
-        with self.writer.as_default(step=step):
-            for name, value in values.items():
-                if value is not None:
-                    tf.summary.scalar(name, value)
+        for name, value in values.items():
+            if value is not None:
+                self.writer.add_scalar(name, float(value), step=step)
+        self.writer.flush()  # a point is on disk as soon as it is reported: TensorBoard shows it live
+
+
+def _summary_writer(folder):
+    """TensorBoard's own event writer (no TensorFlow needed, so the same on either backend), or
+    None with a note where TensorBoard is not installed."""
+    try:
+        from tensorboard.summary import Writer
+    except ImportError:
+        log.warning("TensorBoard is not installed: no tensorboard/ curves (pip install tensorboard)")
+        return None
+    return Writer(folder)

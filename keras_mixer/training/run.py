@@ -5,18 +5,21 @@ Both loops (`loop`: TensorFlow's tf.distribute; `jax_loop`: Keras' JAX backend) 
     lock the workdir (one owner), catch SIGTERM/SIGINT (`StopSignals`)
     -> prepare: leftovers out, recipe checked against run.json, data sources, run length (`Run`)
     -> build the model (`build_model`), restore the newest intact checkpoint, write run.json
-    -> host calls of steps up to the next boundary (`next_boundary`), reported (`make_report`)
+    -> host calls of steps up to the next boundary, each followed by the report, a checkpoint, an
+       evaluation and a few-shot probe when due (`train_steps`, `make_report`)
     -> finish: model.keras, the TF Serving export, metrics.json (`finish`)
 
-and differ only in how a step runs and how its state is saved.
+and differ only in how a step runs and how its state is saved: the `Engine` each loop gives
+`train_steps`.
 """
 
 import dataclasses
 import logging
+import math
 import os
 import signal
 import threading
-from typing import Optional
+from typing import Optional, Protocol
 
 import keras
 
@@ -27,8 +30,8 @@ from keras_mixer.trained_on import TrainedOn
 from keras_mixer.training.checkpointing import checkpoint_backend
 from keras_mixer.training.config import TrainConfig, check_resumed_recipe, run_length
 from keras_mixer.training.fewshot import TRAINING_DRAWS, FewshotProbe
-from keras_mixer.training.reporting import Report
-from keras_mixer.training.step import set_mixed_precision
+from keras_mixer.training.optimizer import set_mixed_precision
+from keras_mixer.training.reporting import Report, Throughput
 from keras_mixer.training.workdir import move_to_previous, remove_leftovers
 from keras_mixer.weights import save_keras
 
@@ -316,6 +319,84 @@ def next_boundary(step, config, epoch_end):
         if every:
             candidates.append((step // every + 1) * every)
     return min(candidates)
+
+
+class Engine(Protocol):
+    """How one backend's loop runs steps and keeps its state, for `train_steps`."""
+
+    store: object  # the checkpoint store: save(step, ...) through `save`, latest() for messages
+
+    def open_epoch(self, epoch, skip_steps):
+        """Starts epoch `epoch`'s input stream (`epoch_seed`), its first `skip_steps` steps skipped."""
+
+    def train(self, count):
+        """Runs `count` steps on the open stream; (mean loss, mean gradient norm, train top-1) as floats."""
+
+    def learning_rate(self, step):
+        """The schedule's rate after `step` steps."""
+
+    def weights_finite(self):
+        """False when a trainable weight is NaN or Inf."""
+
+    def save(self, step):
+        """Checkpoints the state after `step` steps."""
+
+    def evaluate(self):
+        """(top-1, top-5) of the current weights on the evaluation split."""
+
+    def probe(self):
+        """The few-shot probe's results for the current weights (`FewshotProbe`)."""
+
+    def close(self):
+        """After the last step: the final state into the Keras model (and optimizer), to save it."""
+
+
+def train_steps(run, engine, report, signals, step):
+    """The host calls from `step` to the run's end, then the final evaluation (and probe); returns
+    the step reached. A call runs up to the next boundary (`next_boundary`, at most
+    `steps_per_loop` steps); after it: the report, a checkpoint when due or signalled (then
+    TrainingStopped), an evaluation and a probe when due. A NaN or Inf loss, or weights that are
+    not finite when a checkpoint is due, stop the run with the last good checkpoint kept."""
+    config = run.config
+    speed = Throughput(config.batch_size)
+    while step < run.total_steps:
+        epoch, offset = divmod(step, run.steps_per_epoch)
+        engine.open_epoch(epoch, offset)
+        epoch_end = min((epoch + 1) * run.steps_per_epoch, run.total_steps)
+        speed.restart()  # a new input stream fills its buffers first
+        while step < epoch_end:
+            count = min(config.steps_per_loop, next_boundary(step, config, epoch_end) - step)
+            speed.start()
+            loss, norm, top1 = engine.train(count)
+            rate = speed.stop(count)
+            if not math.isfinite(loss):
+                diverged(f"loss is {loss} at step {step + count}", engine.store)
+            step += count
+            log_point = step % config.log_every == 0 or step == run.total_steps
+            learning_rate = engine.learning_rate(step) if log_point else None
+            report.trained(step, loss, top1, norm, learning_rate, rate, log_point)
+            if step % config.checkpoint_every == 0 or step == run.total_steps or signals.received:
+                # A finite loss can still come with an update that overflowed: never save such weights.
+                if not engine.weights_finite():
+                    diverged(f"weights became NaN or Inf at step {step}", engine.store)
+                engine.save(step)
+                report.save(images_per_second=speed.rate())  # progress: a resumed run continues it
+            if signals.received:
+                raise TrainingStopped(
+                    f"stopped by {signal.Signals(signals.received).name} at step {step} of {run.total_steps}; "
+                    f"checkpoint {engine.store.latest()} written. Rerun the same command to resume from it.",
+                    signals.received,
+                )
+            if config.eval_every and step % config.eval_every == 0 and step < run.total_steps:
+                report.evaluated(step, *engine.evaluate())
+            if config.fewshot_every and step % config.fewshot_every == 0 and step < run.total_steps:
+                report.fewshot(step, engine.probe())
+    report.evaluated(step, *engine.evaluate())
+    engine.close()
+    if run.fewshot:
+        report.fewshot(step, engine.probe())
+    report.metrics.update(finished=True, images_per_second=speed.rate())
+    return step
 
 
 def finish(run, model, report, export):

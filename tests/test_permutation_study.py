@@ -98,12 +98,13 @@ def ranked_textures(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", [0, 1])
-def test_the_cnn_loses_more_than_the_mixer_when_the_pixels_are_shuffled(ranked_textures, seed):
+def test_the_cnn_loses_more_than_the_mixer_when_the_pixels_are_shuffled(ranked_textures):
     # One fixed permutation of all pixels takes away the locality a CNN is built on; the Mixer's
     # token mixing is global and leans on it less (paper, section 3.4). Measured with 200 steps,
     # seeds 0-2 (615 test images, one is 0.16 points): the ResNet fell 22.8-24.2 points, the Mixer
-    # 11.7-16.4, so the ResNet lost 7.8-11.1 points more; the margin asserted is 5.
+    # 11.7-16.4, so the ResNet lost 7.8-11.1 points more; the margin asserted is 5. The suite runs
+    # seed 0 (about 3 minutes on 2 cores); every seed held the margin.
+    seed = 0
     import tensorflow as tf
 
     tf.config.experimental.enable_op_determinism()

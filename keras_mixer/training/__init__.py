@@ -1,7 +1,8 @@
 """Training: recipes (`TrainConfig`), schedules, strategy resolution and the loops.
 
 Names are imported on first use, so `import keras_mixer.training` (or `training.config`) loads
-neither TensorFlow nor JAX; `train` hands a process on Keras' JAX backend to `jax_loop`.
+neither TensorFlow nor JAX; `train` runs `loop` (TensorFlow) or `jax_loop` (JAX), as the process's
+Keras backend is.
 """
 
 import importlib
@@ -9,11 +10,11 @@ import importlib
 _WHERE = {
     "TrainConfig": "config",
     "load_config": "config",
-    "train": "loop",
+    "train": "run",
     "TrainingDiverged": "run",
     "WarmupDecay": "schedules",
     "clip_by_global_norm": "step",
-    "make_optimizer": "step",
+    "make_optimizer": "optimizer",
     "choose_strategy": "strategy",
     "make_strategy": "strategy",
 }

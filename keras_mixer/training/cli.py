@@ -203,7 +203,7 @@ def flag_overrides(names, flag_values=FLAGS):
 
 def _train(extra=(), mode="pretrain"):
     from keras_mixer.training.config import load_config
-    from keras_mixer.training.loop import train
+    from keras_mixer.training.run import train
 
     with user_errors():
         config = load_config(FLAGS.config, mode=mode, **flag_overrides((*FLAG_FIELDS, *extra))).validate()

@@ -3,8 +3,6 @@ by `evaluate.py` for SavedModels and `.keras` files."""
 
 import math
 
-import tensorflow as tf
-
 from keras_mixer import data
 from keras_mixer.preprocessing import EvalPreprocessing
 
@@ -29,6 +27,8 @@ def make_evaluator(strategy, predict, source, batch_size, image_size, preprocess
 
     Every worker runs the same number of full, padded batches; padding is masked out.
     """
+    import tensorflow as tf  # here: `padded_steps` serves the JAX evaluator, without TensorFlow
+
     preprocessing = preprocessing or EvalPreprocessing()
     workers = strategy.extended._num_workers if hasattr(strategy.extended, "_num_workers") else 1
     steps = padded_steps(source, batch_size, workers)

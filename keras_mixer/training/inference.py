@@ -12,10 +12,7 @@ import dataclasses
 import os
 from typing import Callable
 
-import tensorflow as tf
-
 from keras_mixer import loader, source_kinds
-from keras_mixer.export import export_metadata
 from keras_mixer.files import read_json
 from keras_mixer.models import MlpMixer
 from keras_mixer.trained_on import TrainedOn
@@ -52,6 +49,8 @@ def _restore_newest(model, prefixes):
     intact, failures = newest_intact(prefixes)
     if intact is None:
         raise ValueError("no checkpoint restores: " + "; ".join(f"{os.path.basename(p)}: {r}" for p, r in failures))
+    import tensorflow as tf  # a TF trainer's checkpoint; the other sources load without TensorFlow
+
     tf.train.Checkpoint(model=model).restore(intact).expect_partial().assert_existing_objects_matched()
     return intact
 
@@ -96,6 +95,10 @@ def load_predictor(source):
     with what the source records of its data set and evaluation preprocessing."""
     found = source_kinds.resolve(source)
     if found.kind == "export":
+        import tensorflow as tf
+
+        from keras_mixer.export import export_metadata
+
         loaded = tf.saved_model.load(found.path)
         if "serving_images" not in loaded.signatures:
             raise ValueError(

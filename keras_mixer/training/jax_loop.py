@@ -1,7 +1,7 @@
 """The training loop on Keras' JAX backend: the same recipes, workdir and guarantees as `loop`
 (TensorFlow), data-parallel over every device of every host.
 
-    train_jax(config)                    (`loop.train` hands a JAX-backend process here)
+    train_jax(config)                    (`run.train` hands a JAX-backend process here)
       -> several hosts: keras.distribution.initialize (jax.distributed)
       -> lock the workdir, catch SIGTERM/SIGINT, run.prepare (as on TensorFlow)
       -> DataParallel over every device (`jax_step.data_parallel`); model, optimizer, JaxTrainStep
@@ -91,7 +91,7 @@ def _keep_tensorflow_off_the_accelerators():
 
 
 def train_jax(config, restart=False, accept_changes=()):
-    """`loop.train` on Keras' JAX backend: trains as `config` says and returns the final metrics."""
+    """`run.train` on Keras' JAX backend: trains as `config` says and returns the final metrics."""
     import jax
 
     from keras_mixer.jax_step import data_parallel

@@ -1,7 +1,6 @@
-"""The training loop on every tf.distribute engine (Keras' TensorFlow backend); `train` hands a
-process on Keras' JAX backend to `jax_loop`.
+"""The training loop on every tf.distribute engine (Keras' TensorFlow backend).
 
-    train(config)
+    train_tf(config)                     (`run.train` hands a TensorFlow-backend process here)
       -> lock the workdir (one owner), catch SIGTERM/SIGINT
       -> run.prepare: leftovers out, recipe checked against run.json, data sources, run length
       -> _build: model (fresh or from weights), optimizer, training state, CheckpointStore;
@@ -19,13 +18,11 @@ pure function of (run seed, e), and the examples of the finished steps are skipp
 import logging
 import os
 
-import keras
 import numpy as np
 import tensorflow as tf
 
 from keras_mixer import data
 from keras_mixer.training.checkpointing import CheckpointStore, NoCheckpointRestores, has_checkpoint_files
-from keras_mixer.training.config import TrainConfig
 from keras_mixer.training.evaluation import make_evaluator
 from keras_mixer.training.fewshot import features_function
 from keras_mixer.training.optimizer import make_optimizer
@@ -50,31 +47,9 @@ from keras_mixer.weights import save_npz
 log = logging.getLogger("keras_mixer")
 
 
-def train(config: TrainConfig, strategy=None, restart=False, accept_changes=()):
-    """Trains as `config` says and returns the final metrics (also in WORKDIR/metrics.json).
-
-    Args:
-        strategy: an existing tf.distribute strategy, else one is made from `config.strategy`.
-        restart: start again from step 0 even though the workdir holds a run; its files are moved
-            to WORKDIR/previous/<time>/ first (nothing is deleted).
-        accept_changes: recipe fields allowed to differ from the run's recorded recipe on resume
-            (or "all"); the changes are recorded in run.json.
-
-    A workdir has one owner (WORKDIR/lock). A workdir with checkpoints resumes from the newest one
-    that restores, after checking the recipe; one whose run already finished is left as it is.
-    """
-    config.validate()
-    backend = keras.backend.backend()
-    if backend == "jax":
-        if strategy is not None:
-            raise ValueError("a tf.distribute strategy was passed to train() on Keras' JAX backend, which has none")
-        from keras_mixer.training.jax_loop import train_jax
-
-        return train_jax(config, restart, accept_changes)
-    if backend != "tensorflow":  # checked before anything is written
-        raise ValueError(
-            f"the trainers run on Keras' tensorflow and jax backends, and this process has KERAS_BACKEND={backend}"
-        )
+def train_tf(config, strategy=None, restart=False, accept_changes=()):
+    """`run.train` on Keras' TensorFlow backend, under `strategy` (else one made from
+    `config.strategy`): trains as `config` says and returns the final metrics."""
     if strategy is None:
         kind = choose_strategy(
             config.strategy, config.tpu, os.environ.get("TF_CONFIG"), len(tf.config.list_physical_devices("GPU"))
@@ -85,7 +60,8 @@ def train(config: TrainConfig, strategy=None, restart=False, accept_changes=()):
     check_workdir(config.workdir)
     if is_chief(strategy):
         devices = ", ".join(replica_devices(strategy))
-        print(f"Keras on {backend}, {kind} strategy, {strategy.num_replicas_in_sync} replica(s): {devices}", flush=True)
+        replicas = strategy.num_replicas_in_sync
+        print(f"Keras on tensorflow, {kind} strategy, {replicas} replica(s): {devices}", flush=True)
     lock = WorkdirLock(config.workdir).acquire() if is_chief(strategy) else None
     multi_worker = getattr(strategy.extended, "_in_multi_worker_mode", lambda: False)()
     try:

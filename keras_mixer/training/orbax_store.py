@@ -19,10 +19,12 @@ A state is any pytree of arrays (NumPy or JAX), such as {"trainable": [...], "st
 Rotation keeps the `keep` newest complete checkpoints and never deletes the newest one.
 """
 
+import contextlib
 import hashlib
 import logging
 import os
 import shutil
+import sys
 import time
 
 import numpy as np
@@ -102,6 +104,37 @@ def check_fits(restored, target):
             )
 
 
+class _OrbaxErrors(logging.Filter):
+    """Holds back the ERROR records orbax's own modules log while a save runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.records = []
+
+    def filter(self, record):
+        if record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname:
+            self.records.append(record)
+            return False
+        return True
+
+
+@contextlib.contextmanager
+def _stderr_muted():
+    """Standard error (the file descriptor, which C++ threads write to) to /dev/null for a while.
+    While a failed save closes orbax's event loop, the writes still pending in tensorstore each
+    report "Event loop is closed" with a traceback straight to it, bypassing Python's hooks."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 2)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 class OrbaxStore:
     """Saves, rotates and restores a training state (a pytree of arrays) in one folder.
 
@@ -175,15 +208,25 @@ class OrbaxStore:
         folder = self.folder(step)
         if os.path.exists(folder):  # an unfinished save of this step (no digests): orbax will not overwrite
             shutil.rmtree(folder)
+        held = _OrbaxErrors()
+        absl_logger = logging.getLogger("absl")  # orbax logs through absl
+        absl_logger.addFilter(held)
         try:
             self._checkpointer.save(folder, state)
             self._checkpointer.wait_until_finished()
         except BaseException:
-            # Stop orbax's background threads now, and mute asyncio's reports of the same error
-            # from orbax's other write tasks: both would print tracebacks after the one error line.
+            # The error reaches the user as one line (the raised exception says what failed):
+            # stop orbax's background threads before it is printed, and drop their reports of the
+            # same failure (a traceback from each write thread) and asyncio's after them.
             logging.getLogger("asyncio").setLevel(logging.CRITICAL)
-            self._checkpointer.close()
+            with _stderr_muted():
+                self._checkpointer.close()
             raise
+        else:
+            for record in held.records:  # logged by a save that still succeeded: shown after all
+                absl_logger.handle(record)
+        finally:
+            absl_logger.removeFilter(held)
         if not self.chief:
             return folder
         write_digests(folder)

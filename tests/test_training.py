@@ -209,7 +209,8 @@ def test_evaluate_agrees_on_every_kind_of_source(demo):
 @pytest.mark.slow
 def test_finetune_at_twice_the_resolution_beats_chance(demo, tmp_path):
     workdir, _, _ = demo
-    out = trainer("finetune", "--init", os.path.join(workdir, "model.keras"), "--workdir", tmp_path, "--steps", 150)
+    init = os.path.join(workdir, "model.keras")
+    out = trainer("finetune", "--init", init, "--workdir", tmp_path, "--steps", 150, "--noexport")
     with open(os.path.join(tmp_path, "run.json")) as f:
         run = json.load(f)
     assert run["architecture"]["input_shape"] == [16, 16, 3]
@@ -229,7 +230,7 @@ def _weights(workdir):
 
 @pytest.mark.slow
 def test_kill_9_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path):
-    args = ["--steps", 240, "--checkpoint_every", 20, "--log_every", 20, "--seed", 3]
+    args = ["--steps", 240, "--checkpoint_every", 20, "--log_every", 20, "--seed", 3, "--noexport"]
     killed = tmp_path / "killed"
     command = [sys.executable, os.path.join(ROOT, "trainers", "pretrain.py"), *map(str, args), "--workdir", str(killed)]
     process = subprocess.Popen(command, env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -355,7 +356,7 @@ def test_two_worker_multi_worker_mirrored_trains_with_identical_weights(tmp_path
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", ["bfloat16", "float16"])
 def test_mixed_precision_training_runs(tmp_path, precision):
-    trainer("pretrain", "--steps", 30, "--log_every", 10, "--mixed_precision", precision, "--workdir", tmp_path)
+    trainer("pretrain", "--steps", 30, "--log_every", 10, "--mixed_precision", precision, "--noexport", "--workdir", tmp_path)
     m = metrics(tmp_path)
     assert np.isfinite(m["train_loss"]) and m["loss_history"][-1][1] < m["loss_history"][0][1]
 

@@ -100,7 +100,9 @@ class TrainConfig:
     fewshot_shots: tuple = _field(
         (1, 5, 10, 25), "Shots per class of the few-shot probes, a comma list.", operational=True
     )
-    steps_per_loop: int = _field(1, "Steps per host call (raise on TPUs).", operational=True)
+    steps_per_loop: int = _field(
+        1, "Steps per host call on TensorFlow (raise on TPUs); JAX queues them to the next log point.", operational=True
+    )
     export: bool = _field(True, "Write the TF Serving export at the end.", operational=True)
     export_precision: str = _field(
         "float32",

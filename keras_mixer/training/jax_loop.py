@@ -196,6 +196,8 @@ class _Engine:
     """`run.Engine` on Keras' JAX backend: the JaxTrainStep's state in JAX arrays (donated to each
     step), batches placed on the devices ahead of their steps, orbax checkpoints."""
 
+    queues_steps = True  # each step is dispatched without waiting; the host reads only the sums
+
     def __init__(self, run, place, train_step, state, run_seed, store, optimizer, evaluate_fn, fewshot_features):
         import jax
 
@@ -209,12 +211,14 @@ class _Engine:
     def open_epoch(self, epoch, skip_steps):
         self.batches = _on_devices(_host_batches(self.run, self.run_seed, epoch, skip_steps), self.place)
 
-    def train(self, count):
-        sums = None
-        for _ in range(count):  # dispatched without waiting: the host reads only the sums
+    def train(self, count, stopped):
+        sums, done = None, 0
+        while done < count and not (done and stopped()):  # a signal ends the call at the step in flight
+            # Dispatched without waiting: the host reads only the sums, at the end.
             self.state, metrics = self.train_step(self.state, *next(self.batches))
             sums = metrics if sums is None else {k: sums[k] + metrics[k] for k in sums}
-        return tuple(float(sums[k]) / count for k in ("loss", "gradient_norm", "top1"))
+            done += 1
+        return done, *(float(sums[k]) / done for k in ("loss", "gradient_norm", "top1"))
 
     def learning_rate(self, step):
         # The JAX step keeps the optimizer's step count in its state, not in `optimizer.iterations`.

@@ -155,6 +155,8 @@ class _Engine:
     """`run.Engine` on tf.distribute: a tf.function of `count` steps over the strategy's iterator
     (`step.make_train_steps`), a tf.train.Checkpoint in a `CheckpointStore`."""
 
+    queues_steps = False  # a call of `count` steps is one tf.function run: steps_per_loop sizes it
+
     def __init__(self, run, strategy, model, optimizer, run_seed, store, steps, evaluate, fewshot_features):
         self.run, self.strategy, self.model, self.optimizer = run, strategy, model, optimizer
         self.run_seed, self.store, self.steps, self.evaluate = run_seed, store, steps, evaluate
@@ -165,8 +167,8 @@ class _Engine:
         stream = _epoch_stream(self.run, self.strategy, int(self.run_seed.numpy()), epoch, skip_steps)
         self.iterator = iter(stream)
 
-    def train(self, count):
-        return tuple(float(v) for v in self.steps(self.iterator, tf.constant(count)))
+    def train(self, count, stopped):
+        return count, *(float(v) for v in self.steps(self.iterator, tf.constant(count)))
 
     def learning_rate(self, step):
         return float(self.optimizer.learning_rate)  # the optimizer's own step count is `step`

@@ -357,12 +357,17 @@ class Engine(Protocol):
     """How one backend's loop runs steps and keeps its state, for `train_steps`."""
 
     store: object  # the checkpoint store: save(step, ...) through `save`, latest() for messages
+    # True where steps queue on the devices without the host waiting (JAX's asynchronous dispatch):
+    # a host call then runs to the next boundary whatever steps_per_loop says, as reading the loss
+    # is the only wait, and the devices never idle while the host does its bookkeeping.
+    queues_steps: bool
 
     def open_epoch(self, epoch, skip_steps):
         """Starts epoch `epoch`'s input stream (`epoch_seed`), its first `skip_steps` steps skipped."""
 
-    def train(self, count):
-        """Runs `count` steps on the open stream; (mean loss, mean gradient norm, train top-1) as floats."""
+    def train(self, count, stopped):
+        """Runs `count` steps on the open stream, fewer where it can stop early once `stopped()` is
+        true (a signal arrived); (steps run, then their mean loss, gradient norm and top-1 as floats)."""
 
     def learning_rate(self, step):
         """The schedule's rate after `step` steps."""
@@ -386,9 +391,10 @@ class Engine(Protocol):
 def train_steps(run, engine, report, signals, step):
     """The host calls from `step` to the run's end, then the final evaluation (and probe); returns
     the step reached. A call runs up to the next boundary (`next_boundary`, at most
-    `steps_per_loop` steps); after it: the report, a checkpoint when due or signalled (then
-    TrainingStopped), an evaluation and a probe when due. A NaN or Inf loss, or weights that are
-    not finite when a checkpoint is due, stop the run with the last good checkpoint kept."""
+    `steps_per_loop` steps unless the engine queues steps); after it: the report, a checkpoint
+    when due or signalled (then TrainingStopped), an evaluation and a probe when due. A NaN or
+    Inf loss, or weights that are not finite when a checkpoint is due, stop the run with the last
+    good checkpoint kept."""
     config = run.config
     speed = Throughput(config.batch_size)
     while step < run.total_steps:
@@ -396,10 +402,15 @@ def train_steps(run, engine, report, signals, step):
         engine.open_epoch(epoch, offset)
         epoch_end = min((epoch + 1) * run.steps_per_epoch, run.total_steps)
         speed.restart()  # a new input stream fills its buffers first
+        warm = False
         while step < epoch_end:
-            count = min(config.steps_per_loop, next_boundary(step, config, epoch_end) - step)
+            # Where steps queue, the stream's first call is one step (compilation, the input's
+            # buffers: `Throughput` leaves it out), the others run to the next boundary.
+            limit = (run.total_steps if warm else 1) if engine.queues_steps else config.steps_per_loop
+            count = min(limit, next_boundary(step, config, epoch_end) - step)
+            warm = True
             speed.start()
-            loss, norm, top1 = engine.train(count)
+            count, loss, norm, top1 = engine.train(count, lambda: signals.received)
             rate = speed.stop(count)
             if not math.isfinite(loss):
                 diverged(f"loss is {loss} at step {step + count}", engine.store)

@@ -356,7 +356,18 @@ def test_two_worker_multi_worker_mirrored_trains_with_identical_weights(tmp_path
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", ["bfloat16", "float16"])
 def test_mixed_precision_training_runs(tmp_path, precision):
-    trainer("pretrain", "--steps", 30, "--log_every", 10, "--mixed_precision", precision, "--noexport", "--workdir", tmp_path)
+    trainer(
+        "pretrain",
+        "--steps",
+        30,
+        "--log_every",
+        10,
+        "--mixed_precision",
+        precision,
+        "--noexport",
+        "--workdir",
+        tmp_path,
+    )
     m = metrics(tmp_path)
     assert np.isfinite(m["train_loss"]) and m["loss_history"][-1][1] < m["loss_history"][0][1]
 

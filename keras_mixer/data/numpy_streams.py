@@ -6,11 +6,7 @@ Either way host h of H reads its shard of every global batch, batch_size / H exa
 `tf.distribute.InputContext(H, h, H)` shards on TensorFlow.
 """
 
-import importlib.util
-
-
-def tensorflow_installed():
-    return importlib.util.find_spec("tensorflow") is not None
+from keras_mixer.data.sources import tensorflow_installed
 
 
 def _context(host, hosts):

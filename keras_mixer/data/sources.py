@@ -24,6 +24,12 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 _MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")  # JPEG, PNG
 
 
+def tensorflow_installed():
+    """Whether TensorFlow can be imported here (without importing it): the one test of the package's
+    TensorFlow-free paths."""
+    return importlib.util.find_spec("tensorflow") is not None
+
+
 @dataclasses.dataclass
 class Source:
     """One split of a data set.
@@ -211,7 +217,7 @@ def undecodable(paths):
     so a broken file is known, named and counted before training starts."""
     if not len(paths):
         return []
-    if importlib.util.find_spec("tensorflow") is None:
+    if not tensorflow_installed():
         return [p for p in paths if _pillow_decode(p) is None]
     import tensorflow as tf
 

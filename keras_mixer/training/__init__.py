@@ -10,7 +10,7 @@ import importlib
 _WHERE = {
     "TrainConfig": "config",
     "load_config": "config",
-    "train": "run",
+    "train": "trainer",
     "TrainingDiverged": "run",
     "WarmupDecay": "schedules",
     "clip_by_global_norm": "step",

@@ -28,7 +28,7 @@ FLAGS = flags.FLAGS
 
 def _error_line(error):
     """The one line for a user's or the machine's error, or None for a bug."""
-    from keras_mixer.data.numpy_streams import tensorflow_installed
+    from keras_mixer.data.sources import tensorflow_installed
     from keras_mixer.training.checkpointing import NoCheckpointRestores
     from keras_mixer.training.run import TrainingDiverged, TrainingStopped
 
@@ -203,7 +203,7 @@ def flag_overrides(names, flag_values=FLAGS):
 
 def _train(extra=(), mode="pretrain"):
     from keras_mixer.training.config import load_config
-    from keras_mixer.training.run import train
+    from keras_mixer.training.trainer import train
 
     with user_errors():
         config = load_config(FLAGS.config, mode=mode, **flag_overrides((*FLAG_FIELDS, *extra))).validate()

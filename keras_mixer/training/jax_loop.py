@@ -1,7 +1,7 @@
 """The training loop on Keras' JAX backend: the same recipes, workdir and guarantees as `loop`
 (TensorFlow), data-parallel over every device of every host.
 
-    train_jax(config)                    (`run.train` hands a JAX-backend process here)
+    train_jax(config)                    (`trainer.train` hands a JAX-backend process here)
       -> several hosts: keras.distribution.initialize (jax.distributed)
       -> lock the workdir, catch SIGTERM/SIGINT, run.prepare (as on TensorFlow)
       -> DataParallel over every device (`jax_step.data_parallel`); model, optimizer, JaxTrainStep
@@ -25,7 +25,8 @@ import sys
 import keras
 import numpy as np
 
-from keras_mixer.data.numpy_streams import tensorflow_installed, train_stream
+from keras_mixer.data.numpy_streams import train_stream
+from keras_mixer.data.sources import tensorflow_installed
 from keras_mixer.training.checkpointing import NoCheckpointRestores
 from keras_mixer.training.optimizer import make_optimizer
 from keras_mixer.training.orbax_store import OrbaxStore
@@ -91,7 +92,7 @@ def _keep_tensorflow_off_the_accelerators():
 
 
 def train_jax(config, restart=False, accept_changes=()):
-    """`run.train` on Keras' JAX backend: trains as `config` says and returns the final metrics."""
+    """`trainer.train` on Keras' JAX backend: trains as `config` says and returns the final metrics."""
     import jax
 
     from keras_mixer.jax_step import data_parallel
@@ -177,9 +178,10 @@ def _train(run, place, signals):
         model, run.eval_source, config.batch_size, config.image_size, config.eval_preprocessing, place
     )
     fewshot_features = _features_function(model) if run.fewshot else None
-    report = make_report(run, resumed_from or 0, resumed_from, previous, use_xla=True)
+    step = resumed_from or 0
+    report = make_report(run, step, resumed_from, previous, use_xla=True)
     engine = _Engine(run, place, train_step, state, run_seed, store, optimizer, evaluate, fewshot_features)
-    train_steps(run, engine, report, signals, resumed_from or 0)
+    train_steps(run, engine, report, signals, step)
     if config.write_worker_weights:
         from keras_mixer.weights import save_npz
 

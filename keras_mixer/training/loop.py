@@ -1,6 +1,6 @@
 """The training loop on every tf.distribute engine (Keras' TensorFlow backend).
 
-    train_tf(config)                     (`run.train` hands a TensorFlow-backend process here)
+    train_tf(config)                     (`trainer.train` hands a TensorFlow-backend process here)
       -> lock the workdir (one owner), catch SIGTERM/SIGINT
       -> run.prepare: leftovers out, recipe checked against run.json, data sources, run length
       -> _build: model (fresh or from weights), optimizer, training state, CheckpointStore;
@@ -48,7 +48,7 @@ log = logging.getLogger("keras_mixer")
 
 
 def train_tf(config, strategy=None, restart=False, accept_changes=()):
-    """`run.train` on Keras' TensorFlow backend, under `strategy` (else one made from
+    """`trainer.train` on Keras' TensorFlow backend, under `strategy` (else one made from
     `config.strategy`): trains as `config` says and returns the final metrics."""
     if strategy is None:
         kind = choose_strategy(
@@ -138,9 +138,10 @@ def _train(run, strategy, signals):
     )
     # The probe reads the model in inference mode only: no dropout or drop-path draws, no training data.
     fewshot_features = features_function(model) if run.fewshot else None
-    report = make_report(run, int(step_var.numpy()), resumed_from, previous, use_xla)
+    step = int(step_var.numpy())
+    report = make_report(run, step, resumed_from, previous, use_xla)
     engine = _Engine(run, strategy, model, optimizer, run_seed, store, steps, evaluate, fewshot_features)
-    train_steps(run, engine, report, signals, int(step_var.numpy()))
+    train_steps(run, engine, report, signals, step)
     store.discard_worker_copies()
     if config.write_worker_weights:
         folder = run.workdir if run.chief else os.path.join(run.workdir, f"worker_{task_id(strategy)}")

@@ -22,6 +22,7 @@ setup(
             "keras-mixer-finetune=keras_mixer.training.cli:run_finetune",
             "keras-mixer-evaluate=keras_mixer.training.cli:run_evaluate",
             "keras-mixer-export=keras_mixer.training.cli:run_export",
+            "keras-mixer-predict=keras_mixer.training.cli:run_predict",
             "keras-mixer-study-permutation=keras_mixer.studies.permutation_cli:run",
             "keras-mixer-visualize=keras_mixer.studies.token_pictures_cli:run",
             "keras-mixer-fewshot=keras_mixer.studies.fewshot_cli:run",

@@ -20,16 +20,19 @@ Data sets (all offline, from pip packages: `pip install -e ".[bench]"`):
 
 `--write_only` writes the data sets' folders and trains nothing.
 
-Per data set the command line sets the model and image size by one rule (`size_rule`): a side of 16
-or more gets T/4 (4x4 patches), a smaller one T/2; the image size is the images' own side rounded
-to the nearest multiple of the patch (8 -> 8, 16 -> 16, 25 -> 24, 28 -> 28).
+The trainer sizes each run to its data set (the model, the image size and, without `--epochs`, the
+length: `keras_mixer/training/sizing.py`); the results record what it picked. `--epochs 3,default`
+runs each recipe at 3 epochs and at its own length ("default").
 
 `--recipes` is a semicolon-separated list. A recipe is a shipped recipe name or a .py path,
 optionally with field overrides (Python literals) after a colon, e.g. `small_images:flip=True` or
 `demo:eval_resize='resize'`; a label can be given as `label=SPEC` (`flip=small_images:flip=True`).
-`plain` is predefined: the small_images recipe with crop_area_min=1.0, flip=False, drop_path=0 and
-eval_resize='resize' (no augmentation, whole images at evaluation). Every run sets export=False and
-checkpoint_every=10**6 (bookkeeping only). Runs whose workdir already holds a finished metrics.json are not rerun.
+Predefined: `plain`, the small_images recipe with crop_area_min=1.0, flip=False, drop_path=0,
+eval_resize='resize' and full_strength_epochs=None (no augmentation, whole images at evaluation,
+the recipe's 100 warmup steps: version 0.2's baseline), and `unscaled`, the small_images recipe as
+version 0.2 ran it (full_strength_epochs=None: the same regularisation and warmup at any length).
+Every run sets export=False and checkpoint_every=10**6 (bookkeeping only). Runs whose workdir
+already holds a finished metrics.json are not rerun.
 
 `--eval_modes resize,crop@0.875` trains nothing: it re-evaluates the finished runs' model.keras of
 the given recipe labels under each eval preprocessing (the same weights, only the eval differs):
@@ -53,7 +56,9 @@ PRETRAIN = os.path.join(HERE, "trainers", "pretrain.py")
 
 PREDEFINED = {
     # The baseline: the same tiny Mixer and schedule without augmentation or stochastic depth.
-    "plain": "small_images:crop_area_min=1.0,flip=False,drop_path=0.0,eval_resize='resize'",
+    "plain": "small_images:crop_area_min=1.0,flip=False,drop_path=0.0,eval_resize='resize',full_strength_epochs=None",
+    # Version 0.2's small_images: no scaling with the run's length.
+    "unscaled": "small_images:full_strength_epochs=None",
 }
 
 
@@ -147,12 +152,6 @@ def write_folder(root, name):
     return folder, side
 
 
-def size_rule(side):
-    """(model, image_size): T/4 for sides >= 16, else T/2; the side rounded to the patch."""
-    patch = 4 if side >= 16 else 2
-    return f"T/{patch}", max(patch, int(round(side / patch)) * patch)
-
-
 # --- recipes and runs ------------------------------------------------------------------------------
 
 
@@ -190,10 +189,10 @@ def recipe_file(root, label, base, fields):
     return out
 
 
-def run_one(root, label, recipe, dataset, folder, side, seed):
-    model, size = size_rule(side)
+def run_one(root, label, recipe, dataset, folder, seed, epochs):
+    """One run of `recipe` on `dataset` (its folder), `epochs` long ("default": the recipe's)."""
     workdir = os.path.join(
-        root, "runs", label.replace("/", "_").replace(":", "_").replace(",", "_"), dataset, f"s{seed}"
+        root, "runs", label.replace("/", "_").replace(":", "_").replace(",", "_"), dataset, f"e{epochs}", f"s{seed}"
     )
     metrics_path = os.path.join(workdir, "metrics.json")
     if os.path.exists(metrics_path):
@@ -209,10 +208,7 @@ def run_one(root, label, recipe, dataset, folder, side, seed):
         recipe,
         "--dataset",
         f"folder:{folder}",
-        "--model",
-        model,
-        "--image_size",
-        str(size),
+        *([] if epochs == "default" else ["--epochs", str(epochs)]),
         "--workdir",
         workdir,
         "--seed",
@@ -226,7 +222,10 @@ def run_one(root, label, recipe, dataset, folder, side, seed):
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
     with open(metrics_path) as f:
         metrics = json.load(f)
-    about = dict(wall_s=round(wall, 1), command=" ".join(cmd), model=model, image_size=size)
+    with open(os.path.join(workdir, "run.json")) as f:
+        used = json.load(f)["config"]  # what the trainer sized and scaled
+    picked = "model image_size epochs crop_area_min drop_path crop_ratio eval_resize warmup_steps".split()
+    about = dict(wall_s=round(wall, 1), command=" ".join(cmd), **{k: used[k] for k in picked})
     with open(os.path.join(workdir, "wall.json"), "w") as f:
         json.dump(about, f)
     return dict(metrics=metrics, **about)
@@ -246,7 +245,7 @@ def eval_ablation(root, labels, datasets, seeds, modes):
     for label in labels:
         for name in datasets:
             for seed in seeds:
-                model_path = os.path.join(root, "runs", label, name, f"s{seed}", "model.keras")
+                model_path = os.path.join(root, "runs", label, name, "edefault", f"s{seed}", "model.keras")
                 if not os.path.exists(model_path):
                     continue
                 predictor = load_predictor(model_path)
@@ -276,6 +275,7 @@ def main():
         "--recipes", default="demo;plain;small_images", help="semicolon-separated (specs contain commas)"
     )
     parser.add_argument("--seeds", default="0")
+    parser.add_argument("--epochs", default="default", help="comma list of run lengths: epochs, or 'default'")
     parser.add_argument("--out", default=None, help="JSON of every run (default ROOT/results.json)")
     parser.add_argument(
         "--eval_modes",
@@ -308,26 +308,24 @@ def main():
     folders = {name: write_folder(args.root, name) for name in datasets}
     recipes = [parse_recipe(r) for r in args.recipes.split(";")]
     seeds = [int(s) for s in args.seeds.split(",")]
-    for label, base, fields in recipes:
-        recipe = recipe_file(args.root, label, base, fields)
-        for name in datasets:
-            for seed in seeds:
-                run = run_one(args.root, label, recipe, name, *folders[name], seed)
-                results.setdefault(label, {}).setdefault(name, {})[str(seed)] = dict(
-                    top1=run["metrics"]["eval_top1"],
-                    wall_s=run["wall_s"],
-                    command=run["command"],
-                    model=run["model"],
-                    image_size=run["image_size"],
-                )
-                print(
-                    f"{label:40s} {name:9s} seed {seed}: "
-                    f"top-1 {run['metrics']['eval_top1']:.4f} ({run['wall_s']:.0f} s)",
-                    flush=True,
-                )
-                with open(out, "w") as f:
-                    json.dump(results, f, indent=1)
-    print_table(results, [r[0] for r in recipes], datasets)
+    lengths = args.epochs.split(",")
+    for epochs in lengths:
+        for label, base, fields in recipes:
+            recipe = recipe_file(args.root, label, base, fields)
+            for name in datasets:
+                for seed in seeds:
+                    run = run_one(args.root, label, recipe, name, folders[name][0], seed, epochs)
+                    metrics = run.pop("metrics")
+                    row = results.setdefault(f"{label} @ {epochs}", {}).setdefault(name, {})
+                    row[str(seed)] = dict(top1=metrics["eval_top1"], **run)
+                    print(
+                        f"{label} @ {epochs:8s} {name:9s} seed {seed}: top-1 {metrics['eval_top1']:.4f} "
+                        f"({run['wall_s']:.0f} s; {run['model']} at {run['image_size']} px, {run['epochs']:g} epochs)",
+                        flush=True,
+                    )
+                    with open(out, "w") as f:
+                        json.dump(results, f, indent=1)
+    print_table(results, [f"{r[0]} @ {e}" for e in lengths for r in recipes], datasets)
 
 
 def print_table(results, labels, datasets):

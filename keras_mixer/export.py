@@ -40,15 +40,11 @@ from keras_mixer.files import make_tree_readable, read_json, write_json
 from keras_mixer.layers import MixerBlock
 from keras_mixer.models import MlpMixer
 from keras_mixer.precisions import SERVING
-from keras_mixer.preprocessing import EvalPreprocessing, scale_pixels
+from keras_mixer.preprocessing import DEFAULT_MAX_PIXELS, EvalPreprocessing, scale_pixels
 from keras_mixer.trained_on import TrainedOn
 
 log = logging.getLogger("keras_mixer")
 
-# The bytes signature refuses images with more pixels than this (width x height from the header),
-# before decoding: 40 megapixels (e.g. 8000 x 5000) decode to 120 MB of uint8 pixels. Without a
-# bound, one 379 KB PNG declaring 20000 x 20000 pixels takes a server to 10 GB.
-DEFAULT_MAX_PIXELS = 40_000_000
 METADATA = os.path.join("assets.extra", "keras_mixer.json")
 # Weights are frozen into the graph up to this size (float32 bytes), which takes S and B models
 # (B/16: 240 MB). Freezing holds several copies of the graph at once: exporting B/16 peaks at
@@ -92,7 +88,7 @@ def header_size(image_bytes):
     return tf.cond(is_png, png, jpeg)
 
 
-def _decode(image_bytes, image_size, preprocessing, max_pixels):
+def decode_request(image_bytes, image_size, preprocessing, max_pixels):
     """Encoded image -> float32 [H, W, 3] in [0, 255]; fails the request (InvalidArgumentError)
     if it is not a JPEG or PNG or declares more than `max_pixels` pixels."""
     height, width = header_size(image_bytes)
@@ -155,7 +151,7 @@ def serving_functions(
 
     def from_bytes(image_bytes):
         images = tf.map_fn(
-            lambda b: _decode(b, (height, width), preprocessing, max_pixels),
+            lambda b: decode_request(b, (height, width), preprocessing, max_pixels),
             image_bytes,
             fn_output_signature=tf.TensorSpec([height, width, 3], tf.float32),
         )

@@ -12,6 +12,11 @@ PIXEL_OFFSET = -1.0
 
 EVAL_RESIZE = ("crop", "resize")
 
+# The serving and prediction decode refuses images with more pixels than this (width x height from
+# the header), before decoding: 40 megapixels (e.g. 8000 x 5000) decode to 120 MB of uint8 pixels.
+# Without a bound, one 379 KB PNG declaring 20000 x 20000 pixels takes a server to 10 GB.
+DEFAULT_MAX_PIXELS = 40_000_000
+
 
 def scale_pixels(images):
     """[0, 255] -> [-1, 1]; `images` a float array or tensor."""
@@ -43,6 +48,13 @@ class EvalPreprocessing:
 
     def to_dict(self):
         return dataclasses.asdict(self)
+
+    def crop_range(self, side):
+        """(ratio the centre crop takes, (lowest, highest) ratio taking that same crop) at an input
+        of `side` px: the resized side is rounded to whole pixels, so on small inputs a band of
+        ratios gives one crop (at 8 px every ratio from 0.842 to 0.941 takes 8 of 9 px)."""
+        resized = max(side, round(side / self.crop_ratio))
+        return side / resized, (side / (resized + 0.5), min(1.0, side / (resized - 0.5)))
 
     @classmethod
     def from_dict(cls, record):

@@ -110,7 +110,7 @@ def test_the_flags_come_from_the_table_of_training_fields():
 
     values = flags.FlagValues()
     cli.define_field_flags(FLAG_FIELDS, flag_values=values)
-    assert set(values) == set(TrainConfig.__dataclass_fields__) - {"mode", "init"}
+    assert set(values) == set(TrainConfig.__dataclass_fields__) - {"mode", "init", "flags_given"}
     values(["prog", "--mixed_precision=none", "--fewshot_shots=25,5,5", "--optimizer=sgd", "--nocache", "--steps=3"])
     overrides = cli.flag_overrides(FLAG_FIELDS, values)
     assert overrides == dict(mixed_precision=None, fewshot_shots=(5, 25), optimizer="sgd", cache=False, steps=3)

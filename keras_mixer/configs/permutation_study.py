@@ -17,5 +17,6 @@ def get_config():
         "model": "T/4",
         "image_size": 16,
         "epochs": 15,
+        "full_strength_epochs": None,  # the study's cells train with the same regularisation
         "workdir": "workdir/permutation",
     }

@@ -48,6 +48,8 @@ class Source:
             decoding none of the others; None falls back to filtering the decoded `dataset()`.
         read: position -> uint8 [h, w, 3], the example's image without TensorFlow (digits, image
             folders); None where only tf.data reads the source (TFDS).
+        sides: int [N] each image's shorter side in px, where opening the split measured them (the
+            digits, a verified image folder); None elsewhere (`image_side` then samples).
     """
 
     name: str
@@ -60,6 +62,7 @@ class Source:
     make_labels: Optional[Callable] = dataclasses.field(default=None, repr=False)
     make_subset: Optional[Callable] = dataclasses.field(default=None, repr=False)
     read: Optional[Callable] = dataclasses.field(default=None, repr=False)
+    sides: Optional[np.ndarray] = dataclasses.field(default=None, repr=False)
 
     def dataset(self, input_context=None, shuffle_files=False, seed=None):
         return self.make(input_context, shuffle_files, seed)
@@ -90,6 +93,17 @@ class Source:
             )
         return positions
 
+    def image_side(self, sample=256):
+        """The median shorter side of the split's images in px: from `sides`, else from its first
+        `sample` images; None for a split without images."""
+        sides = self.sides
+        if sides is None:
+            if self.read is not None:
+                sides = [min(self.read(i).shape[:2]) for i in range(min(sample, self.num_examples or 0))]
+            else:
+                sides = [min(image.shape[:2]) for image, _ in self.dataset().take(sample).as_numpy_iterator()]
+        return int(np.median(sides)) if len(sides) else None
+
     def problems(self, shown=10):
         """{reason: {"count": n, "first": [paths]}} of the files left out; {} when none."""
         return {reason: dict(count=len(paths), first=paths[:shown]) for reason, paths in self.skipped.items() if paths}
@@ -97,7 +111,7 @@ class Source:
     def describe_problems(self, shown=3):
         """One line: what was left out of this split, how many and the first paths."""
         parts = [
-            f"{len(paths)} {reason.replace('_', ' ')} "
+            f"{len(paths)} {_said(reason, len(paths))} "
             f"({', '.join(paths[:shown])}{', ...' if len(paths) > shown else ''})"
             for reason, paths in self.skipped.items()
             if paths
@@ -169,6 +183,7 @@ def _in_memory(name, split, images, labels, class_names):
 
     source = Source(name, split, len(class_names), list(class_names), len(labels), make)
     source.make_labels, source.make_subset, source.read = labels.copy, make_subset, images.__getitem__
+    source.sides = np.full(len(labels), min(images.shape[1:3]))
     return source
 
 
@@ -195,6 +210,19 @@ def digits_source(split="train"):
 # --- image folders -------------------------------------------------------------------------------
 
 
+# How `Source.skipped`'s reasons read for one file; more than one reads as the key says.
+_ONE = {
+    "files_without_an_image_extension": "file without an image extension",
+    "files_not_jpeg_or_png": "file not jpeg or png",
+    "images_that_fail_to_decode": "image that fails to decode",
+}
+
+
+def _said(reason, count):
+    """A `skipped` reason in words, singular for one file ("1 image that fails to decode")."""
+    return _ONE.get(reason, reason.replace("_", " ")) if count == 1 else reason.replace("_", " ")
+
+
 def folder_splits(root):
     """The split names (subfolders) of an image-folder root."""
     if not os.path.isdir(root):
@@ -211,24 +239,25 @@ def _is_image(path):
     return any(head.startswith(magic) for magic in _MAGIC)
 
 
-def undecodable(paths):
-    """The paths among `paths` whose image fails to decode (truncated, corrupt body): one parallel
-    decode pass (TensorFlow's decoder, which the tf.data stream uses; Pillow's without TensorFlow),
-    so a broken file is known, named and counted before training starts."""
+def decoded_sides(paths):
+    """{path: shorter side in px} of the paths among `paths` whose image decodes; the others (a
+    truncated or corrupt body) are missing. One parallel decode pass (TensorFlow's decoder, which
+    the tf.data stream uses; Pillow's without TensorFlow), so a broken file is known, named and
+    counted before training starts, and the images' sizes are measured on the way."""
     if not len(paths):
-        return []
+        return {}
     if not tensorflow_installed():
-        return [p for p in paths if _pillow_decode(p) is None]
+        images = ((p, _pillow_decode(p)) for p in paths)
+        return {p: min(image.shape[:2]) for p, image in images if image is not None}
     import tensorflow as tf
 
     def decode(path):
         image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
-        return path, tf.shape(image)[0]
+        return path, tf.reduce_min(tf.shape(image)[:2])
 
     decoded = tf.data.Dataset.from_tensor_slices(np.asarray(paths))
     decoded = decoded.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False).ignore_errors()
-    good = {path.decode() for path, _ in decoded.as_numpy_iterator()}
-    return [p for p in paths if p not in good]
+    return {path.decode(): int(side) for path, side in decoded.as_numpy_iterator()}
 
 
 def _pillow_decode(path):
@@ -287,7 +316,9 @@ def folder_source(root, split="train", class_names=None, verify=True):
                 skipped["files_not_jpeg_or_png"].append(path)
             else:
                 candidates.setdefault(label, []).append(path)
-    broken = set(undecodable([p for group in candidates.values() for p in group])) if verify else set()
+    everything = [p for group in candidates.values() for p in group]
+    sides = decoded_sides(everything) if verify else None
+    broken = set(everything) - set(sides) if verify else set()
     skipped["images_that_fail_to_decode"] = sorted(broken)
     paths, labels = [], []
     for label, name in enumerate(class_names):
@@ -300,6 +331,8 @@ def folder_source(root, split="train", class_names=None, verify=True):
         paths += good
         labels += [label] * len(good)
     source = _files(f"folder:{root}", split, class_names, np.array(paths), np.array(labels, dtype="int64"), skipped)
+    if sides is not None:
+        source.sides = np.array([sides[p] for p in paths], dtype="int64")
     if source.problems():
         log.warning("%s", source.describe_problems())
     return source

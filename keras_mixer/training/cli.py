@@ -161,17 +161,18 @@ def quiet_logs():
     logging.getLogger("keras_mixer").setLevel(logging.INFO)
 
 
-def run_program(define, body):
+def run_program(define, body, takes_paths=False):
     """Every program's start: defines its flags (`define`), parses the command line and runs
-    `body()`. A positional argument is refused with absl's one-line usage error (exit code 1);
-    TensorFlow's INFO logs are quieted; a bare `--tpu` means the local TPU VM."""
+    `body()` (`body(paths)` for a program that `takes_paths`; the others refuse a positional
+    argument with absl's one-line usage error, exit code 1). TensorFlow's INFO logs are quieted; a
+    bare `--tpu` means the local TPU VM."""
     program_flags(define)
 
     def main(argv):
-        if len(argv) > 1:
+        if len(argv) > 1 and not takes_paths:
             raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
         quiet_logs()
-        body()
+        body(argv[1:]) if takes_paths else body()
 
     app.run(main, argv=normalise_argv(sys.argv))
 
@@ -210,7 +211,8 @@ def _train(extra=(), mode="pretrain"):
         unknown = sorted(set(FLAGS.accept_changes) - set(TrainConfig.__dataclass_fields__) - {"all"})
         if unknown:
             raise ValueError(f"--accept_changes names unknown fields {unknown}; valid: recipe field names or 'all'")
-    print(f"Training {config.model or config.init} on {config.dataset}; workdir {os.path.abspath(config.workdir)}")
+    what = config.model or config.init or "a Mixer sized to the data"
+    print(f"Training {what} on {config.dataset}; workdir {os.path.abspath(config.workdir)}")
     with user_errors():
         train(config, restart=FLAGS.restart, accept_changes=FLAGS.accept_changes)
 
@@ -328,7 +330,7 @@ def _jax_evaluator(source):
 
 
 def run_export():
-    from keras_mixer.export import DEFAULT_MAX_PIXELS
+    from keras_mixer.preprocessing import DEFAULT_MAX_PIXELS
 
     def define():
         _source_flags()
@@ -389,3 +391,78 @@ def run_export():
         print(f"Exported {FLAGS.source} to {path} ({FLAGS.precision})" + (f" and {FLAGS.onnx}" if FLAGS.onnx else ""))
 
     run_program(define, main)
+
+
+# --- predict ------------------------------------------------------------------------------------------
+
+# Exit code of a predict run that skipped a file (1 stays for errors that stop the run).
+SKIPPED_EXIT = 2
+
+
+def run_predict():
+    def define():
+        _source_flags()
+        flags.DEFINE_integer("top_k", 5, "Labels per image (at most the class count).", lower_bound=1)
+        flags.DEFINE_enum("format", "text", ["text", "csv", "json"], "text lines, CSV, or JSON lines.")
+        flags.DEFINE_integer("batch_size", 64, "Images per batch.", lower_bound=1)
+
+    def main(paths):
+        from keras_mixer.training import prediction
+
+        if not paths:
+            raise app.UsageError("give the image files or folders to label after the flags")
+        with user_errors():
+            labeller = prediction.open_labeller(FLAGS.source)
+        files, missing = prediction.image_files(paths)
+        for path in missing:
+            print(f"skipped: {path}: no such file or folder", file=sys.stderr, flush=True)
+        write = _writer(FLAGS.format)
+        show = _progress(len(files)) if sys.stderr.isatty() and len(files) > FLAGS.batch_size else None
+        skipped = len(missing)
+        labelled = prediction.label_files(
+            files, labeller.scores_of, labeller.decode, labeller.class_names, FLAGS.top_k, FLAGS.batch_size, show
+        )
+        for result in labelled:
+            if result.error is None:
+                write(result)
+            else:
+                skipped += 1
+                print(f"{chr(13) if show else ''}skipped: {result.path}: {result.error}", file=sys.stderr, flush=True)
+        if show:
+            print(file=sys.stderr)
+        if skipped:
+            print(f"{skipped} of {len(files) + len(missing)} files skipped", file=sys.stderr)
+            sys.exit(SKIPPED_EXIT)
+
+    run_program(define, main, takes_paths=True)
+
+
+def _writer(form):
+    """A function that prints one `Labelled` on stdout in `form` (text, csv or json)."""
+    import csv
+    import json
+
+    if form == "json":
+        return lambda r: print(json.dumps(dict(path=r.path, top=[dict(label=name, score=p) for name, p in r.top])))
+    if form == "csv":
+        out = csv.writer(sys.stdout, lineterminator="\n")
+        header = [False]
+
+        def write_row(r):
+            if not header[0]:
+                k = len(r.top)
+                out.writerow(["path", *(f"{kind}_{i + 1}" for i in range(k) for kind in ("label", "score"))])
+                header[0] = True
+            out.writerow([r.path, *(v for label, score in r.top for v in (label, f"{score:.6f}"))])
+
+        return write_row
+    return lambda r: print(r.path, "  ".join(f"{label} {score:.4f}" for label, score in r.top), sep="\t")
+
+
+def _progress(total):
+    """Progress on stderr (a terminal): images done of `total`, rewritten in place."""
+
+    def show(done):
+        print(f"\r{done}/{total} images", end="", file=sys.stderr, flush=True)
+
+    return show

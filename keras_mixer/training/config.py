@@ -45,17 +45,21 @@ class TrainConfig:
 
     # What to train, on what.
     mode: str = _field("pretrain", "pretrain or finetune.", choices=("pretrain", "finetune"), flag=False)
-    model: Optional[str] = _field("T/2", f"Mixer variant: {', '.join(MODEL_NAMES)}.", choices=MODEL_NAMES)
+    model: Optional[str] = _field(
+        "T/2",
+        f"Mixer variant: {', '.join(MODEL_NAMES)} (None in pre-training: sized to the data).",
+        choices=MODEL_NAMES,
+    )
     init: Optional[str] = _field(
         None, "Weights to start from: .keras, official .npz, timm file, or a preset name.", flag=False
     )
     dataset: Optional[str] = _field("digits", "A TFDS name (imagenet2012, cifar10, ...), folder:PATH or digits.")
     data_dir: Optional[str] = _field(None, "TFDS data directory.", operational=True)
     download: bool = _field(False, "Download and prepare a TFDS data set if needed.", operational=True)
-    image_size: int = _field(8, "Square input size in pixels.")
+    image_size: Optional[int] = _field(8, "Square input size in pixels (None: sized to the data).")
     # How long, how fast.
     batch_size: int = _field(64, "Global batch size (all replicas).")
-    epochs: Optional[float] = _field(None, "Training length in epochs.")
+    epochs: Optional[float] = _field(None, "Training length in epochs (neither this nor steps: sized to the data).")
     steps: Optional[int] = _field(None, "Training length in steps.")
     optimizer: str = _field("adamw", "adamw (pre-training) or sgd with momentum (fine-tuning).", choices=OPTIMIZERS)
     learning_rate: float = _field(1e-3, "Peak learning rate.")
@@ -77,6 +81,11 @@ class TrainConfig:
         "crop", "Evaluation (and serving): centre crop or plain resize.", choices=preprocessing.EVAL_RESIZE
     )
     crop_ratio: float = _field(0.875, "Centre-crop share of the resized image for --eval_resize=crop.")
+    full_strength_epochs: Optional[float] = _field(
+        None,
+        "The run length the crops, stochastic depth and evaluation crop are set for: a shorter run scales them "
+        "toward none and warms up for at most a tenth of its steps (None: as set).",
+    )
     shuffle_buffer: int = _field(10_000, "Examples in the training shuffle buffer.")
     cache: bool = _field(False, "Keep the decoded training images in memory.", operational=True)
     # Bookkeeping.
@@ -120,6 +129,9 @@ class TrainConfig:
     )
     tpu: Optional[str] = _field(None, "TPU name or address; bare --tpu means the local TPU VM.", operational=True)
     mixed_precision: Optional[str] = _field(None, "Mixed precision compute dtype.", choices=precisions.MIXED)
+    flags_given: tuple = _field(
+        (), "The fields the command line set: the length scaling keeps them as given.", operational=True, flag=False
+    )
     xla: str = _field(
         "auto",
         "XLA for the training step (auto: per device and precision, printed at the start: off for bfloat16 on "
@@ -136,18 +148,18 @@ class TrainConfig:
                 raise ValueError(f"unknown {field.name} {value!r}; valid: {', '.join(map(str, choices))}")
         if self.dataset is None:
             raise ValueError("this recipe has no data set: give --dataset (a TFDS name, folder:PATH or digits)")
-        if (self.epochs is None) == (self.steps is None):
-            raise ValueError("give exactly one of epochs and steps")
+        if self.epochs is not None and self.steps is not None:
+            raise ValueError("give one of epochs and steps, not both")
         if self.mode == "finetune" and not self.init:
             raise ValueError("fine-tuning needs --init (a .keras, official .npz or timm file, or a preset name)")
-        if self.model is None and not self.init:
-            raise ValueError("give --model (or an --init whose weights carry the architecture)")
-        if self.model is None and self.mode == "pretrain":
-            raise ValueError("pre-training needs --model (a variant name): --init is read by fine-tuning only")
+        if self.mode == "finetune" and self.image_size is None:
+            raise ValueError("fine-tuning needs --image_size")
         if self.tpu is not None and self.strategy not in ("auto", "tpu"):
             raise ValueError(f"--tpu conflicts with --strategy={self.strategy}")
         positive = ("batch_size", "checkpoint_every", "log_every", "steps_per_loop", "image_size", "keep_checkpoints")
         for name in (*positive, "shuffle_buffer"):
+            if name == "image_size" and self.image_size is None:
+                continue  # sized to the data
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if self.steps is not None and self.steps <= 0:
@@ -176,6 +188,10 @@ class TrainConfig:
             raise ValueError(f"warmup_steps must be 0 or positive, got {self.warmup_steps}")
         if self.grad_clip_norm is not None and not self.grad_clip_norm > 0:
             raise ValueError(f"grad_clip_norm must be positive (None: no clipping), got {self.grad_clip_norm}")
+        if self.full_strength_epochs is not None and not self.full_strength_epochs > 0:
+            raise ValueError(
+                f"full_strength_epochs must be positive (None: no scaling), got {self.full_strength_epochs}"
+            )
         if not 0 < self.crop_area_min <= 1:
             raise ValueError(f"crop_area_min must be in (0, 1], got {self.crop_area_min}")
         self.eval_preprocessing  # checks eval_resize and crop_ratio
@@ -332,6 +348,7 @@ def load_config(name_or_path, configs_dir=CONFIGS_DIR, **overrides):
     if "steps" in overrides or "epochs" in overrides:
         fields.pop("steps", None), fields.pop("epochs", None)
     fields.update(overrides)
+    fields["flags_given"] = tuple(sorted(overrides))
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(fields) - known)
     if unknown:

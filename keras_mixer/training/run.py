@@ -32,10 +32,13 @@ from keras_mixer.training.config import TrainConfig, check_resumed_recipe, run_l
 from keras_mixer.training.fewshot import TRAINING_DRAWS, FewshotProbe
 from keras_mixer.training.optimizer import set_mixed_precision
 from keras_mixer.training.reporting import Report, Throughput
+from keras_mixer.training.sizing import fit_to_data, scale_to_length
 from keras_mixer.training.workdir import move_to_previous, remove_leftovers
 from keras_mixer.weights import save_keras
 
 log = logging.getLogger("keras_mixer")
+# A band of evaluation crop ratios wider than this giving one crop is worth a warning.
+COARSE_CROPS = 0.05
 
 
 class TrainingDiverged(FloatingPointError):
@@ -150,20 +153,36 @@ def prepare(config, kind, chief, replicas, restart, accept_changes):
                 f"{backend}: resume with KERAS_BACKEND={written_by}. To go on from its weights on {backend}, "
                 f"fine-tune with --init {os.path.join(workdir, 'model.keras')} (once it finished) into a new workdir"
             )
-        changes = check_resumed_recipe(record and record.get("config"), config, accept_changes)
-    set_mixed_precision(config.mixed_precision)
-    if config.seed is not None:
-        keras.utils.set_random_seed(config.seed)
-
     train_source = data.load_source(config.dataset, "train", data_dir=config.data_dir, download=config.download)
     eval_split = data.eval_split(config.dataset, config.data_dir)
     eval_source = data.load_source(
         config.dataset, eval_split, data_dir=config.data_dir, class_names=train_source.class_names
     )
+    # Sized before the recipe check, so a resumed run compares (and run.json records) the values used.
+    config, sized = fit_to_data(config, train_source)
+    total_steps, steps_per_epoch = run_length(config, train_source.num_examples)
+    config, scaled = scale_to_length(config, total_steps, steps_per_epoch)
+    config.validate()
+    if written_by is not None:
+        changes = check_resumed_recipe(record and record.get("config"), config, accept_changes)
+    set_mixed_precision(config.mixed_precision)
+    if config.seed is not None:
+        keras.utils.set_random_seed(config.seed)
     if chief:
+        for line in (sized, scaled):
+            if line:
+                print(line, flush=True)
         for source in (train_source, eval_source):
             if source.problems():
                 print(f"warning: {source.describe_problems()}", flush=True)
+        # Said for a ratio the command line gives, which may be meant to differ from a near one.
+        taken, (low, high) = config.eval_preprocessing.crop_range(config.image_size)
+        if "crop_ratio" in config.flags_given and config.eval_resize == "crop" and high - low > COARSE_CROPS:
+            print(
+                f"warning: at {config.image_size} px, crop_ratio {config.crop_ratio} takes a centre crop of ratio "
+                f"{taken:.3f}, as does every ratio from {low:.3f} to {high:.3f}: the resized side is whole pixels",
+                flush=True,
+            )
         if config.crop_area_min >= 1 and config.eval_resize == "crop":
             print(
                 f"warning: training sees whole images (crop_area_min 1) but evaluation centre-crops them "
@@ -173,7 +192,6 @@ def prepare(config, kind, chief, replicas, restart, accept_changes):
             )
     if config.batch_size % replicas:
         raise ValueError(f"batch_size {config.batch_size} is not divisible by the {replicas} replicas")
-    total_steps, steps_per_epoch = run_length(config, train_source.num_examples)
     fewshot = None
     if config.fewshot_every:
         # Drawn now, so shots the data cannot give fail before anything is built.

@@ -1,0 +1,117 @@
+"""predict.py: labelling image files and folders with a trained model, as the serving signature
+prepares them; a file it cannot read is named and skipped."""
+
+import csv
+import io
+import json
+import os
+import re
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+from runs import trainer
+
+from keras_mixer.preprocessing import EvalPreprocessing
+from keras_mixer.training import prediction
+
+
+def _set(root, classes=("circle", "square"), per_class=12, side=24):
+    """A two-class folder set of drawn shapes (train and test), easy enough to learn in a few steps."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:side, :side]
+    for split in ("train", "test"):
+        for k, name in enumerate(classes):
+            os.makedirs(os.path.join(root, split, name), exist_ok=True)
+            for i in range(per_class):
+                cy, cx, r = rng.integers(8, side - 8, 2).tolist() + [int(rng.integers(4, 7))]
+                circle = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+                inside = circle if k == 0 else (abs(yy - cy) <= r) & (abs(xx - cx) <= r)
+                pixels = np.where(inside, 230, 25).astype(np.uint8) + rng.integers(0, 20, (side, side), dtype=np.uint8)
+                Image.fromarray(pixels).save(os.path.join(root, split, name, f"{i}.png"))
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """(data root, workdir) of 40 steps on the shapes, with its export."""
+    base = tmp_path_factory.mktemp("predict")
+    root = _set(base / "shapes")
+    workdir = str(base / "run")
+    trainer("pretrain", "--dataset", f"folder:{root}", "--steps", "40", "--workdir", workdir, "--seed", "0")
+    return root, workdir
+
+
+def _rows(result):
+    return list(csv.DictReader(io.StringIO(result.stdout)))
+
+
+def test_its_top1_on_a_labelled_split_is_evaluates(trained):
+    root, workdir = trained
+    evaluated = trainer("evaluate", "--source", workdir, "--dataset", f"folder:{root}", "--split", "test")
+    top1 = float(re.search(r"top-1: ([0-9.]+)", evaluated.stdout).group(1))
+    rows = _rows(trainer("predict", "--source", workdir, "--format", "csv", os.path.join(root, "test")))
+    assert len(rows) == 24  # every test image, recursively
+    right = [r["label_1"] == os.path.basename(os.path.dirname(r["path"])) for r in rows]
+    assert np.mean(right) == pytest.approx(top1, abs=1e-4)
+    assert top1 > 0.6  # it learned something, so equal top-1s are not both chance
+    # The export, run through its bytes signature as TF Serving runs it, labels them alike.
+    exported = _rows(trainer("predict", "--source", os.path.join(workdir, "export"), "--format", "csv", root + "/test"))
+    assert [r["label_1"] for r in exported] == [r["label_1"] for r in rows]
+    scores = np.array([[float(r[f"score_{i}"]) for i in (1, 2)] for r in rows])
+    assert np.allclose(scores.sum(1), 1, atol=1e-5) and (scores[:, 0] >= scores[:, 1]).all()
+
+
+def test_files_it_cannot_read_are_named_and_skipped(trained, tmp_path):
+    root, workdir = trained
+    folder = tmp_path / "mixed"
+    os.makedirs(folder / "deeper")
+    good = [shutil.copy(os.path.join(root, "test", "circle", f"{i}.png"), folder / "deeper") for i in (0, 1)]
+    (folder / "notes.txt").write_text("not an image")
+    data = open(good[0], "rb").read()
+    (folder / "truncated.png").write_bytes(data[: len(data) // 2])
+    huge = bytearray(data)
+    huge[16:24] = (30000).to_bytes(4, "big") * 2  # the header declares 30000 x 30000 pixels
+    (folder / "huge.png").write_bytes(bytes(huge))
+    (folder / ".hidden.png").write_bytes(data)  # hidden files are not looked at
+    result = trainer("predict", "--source", workdir, str(folder), str(tmp_path / "absent.png"), check=False)
+    assert result.returncode == 2
+    lines = result.stdout.splitlines()
+    assert [line.split("\t")[0] for line in lines] == [str(p) for p in good]
+    assert re.fullmatch(r"\S+\t(circle|square) [01]\.\d{4}  (circle|square) [01]\.\d{4}", lines[0])
+    errors = result.stderr.splitlines()
+    expected = {
+        "absent.png": "no such file or folder",
+        "huge.png": "image of 30000x30000 pixels (width x height) is over the pixel budget of 40000000 pixels",
+        "notes.txt": "not a JPEG or PNG image",
+        "truncated.png": "does not decode",
+    }
+    for name, reason in expected.items():
+        assert any(line.startswith("skipped: ") and name in line and reason in line for line in errors), (name, errors)
+    assert errors[-1] == "4 of 6 files skipped"
+    # JSON lines, and the top-k capped at the class count.
+    out = trainer("predict", "--source", workdir, "--format", "json", "--top_k", "9", *map(str, good)).stdout
+    records = [json.loads(line) for line in out.splitlines()]
+    assert [r["path"] for r in records] == [str(p) for p in good]
+    assert [len(r["top"]) for r in records] == [2, 2]
+    assert {t["label"] for t in records[0]["top"]} == {"circle", "square"}
+
+
+def test_without_tensorflow_the_decode_equals_the_serving_one(tmp_path):
+    rng = np.random.default_rng(1)
+    sizes = [(24, 24), (30, 17), (9, 40)]
+    preprocessing = EvalPreprocessing("crop", 0.9)
+    served = prediction.tensorflow_decoder((16, 16), preprocessing, max_pixels=1000)
+    pillow = prediction.pillow_decoder((16, 16), preprocessing, max_pixels=1000)
+    for h, w in sizes:
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buffer, "PNG")
+        assert np.array_equal(served(buffer.getvalue()), pillow(buffer.getvalue()))
+    too_big = io.BytesIO()
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(too_big, "PNG")
+    for decode in (served, pillow):
+        with pytest.raises(ValueError, match="image of 40x40 pixels .* over the pixel budget of 1000"):
+            decode(too_big.getvalue())
+        with pytest.raises(ValueError, match="not a JPEG or PNG"):
+            decode(b"GIF89a....")

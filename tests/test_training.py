@@ -354,8 +354,9 @@ def test_two_worker_multi_worker_mirrored_trains_with_identical_weights(tmp_path
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("precision", ["bfloat16", "float16"])
-def test_mixed_precision_training_runs(tmp_path, precision):
+def test_float16_training_lowers_the_loss(tmp_path):
+    # bfloat16 is tested whole in tests/test_precision.py (the demo, to within half a point).
+    precision = "float16"
     trainer(
         "pretrain",
         "--steps",

@@ -35,6 +35,7 @@ import tensorflow as tf
 from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
 from keras_mixer import kernels
+from keras_mixer.data.sources import JPEG_MAGIC, PNG_MAGIC
 from keras_mixer.data.transforms import eval_image
 from keras_mixer.files import make_tree_readable, read_json, write_json
 from keras_mixer.layers import MixerBlock
@@ -51,8 +52,6 @@ METADATA = os.path.join("assets.extra", "keras_mixer.json")
 # 6.4 GB of memory. L and H models (0.8 and 1.7 GB) are served with variables instead; a graph is a
 # protocol buffer, which cannot exceed 2 GiB anyway.
 MAX_FROZEN_BYTES = 512 * 2**20
-_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-_JPEG_MAGIC = b"\xff\xd8\xff"
 
 
 def _versions(export_base):
@@ -68,8 +67,8 @@ def header_size(image_bytes):
 
     JPEG: the SOF marker (`tf.image.extract_jpeg_shape`); PNG: the IHDR chunk, big-endian width and
     height at bytes 16..24. Anything else fails the request with an InvalidArgumentError."""
-    is_png = tf.strings.substr(image_bytes, 0, 8) == _PNG_MAGIC
-    is_jpeg = tf.strings.substr(image_bytes, 0, 3) == _JPEG_MAGIC
+    is_png = tf.strings.substr(image_bytes, 0, 8) == PNG_MAGIC
+    is_jpeg = tf.strings.substr(image_bytes, 0, 3) == JPEG_MAGIC
     known = tf.debugging.Assert(is_png | is_jpeg, ["the request is not a JPEG or PNG image"])
     with tf.control_dependencies([known]):
         image_bytes = tf.identity(image_bytes)

@@ -21,7 +21,8 @@ import numpy as np
 log = logging.getLogger("keras_mixer")
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
-_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")  # JPEG, PNG
+JPEG_MAGIC, PNG_MAGIC = b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n"  # the files' first bytes
+_MAGIC = (JPEG_MAGIC, PNG_MAGIC)
 
 
 def tensorflow_installed():

@@ -16,11 +16,8 @@ from typing import Optional
 
 import numpy as np
 
-from keras_mixer.data.sources import tensorflow_installed
+from keras_mixer.data.sources import JPEG_MAGIC, PNG_MAGIC, tensorflow_installed
 from keras_mixer.preprocessing import DEFAULT_MAX_PIXELS, scale_pixels
-
-_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-_JPEG_MAGIC = b"\xff\xd8\xff"
 
 
 @dataclasses.dataclass
@@ -59,11 +56,11 @@ def image_files(paths):
 def _header_size(data):
     """(height, width) from a PNG's IHDR or a JPEG's SOF marker, without decoding; ValueError for
     anything else."""
-    if data.startswith(_PNG_MAGIC):
+    if data.startswith(PNG_MAGIC):
         if len(data) < 24:
             raise ValueError("truncated PNG: no complete IHDR header")
         return int.from_bytes(data[20:24], "big"), int.from_bytes(data[16:20], "big")
-    if data.startswith(_JPEG_MAGIC):
+    if data.startswith(JPEG_MAGIC):
         import io
 
         from PIL import Image

@@ -126,10 +126,15 @@ def scale_to_length(config, total_steps, steps_per_epoch):
             changes["warmup_steps"] = longest
     if not changes:
         return config, None
-    epochs = total_steps / steps_per_epoch
-    described = ", ".join(f"{name} {value!r}" for name, value in changes.items())
-    line = (
-        f"A {epochs:.3g}-epoch run of a recipe set for {config.full_strength_epochs:g} epochs: {described} "
-        f"(regularisation scaled to the run's length, warmup at most a tenth of it; flags given are kept)"
-    )
-    return dataclasses.replace(config, **changes), line
+    parts = []
+    scaled = ", ".join(f"{name} {value!r}" for name, value in changes.items() if name != "warmup_steps")
+    if scaled:
+        epochs = total_steps / steps_per_epoch
+        parts.append(
+            f"A {epochs:.3g}-epoch run of a recipe set for {config.full_strength_epochs:g} epochs: {scaled} "
+            f"(regularisation scaled to the run's length; flags given are kept)"
+        )
+    if "warmup_steps" in changes:
+        parts.append(f"warmup {changes['warmup_steps']} of the run's {total_steps} steps (a tenth at most)")
+    line = "; ".join(parts)
+    return dataclasses.replace(config, **changes), line[0].upper() + line[1:]

@@ -542,8 +542,8 @@ def test_images_that_fail_to_decode_are_counted_and_reported(tmp_path):
         tmp_path / "run",
     )
     [line] = [line for line in result.stdout.splitlines() if line.startswith("warning:") and "split 'train'" in line]
-    assert "1 images that fail to decode" in line and "bad.jpg" in line
-    assert "1 files without an image extension" in line and "readme.txt" in line
+    assert "1 image that fails to decode" in line and "bad.jpg" in line
+    assert "1 file without an image extension" in line and "readme.txt" in line
     problems = metrics(tmp_path / "run")["data_problems"]["train"]
     assert problems["images_that_fail_to_decode"] == dict(count=1, first=[str(bad)])
     assert problems["files_without_an_image_extension"]["count"] == 1

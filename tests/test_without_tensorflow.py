@@ -82,7 +82,7 @@ def test_an_image_folder_trains_and_resumes_without_tensorflow(no_tensorflow, tm
     args = ["--dataset", f"folder:{tmp_path / 'images'}", "--image_size", 8, "--batch_size", 8, "--seed", 0]
     args += ["--checkpoint_every", 20, "--log_every", 20, "--workdir", tmp_path / "run"]
     first = run(no_tensorflow, "pretrain", *args, "--steps", 20)
-    assert "1 files without an image extension" in first.stdout + first.stderr  # named, left out
+    assert "1 file without an image extension" in first.stdout + first.stderr  # named, left out
     resumed = run(no_tensorflow, "pretrain", *args, "--steps", 40, "--accept_changes", "steps")
     assert "Resumed from step 20" in resumed.stdout
     m = metrics(tmp_path / "run")

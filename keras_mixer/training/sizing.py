@@ -10,8 +10,9 @@ the values the run used:
   number of training images and of classes (`pick_model`, `pick_image_size`, `pick_epochs`).
 - `scale_to_length`: a recipe with `full_strength_epochs` set its crops, stochastic depth and
   evaluation crop for a run that long; a shorter run scales each toward none by
-  epochs / full_strength_epochs, so a short budget is not spent on regularisation it cannot use.
-  Warmup is at most a tenth of the run. Fields given on the command line are kept as given.
+  epochs / full_strength_epochs, so a short budget is not spent on regularisation it cannot use,
+  and warms up for at most a tenth of its steps. A run of full length is the recipe as written.
+  Fields given on the command line are kept as given.
 """
 
 import dataclasses
@@ -122,7 +123,7 @@ def scale_to_length(config, total_steps, steps_per_epoch):
         if "eval_resize" not in given and changes.get("crop_ratio", config.crop_ratio) >= 1:
             changes["eval_resize"] = "resize"  # no training crops left: evaluate whole images
         longest = max(1, math.ceil(WARMUP_SHARE * total_steps))
-        if "warmup_steps" not in given and config.warmup_steps > longest:
+        if share < 1 and "warmup_steps" not in given and config.warmup_steps > longest:
             changes["warmup_steps"] = longest
     if not changes:
         return config, None

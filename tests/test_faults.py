@@ -243,10 +243,12 @@ def test_a_changed_recipe_is_refused_unless_accepted_and_then_recorded(workdir):
     assert_one_line_error(result, "learning_rate 0.003 -> 0.01", "--accept_changes=learning_rate", "--restart")
     assert (workdir / "run.json").read_bytes() == run_json
 
-    # Augmentation flags are recipe fields too.
+    # Augmentation flags are recipe fields too (the recipe's crops, scaled to this short run).
+    crops = json.loads(run_json)["config"]["crop_area_min"]
+    assert 0.7 < crops < 1
     result = trainer("pretrain", *RUN, "--crop_area_min", 1, "--flip", "--workdir", workdir, check=False)
     assert_one_line_error(
-        result, "crop_area_min 0.7 -> 1.0", "flip False -> True", "--accept_changes=crop_area_min,flip"
+        result, f"crop_area_min {crops} -> 1.0", "flip False -> True", "--accept_changes=crop_area_min,flip"
     )
 
     longer = ["--steps", 80, "--checkpoint_every", 20, "--log_every", 20, "--crop_area_min", 1]
@@ -259,7 +261,7 @@ def test_a_changed_recipe_is_refused_unless_accepted_and_then_recorded(workdir):
     changes = json.loads((workdir / "run.json").read_text())["recipe_changes"]
     assert changes == [
         dict(step=60, field="steps", recorded=60, now=80),
-        dict(step=60, field="crop_area_min", recorded=0.7, now=1.0),
+        dict(step=60, field="crop_area_min", recorded=crops, now=1.0),
     ]
 
 

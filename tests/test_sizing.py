@@ -12,7 +12,14 @@ from runs import trainer
 from keras_mixer.data import load_source
 from keras_mixer.preprocessing import EvalPreprocessing
 from keras_mixer.training.config import TrainConfig, load_config
-from keras_mixer.training.sizing import fit_to_data, pick_epochs, pick_image_size, pick_model, scale_to_length
+from keras_mixer.training.sizing import (
+    fit_to_data,
+    keep_decided,
+    pick_epochs,
+    pick_image_size,
+    pick_model,
+    scale_to_length,
+)
 
 
 def _folder(root, sides, classes=2, per_class=6):
@@ -143,3 +150,15 @@ def test_one_skipped_file_reads_in_the_singular(tmp_path):
     (tmp_path / "set" / "train" / "c0" / "notes.txt").write_text("x")
     line = load_source(f"folder:{root}", "train").describe_problems()
     assert "left out 1 file without an image extension (" in line
+
+
+def test_a_resumed_run_keeps_what_its_start_decided():
+    recorded = dict(model="T/4", image_size=20, epochs=2, steps=None, crop_area_min=0.985, drop_path=0.005)
+    recorded.update(crop_ratio=0.996, eval_resize="crop", warmup_steps=1)
+    longer = load_config("small_images", dataset="digits", steps=80, crop_area_min=1.0)  # the flags given now
+    kept = keep_decided(longer, recorded)
+    assert (kept.model, kept.image_size, kept.epochs, kept.steps) == ("T/4", 20, None, 80)
+    assert (kept.crop_area_min, kept.drop_path, kept.crop_ratio, kept.warmup_steps) == (1.0, 0.005, 0.996, 1)
+    # A recipe that decides nothing keeps what it says.
+    named = load_config("imagenet1k_b16", dataset="digits")
+    assert keep_decided(named, dict(recorded, model="S/16", crop_area_min=0.5)) == named

@@ -32,7 +32,7 @@ from keras_mixer.training.config import TrainConfig, check_resumed_recipe, run_l
 from keras_mixer.training.fewshot import TRAINING_DRAWS, FewshotProbe
 from keras_mixer.training.optimizer import set_mixed_precision
 from keras_mixer.training.reporting import Report, Throughput
-from keras_mixer.training.sizing import fit_to_data, scale_to_length
+from keras_mixer.training.sizing import fit_to_data, keep_decided, scale_to_length
 from keras_mixer.training.workdir import move_to_previous, remove_leftovers
 from keras_mixer.weights import save_keras
 
@@ -158,10 +158,14 @@ def prepare(config, kind, chief, replicas, restart, accept_changes):
     eval_source = data.load_source(
         config.dataset, eval_split, data_dir=config.data_dir, class_names=train_source.class_names
     )
-    # Sized before the recipe check, so a resumed run compares (and run.json records) the values used.
+    # Sized before the recipe check, so a resumed run compares (and run.json records) the values
+    # used; a resumed run was sized and scaled at its start and keeps that.
+    resumed = written_by is not None and record is not None and "config" in record
+    if resumed:
+        config = keep_decided(config, record["config"])
     config, sized = fit_to_data(config, train_source)
     total_steps, steps_per_epoch = run_length(config, train_source.num_examples)
-    config, scaled = scale_to_length(config, total_steps, steps_per_epoch)
+    config, scaled = (config, None) if resumed else scale_to_length(config, total_steps, steps_per_epoch)
     config.validate()
     if written_by is not None:
         changes = check_resumed_recipe(record and record.get("config"), config, accept_changes)

@@ -8,6 +8,8 @@ the values the run used:
 - `fit_to_data`: a `TrainConfig` whose `model`, `image_size` or length (`epochs` and `steps`) is
   None (the small-images recipes) gets them from the data: the images' median shorter side, the
   number of training images and of classes (`pick_model`, `pick_image_size`, `pick_epochs`).
+- `keep_decided`: a resumed run keeps what its start decided (run.json), so that changing one
+  field (its length, say) changes nothing else.
 - `scale_to_length`: a recipe with `full_strength_epochs` set its crops, stochastic depth and
   evaluation crop for a run that long; a shorter run scales each toward none by
   epochs / full_strength_epochs, so a short budget is not spent on regularisation it cannot use,
@@ -29,6 +31,25 @@ FEWEST_EPOCHS = 10
 WARMUP_SHARE = 0.1
 # The fields `scale_to_length` scales, and what each is at no regularisation.
 SCALED = dict(crop_area_min=1.0, drop_path=0.0, crop_ratio=1.0)
+
+
+def keep_decided(config, recorded):
+    """A resumed run's config with what its start decided (`recorded`, run.json's recipe) for the
+    fields the data and the length decide, except those the command line sets now: a run is sized
+    and scaled once, so extending it (`--steps 80 --accept_changes steps`) changes only what it
+    names."""
+    given = config.flags_given
+    keep = {}
+    for name in ("model", "image_size", "epochs"):
+        opened = getattr(config, name) is None and (name != "epochs" or config.steps is None)
+        length_given = name == "epochs" and {"epochs", "steps"} & set(given)
+        if opened and not length_given and name in recorded:
+            keep[name] = recorded[name]
+    if config.full_strength_epochs:
+        for name in (*SCALED, "eval_resize", "warmup_steps"):
+            if name not in given and name in recorded:
+                keep[name] = recorded[name]
+    return dataclasses.replace(config, **keep)
 
 
 def pick_model(side, images, classes):

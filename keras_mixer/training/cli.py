@@ -62,7 +62,15 @@ def user_errors():
             raise
         sys.stdout.flush()
         prefix = "stopped" if hasattr(e, "signum") else "error"
-        print(f"\n{prefix}: {line}", file=sys.stderr, flush=True)  # on a line of its own after a progress bar
+        text = f"\n{prefix}: {line}\n"  # on a line of its own after a progress bar
+        real = getattr(e, "stderr_fd", None)
+        if real is not None:
+            # A failed orbax save muted standard error for its pending writes' reports, which can
+            # come until the process ends: say the line on the real one and leave at once (files
+            # and the workdir lock were closed on the way here).
+            os.write(real, text.encode())
+            os._exit(1)
+        print(text, end="", file=sys.stderr, flush=True)
         sys.exit(128 + e.signum if hasattr(e, "signum") else 1)  # 143 after SIGTERM, as a shell reports it
 
 

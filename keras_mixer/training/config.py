@@ -152,8 +152,6 @@ class TrainConfig:
             raise ValueError("give one of epochs and steps, not both")
         if self.mode == "finetune" and not self.init:
             raise ValueError("fine-tuning needs --init (a .keras, official .npz or timm file, or a preset name)")
-        if self.mode == "finetune" and self.image_size is None:
-            raise ValueError("fine-tuning needs --image_size")
         if self.tpu is not None and self.strategy not in ("auto", "tpu"):
             raise ValueError(f"--tpu conflicts with --strategy={self.strategy}")
         positive = ("batch_size", "checkpoint_every", "log_every", "steps_per_loop", "image_size", "keep_checkpoints")

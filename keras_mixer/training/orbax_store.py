@@ -19,7 +19,6 @@ A state is any pytree of arrays (NumPy or JAX), such as {"trainable": [...], "st
 Rotation keeps the `keep` newest complete checkpoints and never deletes the newest one.
 """
 
-import contextlib
 import hashlib
 import logging
 import os
@@ -118,23 +117,6 @@ class _OrbaxErrors(logging.Filter):
         return True
 
 
-@contextlib.contextmanager
-def _stderr_muted():
-    """Standard error (the file descriptor, which C++ threads write to) to /dev/null for a while.
-    While a failed save closes orbax's event loop, the writes still pending in tensorstore each
-    report "Event loop is closed" with a traceback straight to it, bypassing Python's hooks."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with open(os.devnull, "w") as null:
-        os.dup2(null.fileno(), 2)
-    try:
-        yield
-    finally:
-        sys.stderr.flush()
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
 class OrbaxStore:
     """Saves, rotates and restores a training state (a pytree of arrays) in one folder.
 
@@ -214,13 +196,22 @@ class OrbaxStore:
         try:
             self._checkpointer.save(folder, state)
             self._checkpointer.wait_until_finished()
-        except BaseException:
+        except BaseException as e:
             # The error reaches the user as one line (the raised exception says what failed):
             # stop orbax's background threads before it is printed, and drop their reports of the
-            # same failure (a traceback from each write thread) and asyncio's after them.
+            # same failure (a traceback from each write thread) and asyncio's after them. Those
+            # can come until the process ends, so standard error stays muted; the exception
+            # carries the real one (`stderr_fd`) for the one line (training.cli.user_errors).
             logging.getLogger("asyncio").setLevel(logging.CRITICAL)
-            with _stderr_muted():
-                self._checkpointer.close()
+            sys.stderr.flush()
+            real = os.dup(2)
+            with open(os.devnull, "w") as null:
+                os.dup2(null.fileno(), 2)
+            self._checkpointer.close()
+            try:
+                e.stderr_fd = real
+            except AttributeError:  # an exception type without a __dict__: give the stream back
+                os.dup2(real, 2)
             raise
         else:
             for record in held.records:  # logged by a save that still succeeded: shown after all

@@ -99,6 +99,17 @@ def fit_to_data(config, source):
     ]
     if not open_fields:
         return config, None
+    if config.mode == "finetune" and "image_size" in open_fields:
+        # Fine-tuning keeps the weights' own input size unless --image_size asks for another.
+        from keras_mixer import loader
+
+        trained = loader.open_weights(config.init).trained_on.image_size
+        if trained is None:
+            raise ValueError(f"--init {config.init!r} does not record its input size: give --image_size")
+        config = dataclasses.replace(config, image_size=int(trained[0]))
+        open_fields.remove("image_size")
+        if not open_fields:
+            return config, None
     images, classes = source.num_examples, source.num_classes
     side = source.image_side()
     if side is None and ("model" in open_fields or "image_size" in open_fields):

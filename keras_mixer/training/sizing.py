@@ -20,6 +20,8 @@ the values the run used:
 import dataclasses
 import math
 
+from keras_mixer.variants import variant_config
+
 # The largest input the sizing picks: images above it are downscaled (the paper's 224).
 LARGEST_INPUT = 224
 # Up to this many training images a run gets the recipe's full 40 epochs; above, fewer (a large set
@@ -86,8 +88,6 @@ def pick_epochs(images):
 def fit_to_data(config, source):
     """(config with `model`, `image_size` and `epochs` filled in where they are None, one line
     saying what was picked and why; None when nothing was open)."""
-    from keras_mixer.variants import variant_config
-
     open_fields = [
         name
         for name, unset in (
@@ -121,14 +121,14 @@ def fit_to_data(config, source):
         picked["model"] = pick_model(side if config.image_size is None else config.image_size, images, classes)
     model = picked.get("model", config.model)
     if "image_size" in open_fields:
-        picked["image_size"] = pick_image_size(side, _patch(model, variant_config))
+        picked["image_size"] = pick_image_size(side, _patch(model))
     if "epochs" in open_fields:
         picked["epochs"] = pick_epochs(images)
     config = dataclasses.replace(config, **picked)
     why = [f"{images:,} training images in {classes} classes"]
     if side is not None:
         why.append(f"median shorter side {side} px")
-    size, patch = config.image_size, _patch(config.model, variant_config)
+    size, patch = config.image_size, _patch(config.model)
     choice = [f"{config.model} at {size} px ({size // patch}x{size // patch} tokens of {patch} px)"]
     if "epochs" in picked:
         choice.append(f"{config.epochs:g} epochs")
@@ -137,7 +137,7 @@ def fit_to_data(config, source):
     return config, line
 
 
-def _patch(model, variant_config):
+def _patch(model):
     return variant_config(model)["patch_size"]
 
 

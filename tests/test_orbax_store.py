@@ -125,3 +125,44 @@ def test_why_the_store_checks_more_than_orbax_does(tmp_path):
     store = _saved(tmp_path / "second", [10])
     restored = ocp.StandardCheckpointer().restore(store.folder(10), _state(0, width=301))
     assert np.shape(restored["trainable"][0]) != (301, 40)  # not the target's shape, no error
+
+
+class _Reporting:
+    """A checkpointer whose save writes a traceback-like report to fd 2, as orbax's write threads do
+    (from another thread, before the error reaches the caller), and then fails or succeeds."""
+
+    def __init__(self, error):
+        self.error = error
+
+    def save(self, folder, state):
+        import threading
+
+        writer = threading.Thread(target=os.write, args=(2, b"Traceback (most recent call last): report\n"))
+        writer.start()
+        writer.join()
+        if self.error:
+            raise OSError(28, "No space left on device")
+        os.makedirs(folder)
+
+    def wait_until_finished(self):
+        pass
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("fails", [True, False])
+def test_a_save_holds_back_what_its_threads_report_until_it_knows_how_it_ended(tmp_path, capfd, fails):
+    store = OrbaxStore(str(tmp_path / "checkpoints"), 2)
+    store._checkpointer = _Reporting(fails)
+    if fails:
+        saved = os.dup(2)
+        with pytest.raises(OSError) as raised:
+            store.save(10, _state(10))
+        os.write(2, b"after the failure\n")  # the process's later reports stay muted too
+        os.write(raised.value.stderr_fd, b"the one line\n")
+        os.dup2(saved, 2)
+        assert capfd.readouterr().err == "the one line\n"
+    else:
+        store.save(10, _state(10))
+        assert capfd.readouterr().err == "Traceback (most recent call last): report\n"  # shown, not lost

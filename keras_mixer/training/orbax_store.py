@@ -24,6 +24,7 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -103,18 +104,16 @@ def check_fits(restored, target):
             )
 
 
-class _OrbaxErrors(logging.Filter):
-    """Holds back the ERROR records orbax's own modules log while a save runs."""
-
-    def __init__(self):
-        super().__init__()
-        self.records = []
-
-    def filter(self, record):
-        if record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname:
-            self.records.append(record)
-            return False
-        return True
+def _give_back(real, held):
+    """Points standard error (fd 2) back at `real` and writes there what `held` caught."""
+    sys.stderr.flush()
+    os.dup2(real, 2)
+    os.close(real)
+    held.seek(0)
+    caught = held.read()
+    held.close()
+    if caught:
+        os.write(2, caught)
 
 
 class OrbaxStore:
@@ -190,34 +189,34 @@ class OrbaxStore:
         folder = self.folder(step)
         if os.path.exists(folder):  # an unfinished save of this step (no digests): orbax will not overwrite
             shutil.rmtree(folder)
-        held = _OrbaxErrors()
-        absl_logger = logging.getLogger("absl")  # orbax logs through absl
-        absl_logger.addFilter(held)
+        # Orbax's write threads report a failure each (a traceback), and asyncio once per pending
+        # write after orbax closed its event loop; that can start before the error reaches this
+        # thread. So standard error is held in a file while a save runs: shown after a save that
+        # succeeds, dropped after one that fails, whose error reaches the user as one line.
+        sys.stderr.flush()
+        real = os.dup(2)
+        held = tempfile.TemporaryFile()
+        os.dup2(held.fileno(), 2)
         try:
             self._checkpointer.save(folder, state)
             self._checkpointer.wait_until_finished()
-        except BaseException as e:
-            # The error reaches the user as one line (the raised exception says what failed):
-            # stop orbax's background threads before it is printed, and drop their reports of the
-            # same failure (a traceback from each write thread) and asyncio's after them. Those
-            # can come until the process ends, so standard error stays muted; the exception
-            # carries the real one (`stderr_fd`) for the one line (training.cli.user_errors).
+        except Exception as e:
+            # The reports can come until the process ends, so standard error stays muted; the
+            # exception carries the real one (`stderr_fd`) for the one line (training.cli.user_errors).
             logging.getLogger("asyncio").setLevel(logging.CRITICAL)
-            sys.stderr.flush()
-            real = os.dup(2)
             with open(os.devnull, "w") as null:
                 os.dup2(null.fileno(), 2)
+            held.close()
             self._checkpointer.close()
             try:
                 e.stderr_fd = real
             except AttributeError:  # an exception type without a __dict__: give the stream back
                 os.dup2(real, 2)
             raise
-        else:
-            for record in held.records:  # logged by a save that still succeeded: shown after all
-                absl_logger.handle(record)
-        finally:
-            absl_logger.removeFilter(held)
+        except BaseException:  # Ctrl-C mid-save: what follows it is for the user to see
+            _give_back(real, held)
+            raise
+        _give_back(real, held)
         if not self.chief:
             return folder
         write_digests(folder)

@@ -18,14 +18,14 @@ setup(
     package_data={"keras_mixer": ["assets/*.tsv"]},
     entry_points={
         "console_scripts": [
-            "keras-mixer-pretrain=keras_mixer.training.cli:run_pretrain",
-            "keras-mixer-finetune=keras_mixer.training.cli:run_finetune",
-            "keras-mixer-evaluate=keras_mixer.training.cli:run_evaluate",
-            "keras-mixer-export=keras_mixer.training.cli:run_export",
-            "keras-mixer-predict=keras_mixer.training.cli:run_predict",
-            "keras-mixer-study-permutation=keras_mixer.studies.permutation_cli:run",
-            "keras-mixer-visualize=keras_mixer.studies.token_pictures_cli:run",
-            "keras-mixer-fewshot=keras_mixer.studies.fewshot_cli:run",
+            "keras-mixer-pretrain=keras_mixer.programs:pretrain",
+            "keras-mixer-finetune=keras_mixer.programs:finetune",
+            "keras-mixer-evaluate=keras_mixer.programs:evaluate",
+            "keras-mixer-export=keras_mixer.programs:export",
+            "keras-mixer-predict=keras_mixer.programs:predict",
+            "keras-mixer-study-permutation=keras_mixer.programs:study_permutation",
+            "keras-mixer-visualize=keras_mixer.programs:visualize",
+            "keras-mixer-fewshot=keras_mixer.programs:fewshot",
         ]
     },
     python_requires=">=3.10",

@@ -12,26 +12,40 @@ Layers: `keras_mixer.layers`. The model: `keras_mixer.models`. Weights files and
 Nothing here imports TensorFlow, so the model runs on any Keras backend.
 """
 
-from keras_mixer.applications import (
-    MixerB16,
-    MixerB32,
-    MixerH14,
-    MixerL16,
-    MixerL32,
-    MixerS8,
-    MixerS16,
-    MixerS32,
-    create_model,
-)
-from keras_mixer.imagenet import decode_predictions
-from keras_mixer.jax_step import JaxTrainStep
-from keras_mixer.layers import DropPath, MixerBlock, MlpBlock, PatchStem
-from keras_mixer.loader import load_weights
-from keras_mixer.models import VARIANTS, MlpMixer, drop_path_schedule, preprocess_input, token_feature_model
-from keras_mixer.presets import list_presets
-from keras_mixer.resolution import expand_resolution
-from keras_mixer.weight_files import WeightsError
-from keras_mixer.weights import save_npz, save_timm
+import importlib
+
+# Names are imported on first use (PEP 562), so `import keras_mixer` or one of its programs starts
+# without loading Keras: the programs quiet TensorFlow's start-up lines before Keras imports it.
+_WHERE = {
+    **dict.fromkeys(
+        ["MixerB16", "MixerB32", "MixerH14", "MixerL16", "MixerL32", "MixerS8", "MixerS16", "MixerS32"], "applications"
+    ),
+    "create_model": "applications",
+    "decode_predictions": "imagenet",
+    "JaxTrainStep": "jax_step",
+    **dict.fromkeys(["DropPath", "MixerBlock", "MlpBlock", "PatchStem"], "layers"),
+    "load_weights": "loader",
+    **dict.fromkeys(
+        ["VARIANTS", "MlpMixer", "drop_path_schedule", "preprocess_input", "token_feature_model"], "models"
+    ),
+    "list_presets": "presets",
+    "expand_resolution": "resolution",
+    "WeightsError": "weight_files",
+    **dict.fromkeys(["save_npz", "save_timm"], "weights"),
+}
+
+
+def __getattr__(name):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+    globals()[name] = value  # found directly from now on
+    return value
+
+
+def __dir__():
+    return sorted({*globals(), *_WHERE})
+
 
 __version__ = "0.2.0"
 

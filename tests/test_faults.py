@@ -7,6 +7,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import struct
@@ -30,7 +31,8 @@ from keras_mixer.export import export_saved_model
 def finished(tmp_path_factory):
     """A finished 60-step demo run: checkpoints at 20, 40 and 60, model.keras, export/60."""
     workdir = tmp_path_factory.mktemp("finished") / "run"
-    trainer("pretrain", *RUN, "--workdir", workdir)
+    result = trainer("pretrain", *RUN, "--workdir", workdir)
+    (workdir.parent / "stdout.txt").write_text(result.stdout)  # what the run printed, beside it
     return workdir
 
 
@@ -66,10 +68,25 @@ def history_steps(workdir):
 
 
 @pytest.mark.slow
-def test_rerunning_a_finished_run_rewrites_nothing(workdir):
+def test_progress_written_to_a_file_is_one_line_per_log_point(finished):
+    # The trainer's stdout is a pipe here, as a log file is: whole lines, no bar redrawn with \r.
+    printed = (finished.parent / "stdout.txt").read_text()
+    assert "\r" not in printed and "\x1b[" not in printed
+    progress = [line for line in printed.splitlines() if line.startswith("step ")]
+    assert [line.split()[1] for line in progress] == ["20/60", "40/60", "60/60"], printed
+    line_form = r"step \d+/60  loss \d+\.\d{4}( {2}img/s \d+)?( {2}ETA \S+( \S+)?)?"
+    assert all(re.fullmatch(line_form, line) for line in progress), progress
+    assert "ETA" in progress[0] and "ETA" not in progress[-1]  # nothing left to wait for at the end
+
+
+@pytest.mark.slow
+def test_rerunning_a_finished_run_rewrites_nothing(workdir, finished):
     before = snapshot(workdir)
     result = trainer("pretrain", *RUN, "--workdir", workdir)
     assert "already finished at step 60" in result.stdout
+    [finish_line] = [line for line in (finished.parent / "stdout.txt").read_text().splitlines() if "Finished" in line]
+    top1 = re.search(r"eval top-1 ([0-9.]+)", finish_line).group(1)
+    assert f"(eval top-1 {top1})" in result.stdout  # as the finish line said it
     assert snapshot(workdir) == before  # no rewritten metrics, no second export
     assert sorted(os.listdir(workdir / "export")) == ["60"]
     m = strict_load(workdir / "metrics.json")

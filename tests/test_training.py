@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from multiworker import run_cluster
-from runs import ENV, ROOT, metrics, trainer
+from runs import ENV, ROOT, error_lines, metrics, trainer
 
 from keras_mixer.training import TrainConfig, WarmupDecay, choose_strategy, clip_by_global_norm, load_config
 from keras_mixer.training.config import CONFIGS_DIR
@@ -144,6 +144,18 @@ def test_bad_flags_are_one_line_usage_errors(args, message):
     errors = [line for line in result.stderr.splitlines() if "FATAL Flags parsing error" in line]
     assert len(errors) == 1, result.stderr[-2000:]
     assert re.search(message, errors[0]), errors[0]
+
+
+@pytest.mark.parametrize("asked", [False, True])
+def test_tensorflow_start_up_lines_are_off_unless_asked_for(asked):
+    # TensorFlow writes them while it is imported (oneDNN, CUDA, absl's InitializeLog warning), at
+    # any TF_CPP_MIN_LOG_LEVEL; KERAS_MIXER_VERBOSE=1 (or --verbose) brings them back.
+    env = {"KERAS_MIXER_VERBOSE": "1"} if asked else {}
+    result = trainer("evaluate", "--source", "no_such_model", check=False, env=env, timeout=120)
+    lines = result.stderr.splitlines()
+    start_up = [line for line in lines if "absl::InitializeLog" in line or re.match(r"[IWEF]\d{4} ", line)]
+    assert result.returncode == 1 and len(error_lines(result)) == 1 and "no_such_model" in error_lines(result)[0]
+    assert bool(start_up) == asked, result.stderr[-2000:]
 
 
 @pytest.mark.parametrize(

@@ -3,14 +3,12 @@
 python trainers/pretrain.py --helpshort
 """
 
-import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 try:
-    from keras_mixer.training import cli
+    from keras_mixer import programs
 except ImportError as e:  # run from a checkout that was not installed
     sys.exit(f"error: {e}. Install the package first, from the checkout: pip install -e .")
 
 if __name__ == "__main__":
-    cli.run_pretrain()
+    programs.pretrain()

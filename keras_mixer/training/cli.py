@@ -80,6 +80,12 @@ def program_flags(define):
     before = set(FLAGS)
     define()
     flags.DEFINE_boolean("debug", False, "Show the traceback of errors that are reported as one line.")
+    flags.DEFINE_boolean(
+        "verbose",
+        False,
+        "Show TensorFlow's start-up and INFO log lines (also KERAS_MIXER_VERBOSE=1); read before the flags are "
+        "parsed (keras_mixer.programs).",
+    )
     for name in sorted(set(FLAGS) - before):
         FLAGS.register_key_flag_for_module(sys.argv[0], FLAGS[name])
 
@@ -164,8 +170,9 @@ def _common_flags(recipe):
 
 
 def quiet_logs():
-    """TensorFlow's INFO chatter off; keras_mixer's own INFO lines (resume, XLA, expansion) kept."""
-    absl_logging.set_verbosity(absl_logging.WARNING)
+    """TensorFlow's INFO chatter off (unless --verbose); keras_mixer's own INFO lines (resume, XLA,
+    expansion) kept."""
+    absl_logging.set_verbosity(absl_logging.INFO if FLAGS.verbose else absl_logging.WARNING)
     logging.getLogger("keras_mixer").setLevel(logging.INFO)
 
 

@@ -95,7 +95,7 @@ class TrainConfig:
     )
     checkpoint_every: int = _field(500, "Steps between checkpoints.", operational=True)
     keep_checkpoints: int = _field(3, "Checkpoints kept (the newest ones).", operational=True)
-    log_every: int = _field(50, "Steps between TensorBoard points.", operational=True)
+    log_every: int = _field(50, "Steps between TensorBoard points (and log-file progress lines).", operational=True)
     eval_every: int = _field(0, "Steps between evaluations (0: only at the end).", operational=True)
     # The few-shot probes only read the model in inference mode, through unshuffled pipelines and
     # their own random generator: a run ends with bit-identical weights with or without them

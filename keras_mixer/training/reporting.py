@@ -3,6 +3,7 @@ and `metrics.json` (rewritten at every checkpoint, so a resumed run continues it
 
 import logging
 import os
+import sys
 import time
 
 import keras
@@ -41,16 +42,58 @@ class Throughput:
         return self.images / self.seconds if self.seconds > 0 else None
 
 
+class ProgressLines:
+    """Progress for a log file: a line every `log_every` steps, and one at least every `seconds`
+    between them, e.g. "step 120/880  loss 0.4123  img/s 1315  ETA 1m 12s". The ETA is
+    the wall clock per step since this process started, so checkpoints and evaluations count."""
+
+    def __init__(self, total_steps, log_every, seconds=30.0):
+        self.total_steps, self.log_every, self.seconds = total_steps, log_every, seconds
+        self._first = None  # (step, time) of the first update
+        self._said = time.monotonic()
+
+    def update(self, step, values=()):
+        now = time.monotonic()
+        if self._first is None:
+            self._first = (step, now)
+            return
+        if not (step % self.log_every == 0 or step >= self.total_steps or now - self._said >= self.seconds):
+            return
+        self._said = now
+        parts = [f"step {step}/{self.total_steps}"]
+        for name, value in values:
+            parts.append(f"{name} {value:.4f}" if name == "loss" else f"{name} {value:.0f}")
+        done, started = step - self._first[0], now - self._first[1]
+        if 0 < done and step < self.total_steps:
+            parts.append(f"ETA {_duration(started / done * (self.total_steps - step))}")
+        print("  ".join(parts), flush=True)
+
+
+def _duration(seconds):
+    """3h 05m, 1m 12s or 9s."""
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    if hours:
+        return f"{hours}h {minutes:02d}m"
+    return f"{minutes}m {seconds:02d}s" if minutes else f"{seconds}s"
+
+
 class Report:
     """The run's outputs for people: `metrics` (the dict written to metrics.json) plus the
     progress bar and TensorBoard. Only the chief writes; other workers keep the numbers."""
 
-    def __init__(self, workdir, chief, total_steps, metrics):
+    def __init__(self, workdir, chief, total_steps, metrics, log_every=1):
         self.path = os.path.join(workdir, "metrics.json")
         self.chief = chief
         self.metrics = metrics
         self.writer = _summary_writer(os.path.join(workdir, "tensorboard")) if chief else None
-        self.progress = keras.utils.Progbar(total_steps, stateful_metrics=["loss", "img/s"], verbose=1 if chief else 0)
+        if not chief:
+            self.progress = keras.utils.Progbar(total_steps, verbose=0)
+        elif sys.stdout.isatty():
+            self.progress = keras.utils.Progbar(total_steps, stateful_metrics=["loss", "img/s"])
+        else:  # a log file or a pipe: whole lines, not a bar redrawn with carriage returns
+            self.progress = ProgressLines(total_steps, log_every)
         self.progress.update(metrics["step"])
 
     def trained(self, step, loss, top1, norm, learning_rate, rate, log_point):

@@ -278,7 +278,7 @@ def make_report(run, step, resumed_from, previous, use_xla):
         data_problems=data_problems,
         fewshot=None,
     )
-    return Report(run.workdir, run.chief, run.total_steps, metrics)
+    return Report(run.workdir, run.chief, run.total_steps, metrics, config.log_every)
 
 
 def previous_metrics(run, resumed_from):
@@ -295,9 +295,10 @@ def already_finished(run, resumed_from, previous):
     if resumed_from is None or resumed_from < run.total_steps or not previous.get("finished"):
         return False
     if run.chief:
+        top1 = previous.get("eval_top1")
         print(
             f"The run in {os.path.abspath(run.workdir)} already finished at step {previous.get('step')} "
-            f"(eval top-1 {previous.get('eval_top1')}): nothing to do, nothing rewritten. Give a larger --steps "
+            f"(eval top-1 {top1:.4f}): nothing to do, nothing rewritten. Give a larger --steps "
             f"with --accept_changes=steps to train further, or --restart to start again.",
             flush=True,
         )

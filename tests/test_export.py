@@ -211,3 +211,18 @@ def test_a_preset_carries_its_class_names_and_evaluation_preprocessing(tmp_path,
     # A release name needs the variant; a larger size expands.
     bigger, _ = load_keras_model("gsam", model_name="S/32", image_size=448)
     assert bigger.grid_size == (14, 14) and bigger.tokens_mlp_dim == 4 * model.tokens_mlp_dim
+
+
+def test_a_class_names_file_is_read_in_label_order_and_each_bad_one_names_the_flag(tmp_path):
+    from keras_mixer.training.cli import read_class_names
+
+    (tmp_path / "classes.txt").write_text("  cat \n\ndog\nbird\n")
+    assert read_class_names(str(tmp_path / "classes.txt")) == ["cat", "dog", "bird"]
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    (tmp_path / "blank.txt").write_text("\n \n")
+    for name, reason in [("missing.txt", "no such file"), ("latin1.txt", "cannot be read"), ("blank.txt", "no names")]:
+        with pytest.raises(ValueError) as raised:
+            read_class_names(str(tmp_path / name))
+        message = str(raised.value)
+        assert message.startswith(f"--class_names '{tmp_path / name}'") and reason in message
+        assert "one class name per line" in message

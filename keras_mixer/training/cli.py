@@ -351,7 +351,9 @@ def run_export():
         _source_flags()
         flags.DEFINE_string("export_base", None, "TF Serving model base path; the version folder goes inside.")
         flags.DEFINE_integer("version", None, "Version number (default: next free).", lower_bound=1)
-        flags.DEFINE_string("class_names", None, "Text file with one class name per line, in label order.")
+        flags.DEFINE_string(
+            "class_names", None, "UTF-8 text file, one class name per line in label order (line 1: label 0)."
+        )
         define_model_flag(SOURCE_MODEL_HELP)
         flags.DEFINE_integer(
             "image_size", None, "Input size, for a preset or weights file --source (default its own).", lower_bound=1
@@ -388,10 +390,7 @@ def run_export():
 
         with user_errors():
             model, trained_on = load_keras_model(FLAGS.source, FLAGS.model, FLAGS.image_size)
-            class_names = None
-            if FLAGS.class_names:
-                with open(FLAGS.class_names) as f:
-                    class_names = [line.strip() for line in f if line.strip()]
+            class_names = read_class_names(FLAGS.class_names) if FLAGS.class_names else None
             path = export_saved_model(
                 model,
                 FLAGS.export_base,
@@ -412,6 +411,22 @@ def run_export():
 
 # Exit code of a predict run that skipped a file (1 stays for errors that stop the run).
 SKIPPED_EXIT = 2
+
+
+def read_class_names(path):
+    """The names in a --class_names file: UTF-8 text, one name per line in label order (line 1 is
+    label 0), blank lines and surrounding spaces left out."""
+    what = "a UTF-8 text file with one class name per line, in label order"
+    try:
+        with open(path, encoding="utf-8") as f:
+            names = [line.strip() for line in f if line.strip()]
+    except FileNotFoundError:
+        raise ValueError(f"--class_names {path!r}: no such file (expected {what})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"--class_names {path!r}: cannot be read ({e}); expected {what}") from None
+    if not names:
+        raise ValueError(f"--class_names {path!r} holds no names (expected {what})")
+    return names
 
 
 def run_predict():

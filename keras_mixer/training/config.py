@@ -95,6 +95,9 @@ class TrainConfig:
     )
     checkpoint_every: int = _field(500, "Steps between checkpoints.", operational=True)
     keep_checkpoints: int = _field(3, "Checkpoints kept (the newest ones).", operational=True)
+    cluster_timeout: float = _field(
+        900, "Seconds a multi-worker run waits at start for every worker to answer.", operational=True
+    )
     log_every: int = _field(50, "Steps between TensorBoard points (and log-file progress lines).", operational=True)
     eval_every: int = _field(0, "Steps between evaluations (0: only at the end).", operational=True)
     # The few-shot probes only read the model in inference mode, through unshuffled pipelines and
@@ -164,6 +167,8 @@ class TrainConfig:
             raise ValueError(f"steps must be a positive integer, got {self.steps}")
         if self.epochs is not None and not self.epochs > 0:
             raise ValueError(f"epochs must be positive, got {self.epochs}")
+        if not self.cluster_timeout > 0:
+            raise ValueError(f"cluster_timeout must be a positive number of seconds, got {self.cluster_timeout}")
         if self.eval_every < 0:
             raise ValueError(f"eval_every must be 0 (only at the end) or positive, got {self.eval_every}")
         if isinstance(self.fewshot_every, bool) or not isinstance(self.fewshot_every, int) or self.fewshot_every < 0:

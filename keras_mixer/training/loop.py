@@ -51,10 +51,9 @@ def train_tf(config, strategy=None, restart=False, accept_changes=()):
     """`trainer.train` on Keras' TensorFlow backend, under `strategy` (else one made from
     `config.strategy`): trains as `config` says and returns the final metrics."""
     if strategy is None:
-        kind = choose_strategy(
-            config.strategy, config.tpu, os.environ.get("TF_CONFIG"), len(tf.config.list_physical_devices("GPU"))
-        )
-        strategy = make_strategy(kind, config.tpu)
+        tf_config = os.environ.get("TF_CONFIG")
+        kind = choose_strategy(config.strategy, config.tpu, tf_config, len(tf.config.list_physical_devices("GPU")))
+        strategy = make_strategy(kind, config.tpu, tf_config, config.cluster_timeout)
     else:
         kind = type(strategy).__name__
     check_workdir(config.workdir)

@@ -3,23 +3,13 @@
 `choose_strategy` is pure (tested on its own); `make_strategy` only calls TensorFlow.
 """
 
-import json
 import logging
 
 import tensorflow as tf
 
+from keras_mixer.training.cluster import check_this_host, read_tf_config, wait_for_peers
+
 log = logging.getLogger("keras_mixer")
-
-
-def cluster_workers(tf_config):
-    """Number of worker tasks (chief included) in a TF_CONFIG JSON string ('' or None: 0)."""
-    if not tf_config:
-        return 0
-    try:
-        cluster = json.loads(tf_config).get("cluster", {})
-    except json.JSONDecodeError:
-        raise ValueError(f"TF_CONFIG is not valid JSON: {tf_config[:200]!r}") from None
-    return len(cluster.get("worker", [])) + len(cluster.get("chief", []))
 
 
 def choose_strategy(name, tpu=None, tf_config=None, num_gpus=0):
@@ -32,22 +22,30 @@ def choose_strategy(name, tpu=None, tf_config=None, num_gpus=0):
         return name
     if tpu is not None:
         return "tpu"
-    if cluster_workers(tf_config) > 1:
+    cluster = read_tf_config(tf_config)
+    if cluster is not None and cluster.size > 1:
         return "multi_worker"
     if num_gpus > 1:
         return "mirrored"
     return "default"
 
 
-def make_strategy(kind, tpu=None):
+def make_strategy(kind, tpu=None, tf_config=None, cluster_timeout=900):
     """Creates the strategy. For "tpu", `tpu` is a TPU name or address; "local" (bare `--tpu`) is
-    the TPU VM this process runs on."""
+    the TPU VM this process runs on. For "multi_worker" with a `tf_config` cluster, this task's
+    address is checked first, then the workers are waited for (`cluster.wait_for_peers`) for at most
+    `cluster_timeout` seconds."""
     if kind == "tpu":
         resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu or "local")
         tf.config.experimental_connect_to_cluster(resolver)
         tf.tpu.experimental.initialize_tpu_system(resolver)
         return tf.distribute.TPUStrategy(resolver)
     if kind == "multi_worker":
+        cluster = read_tf_config(tf_config)
+        if cluster is None or cluster.size == 1:
+            return tf.distribute.MultiWorkerMirroredStrategy()
+        check_this_host(cluster)
+        wait_for_peers(cluster, cluster_timeout)
         return tf.distribute.MultiWorkerMirroredStrategy()
     if kind == "mirrored":
         return tf.distribute.MirroredStrategy()

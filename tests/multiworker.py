@@ -16,22 +16,35 @@ def free_ports(count):
     return ports
 
 
-def run_cluster(command, workers=2, timeout=600, env=None):
-    """Starts `command` once per worker with TF_CONFIG set; returns the finished Popen objects."""
-    addresses = [f"localhost:{port}" for port in free_ports(workers)]
+def start_cluster(command, addresses, env=None):
+    """Starts `command` once per address, each with its TF_CONFIG task; returns the Popen objects
+    (stdout and stderr piped apart, text)."""
     processes = []
-    for index in range(workers):
+    for index in range(len(addresses)):
         tf_config = {"cluster": {"worker": addresses}, "task": {"type": "worker", "index": index}}
         worker_env = {**os.environ, **(env or {}), "TF_CONFIG": json.dumps(tf_config)}
         processes.append(
-            subprocess.Popen(command, env=worker_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            subprocess.Popen(command, env=worker_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         )
+    return processes
+
+
+def finish(processes, timeout=600):
+    """[(stdout, stderr)] of each process once it ended; kills them all after `timeout` seconds."""
     outputs = []
     try:
         for process in processes:
-            outputs.append(process.communicate(timeout=timeout)[0])
+            outputs.append(process.communicate(timeout=timeout))
     finally:
         for process in processes:
             if process.poll() is None:
                 process.kill()
-    return processes, outputs
+    return outputs
+
+
+def run_cluster(command, workers=2, timeout=600, env=None, addresses=None):
+    """Runs `command` as a local cluster (on `addresses`, else free ports); returns the finished
+    Popen objects and each one's stdout followed by its stderr."""
+    addresses = addresses or [f"localhost:{port}" for port in free_ports(workers)]
+    processes = start_cluster(command, addresses, env)
+    return processes, [out + err for out, err in finish(processes, timeout)]

@@ -16,7 +16,6 @@ import time
 import numpy as np
 import pytest
 import tensorflow as tf
-from multiworker import run_cluster
 from runs import ENV, ROOT, error_lines, metrics, trainer
 
 from keras_mixer.training import TrainConfig, WarmupDecay, choose_strategy, clip_by_global_norm, load_config
@@ -242,23 +241,23 @@ def _weights(workdir):
 
 @pytest.mark.slow
 def test_kill_9_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path):
-    args = ["--steps", 240, "--checkpoint_every", 20, "--log_every", 20, "--seed", 3, "--noexport"]
+    args = ["--steps", 120, "--checkpoint_every", 20, "--log_every", 20, "--seed", 3, "--noexport"]
     killed = tmp_path / "killed"
     command = [sys.executable, os.path.join(ROOT, "trainers", "pretrain.py"), *map(str, args), "--workdir", str(killed)]
     process = subprocess.Popen(command, env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline, seen = time.time() + 300, 0
-    while time.time() < deadline and seen < 80:
+    while time.time() < deadline and seen < 40:
         latest = tf.train.latest_checkpoint(str(killed / "checkpoints"))
         seen = int(latest.rsplit("-", 1)[1]) if latest else 0
         time.sleep(0.05)
-    assert seen >= 80, "no checkpoint appeared in time"
+    assert seen >= 40, "no checkpoint appeared in time"
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     assert not metrics(killed)["finished"]  # it really died mid-run (metrics.json holds its progress)
 
     resumed = trainer("pretrain", *args, "--workdir", killed).stdout
     m = metrics(killed)
-    assert m["step"] == 240 and m["resumed_from_step"] >= seen  # no finished, saved step lost
+    assert m["step"] == 120 and m["resumed_from_step"] >= seen  # no finished, saved step lost
     assert f"Resumed from step {m['resumed_from_step']}" in resumed
 
     trainer("pretrain", *args, "--workdir", tmp_path / "straight")
@@ -331,38 +330,6 @@ def test_mirrored_over_two_cpus_trains_like_the_default_strategy(tmp_path):
     mirrored, default = np.array(result["mirrored"][1]), np.array(result["default"][1])
     np.testing.assert_allclose(mirrored[:, 1], default[:, 1], rtol=1e-3)
     assert mirrored[-1, 1] < mirrored[0, 1]
-
-
-@pytest.mark.slow
-def test_two_worker_multi_worker_mirrored_trains_with_identical_weights(tmp_path):
-    command = [
-        sys.executable,
-        os.path.join(ROOT, "trainers", "pretrain.py"),
-        "--strategy",
-        "multi_worker",
-        "--steps",
-        "40",
-        "--log_every",
-        "10",
-        "--checkpoint_every",
-        "20",
-        "--write_worker_weights",
-        "--seed",
-        "0",
-        "--workdir",
-        str(tmp_path),
-    ]
-    processes, outputs = run_cluster(command, env=ENV, timeout=600)
-    assert [p.returncode for p in processes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
-    m = metrics(tmp_path)
-    assert m["replicas"] == 2 and m["strategy"] == "multi_worker"
-    assert m["loss_history"][-1][1] < 0.8 * m["loss_history"][0][1]
-    chief = np.load(tmp_path / "final_weights.npz")
-    other = np.load(tmp_path / "worker_1" / "final_weights.npz")
-    assert chief.files == other.files
-    for key in chief.files:
-        np.testing.assert_array_equal(chief[key], other[key])
-    assert not glob.glob(str(tmp_path / ".tmp_worker_*"))  # the non-chief's checkpoint copies are gone
 
 
 @pytest.mark.slow

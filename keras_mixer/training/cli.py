@@ -46,6 +46,8 @@ def _error_line(error):
             f"the disk is full{where} ({text[:200]}). Free some space, then rerun the same command: a training "
             f"run resumes from its last complete checkpoint, and no finished file was left half-written."
         )
+    if getattr(error, "hard_exit", False):  # a multi-worker stop: preemption or a lost worker
+        return text
     if isinstance(error, (ValueError, OSError, NoCheckpointRestores, TrainingDiverged, TrainingStopped, *file_errors)):
         return text
     return None
@@ -63,6 +65,11 @@ def user_errors():
         sys.stdout.flush()
         prefix = "stopped" if hasattr(e, "signum") else "error"
         text = f"\n{prefix}: {line}\n"  # on a line of its own after a progress bar
+        if getattr(e, "hard_exit", False):
+            # A multi-worker run that lost a worker or stopped: TensorFlow's cluster would wait for
+            # the other tasks at shutdown, so leave at once (checkpoints and metrics.json are written).
+            print(text, end="", file=sys.stderr, flush=True)
+            os._exit(128 + e.signum if hasattr(e, "signum") else 1)
         real = getattr(e, "stderr_fd", None)
         if real is not None:
             # A failed orbax save muted standard error for its pending writes' reports, which can

@@ -245,6 +245,9 @@ class _Engine:
         self.train_step.write_back(self.state)  # the probe reads the model's variables
         return self.run.fewshot(self.fewshot_features)
 
+    def between_calls(self, step):
+        pass  # no preemption agreement on JAX: each process stops on its own signal
+
     def close(self):
         self.train_step.write_back(self.state)  # the final weights into the model (and optimizer)
 

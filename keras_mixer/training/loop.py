@@ -23,6 +23,7 @@ import tensorflow as tf
 
 from keras_mixer import data
 from keras_mixer.training.checkpointing import CheckpointStore, NoCheckpointRestores, has_checkpoint_files
+from keras_mixer.training.cluster import read_tf_config
 from keras_mixer.training.evaluation import make_evaluator
 from keras_mixer.training.fewshot import features_function
 from keras_mixer.training.optimizer import make_optimizer
@@ -62,9 +63,9 @@ def train_tf(config, strategy=None, restart=False, accept_changes=()):
         replicas = strategy.num_replicas_in_sync
         print(f"Keras on tensorflow, {kind} strategy, {replicas} replica(s): {devices}", flush=True)
     lock = WorkdirLock(config.workdir).acquire() if is_chief(strategy) else None
-    multi_worker = getattr(strategy.extended, "_in_multi_worker_mode", lambda: False)()
     try:
-        with StopSignals(enabled=not multi_worker) as signals:
+        # Multi-worker: a signal stops every worker at one step (preemption.MultiWorkerStop).
+        with StopSignals(enabled=not _in_multi_worker_mode(strategy)) as signals:
             chief, replicas = is_chief(strategy), strategy.num_replicas_in_sync
             run = prepare(config, kind, chief, replicas, restart, tuple(accept_changes))
             if config.seed is not None:
@@ -73,6 +74,10 @@ def train_tf(config, strategy=None, restart=False, accept_changes=()):
     finally:
         if lock is not None:
             lock.release()
+
+
+def _in_multi_worker_mode(strategy):
+    return getattr(strategy.extended, "_in_multi_worker_mode", lambda: False)()
 
 
 def _build(run, strategy):
@@ -140,7 +145,23 @@ def _train(run, strategy, signals):
     step = int(step_var.numpy())
     report = make_report(run, step, resumed_from, previous, use_xla)
     engine = _Engine(run, strategy, model, optimizer, run_seed, store, steps, evaluate, fewshot_features)
-    train_steps(run, engine, report, signals, step)
+    if not _in_multi_worker_mode(strategy):
+        train_steps(run, engine, report, signals, step)
+    else:
+        from keras_mixer.training.preemption import PEER_ERRORS, MultiWorkerStop, lost_worker
+
+        def save(at):  # a checkpoint as any other, and metrics.json with it
+            store.save(at)
+            report.save()
+
+        engine.stop = MultiWorkerStop(strategy, save, store, run.total_steps)
+        try:
+            train_steps(run, engine, report, signals, step)
+        except PEER_ERRORS as e:
+            cluster = read_tf_config(os.environ.get("TF_CONFIG"))
+            raise lost_worker(e, cluster, report.metrics["step"], store.directory) from None
+        finally:
+            engine.stop.close()
     store.discard_worker_copies()
     if config.write_worker_weights:
         folder = run.workdir if run.chief else os.path.join(run.workdir, f"worker_{task_id(strategy)}")
@@ -162,6 +183,11 @@ class _Engine:
         self.run_seed, self.store, self.steps, self.evaluate = run_seed, store, steps, evaluate
         self.fewshot_features = fewshot_features
         self.iterator = None
+        self.stop = None  # a multi-worker run's preemption.MultiWorkerStop
+
+    def between_calls(self, step):
+        if self.stop is not None:
+            self.stop.check(step)
 
     def open_epoch(self, epoch, skip_steps):
         stream = _epoch_stream(self.run, self.strategy, int(self.run_seed.numpy()), epoch, skip_steps)

@@ -375,6 +375,10 @@ class Engine(Protocol):
     def probe(self):
         """The few-shot probe's results for the current weights (`FewshotProbe`)."""
 
+    def between_calls(self, step):
+        """After each host call's checkpoint, evaluation and probe, at `step`: where the cluster
+        agreed to stop (a multi-worker run's preemption), saves and raises TrainingStopped."""
+
     def close(self):
         """After the last step: the final state into the Keras model (and optimizer), to save it."""
 
@@ -425,6 +429,7 @@ def train_steps(run, engine, report, signals, step):
                 report.evaluated(step, *engine.evaluate())
             if config.fewshot_every and step % config.fewshot_every == 0 and step < run.total_steps:
                 report.fewshot(step, engine.probe())
+            engine.between_calls(step)
     report.evaluated(step, *engine.evaluate())
     engine.close()
     if run.fewshot:

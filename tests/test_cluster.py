@@ -93,6 +93,7 @@ def test_waiting_ends_when_the_peer_answers_and_a_busy_port_is_named():
             wait_for_peers(cluster, timeout=30)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
 def test_a_trainer_waiting_for_its_cluster_stops_at_once_on_a_signal_and_writes_nothing(tmp_path, stop):
     mine, theirs = free_ports(2)
@@ -115,6 +116,7 @@ def test_a_trainer_waiting_for_its_cluster_stops_at_once_on_a_signal_and_writes_
     assert "Traceback" not in err and not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_a_trainer_whose_cluster_never_forms_exits_with_one_line_and_no_workdir(tmp_path):
     mine, theirs = free_ports(2)
     env = {"TF_CONFIG": _config([f"localhost:{mine}", f"localhost:{theirs}"])}

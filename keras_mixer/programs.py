@@ -35,6 +35,8 @@ def quiet_tensorflow_start():
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     if "tensorflow" in sys.modules or importlib.util.find_spec("tensorflow") is None:
         return
+    if os.environ.get("KERAS_BACKEND") == "torch":  # torch loaded after TensorFlow crashes (measured)
+        return
     sys.stderr.flush()
     real = os.dup(2)
     with tempfile.TemporaryFile() as held:

@@ -159,7 +159,7 @@ def _train(run, strategy, signals):
             train_steps(run, engine, report, signals, step)
         except PEER_ERRORS as e:
             cluster = read_tf_config(os.environ.get("TF_CONFIG"))
-            raise lost_worker(e, cluster, report.metrics["step"], store.directory) from None
+            raise lost_worker(e, cluster, report.metrics["step"], store) from None
         finally:
             engine.stop.close()
     store.discard_worker_copies()

@@ -16,7 +16,6 @@ longer answer, the step, and the newest checkpoint that restores; the process th
 """
 
 import logging
-import os
 import shutil
 import signal
 import tempfile
@@ -50,7 +49,7 @@ class MultiWorkerStop:
     Args:
         strategy: the MultiWorkerMirroredStrategy.
         save: `save(step)` writes the run's checkpoint of `step` (collective: every worker calls it).
-        store: the run's checkpoint store, for the message (`latest()`).
+        store: the run's CheckpointStore, for the message (`prefix(step)`).
         total_steps: the run's length, for the message.
     """
 
@@ -91,7 +90,7 @@ class MultiWorkerStop:
         shutil.rmtree(self._folder, ignore_errors=True)
         signum = self.signalled or signal.SIGTERM
         why = signal.Signals(signum).name if self.signalled else "another worker of the cluster was preempted"
-        checkpoint = os.path.join(self._store.directory, f"ckpt-{self.step}")  # the chief's copy, every worker's
+        checkpoint = self._store.prefix(self.step)  # the chief's copy, which every worker restores
         stopped = TrainingStopped(
             f"{why}: every worker saved step {self.step} of {self._total} ({checkpoint}). Rerun the same command on "
             f"every worker to resume from it.",
@@ -104,12 +103,12 @@ class MultiWorkerStop:
         shutil.rmtree(self._folder, ignore_errors=True)
 
 
-def lost_worker(error, cluster, step, directory):
+def lost_worker(error, cluster, step, store):
     """The `WorkerLost` for a collective's `error` at `step` (the last step finished), naming the
-    tasks of `cluster` that no longer answer and the newest checkpoint in `directory` that restores."""
+    tasks of `cluster` that no longer answer and the newest checkpoint of `store` that restores."""
     gone = unreachable(cluster.peers()) if cluster is not None else []
-    steps = sorted(checkpoint_steps(directory), reverse=True)
-    newest, _ = newest_intact([os.path.join(directory, f"ckpt-{s}") for s in steps])
+    steps = sorted(checkpoint_steps(store.directory), reverse=True)
+    newest, _ = newest_intact([store.prefix(s) for s in steps])
     # TensorFlow's message opens with the graph node's Python stack; its last line says what happened.
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     reason = lines[-1][:200] if lines else ""

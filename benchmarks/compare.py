@@ -11,6 +11,12 @@ builds its model, runs `--warmup` untimed steps (tracing, compilation, allocator
 times `--steps` steps, each ended by reading a result back to the host. Reported per measurement:
 images/s = batch / (median step time), the median over rounds.
 
+The whole training loops (`... loop`) report their own images/s, a mean over their steady-state
+calls (steps queue between host reads; a median of single steps cannot be taken). Their cost,
+"what the loop costs beside its bare step", is therefore set against the bare step's mean rate of
+the same round, batch x steps / (sum of step times): a median would leave out the step's slow
+outliers that the loop's mean keeps (`loop_costs` in compare.json, a line under the table).
+
 What is measured (training: AdamW, gradient clipping at global norm 1, softmax cross-entropy):
 
     keras_mixer tf predict       TF backend, `model.predict_on_batch` (weights as variables)
@@ -674,6 +680,7 @@ def summarise(args, runs, matmul, skipped):
                 row.update(
                     images_per_second=statistics.median(per_round),
                     per_round=per_round,
+                    mean_per_round=[r["batch"] * len(r["seconds"]) / sum(r["seconds"]) for r in good],
                     batch=good[0]["batch"],
                     peak_memory=max(r["peak_memory"] for r in good),
                 )
@@ -717,8 +724,28 @@ def summarise(args, runs, matmul, skipped):
         skipped=skipped,
         rows=rows,
         timm_best=timm_best,
+        loop_costs=loop_costs(rows),
         command=shlex.join(["python", "benchmarks/compare.py", *sys.argv[1:]]),
     )
+
+
+# A whole loop and the bare step it runs, on the same backend.
+LOOP_STEPS = {"keras_mixer jax loop": "keras_mixer jax step", "keras_mixer tf loop": "keras_mixer tf trainers"}
+
+
+def loop_costs(rows):
+    """{"<model> <loop>": {step, cost, per_round}} for each loop measured beside its bare step: cost
+    = 1 - loop img/s / the step's mean img/s, per round (the two ran next to each other), then the
+    median over rounds. Rounds where either failed are left out."""
+    found = {(r["model"], r["name"]): r for r in rows if "mean_per_round" in r}
+    costs = {}
+    for (model, name), loop in found.items():
+        step = found.get((model, LOOP_STEPS.get(name)))
+        if step is None or loop["rounds"] != step["rounds"]:
+            continue
+        per_round = [1 - a / b for a, b in zip(loop["per_round"], step["mean_per_round"])]
+        costs[f"{model} {name}"] = dict(step=step["name"], cost=statistics.median(per_round), per_round=per_round)
+    return costs
 
 
 @functools.cache
@@ -784,6 +811,12 @@ def markdown(summary):
         )
     for key, best in summary.get("timm_best", {}).items():
         lines.append(f"\ntimm best, {key}: {best['name']}, {best['images_per_second']:.2f} img/s.")
+    for key, cost in summary.get("loop_costs", {}).items():
+        rounds = ", ".join(f"{c:+.1%}" for c in cost["per_round"])
+        lines.append(
+            f"\n{key} costs {cost['cost']:+.1%} of {cost['step']}'s mean img/s (median over rounds: {rounds}): "
+            "its input and bookkeeping."
+        )
     for name, why in summary["skipped"].items():
         lines.append(f"\nSkipped {name}: {why}.")
     return "\n".join(lines) + "\n"

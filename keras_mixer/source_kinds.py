@@ -29,8 +29,9 @@ def resolve(source, variant=None):
     """The `Source` that `source` (a string or path) names. `variant` ("B/16") completes a release
     name. A name that exists as a file or folder is that path, not a preset.
 
-    Raises FileNotFoundError (a path that is not there) or ValueError (an unknown preset name, a
-    folder that is neither a workdir nor an export), each naming the kinds it could have been."""
+    Raises FileNotFoundError (a path that is not there) or ValueError (a bare name that is neither
+    a file or folder here nor a preset, a folder that is neither a workdir nor an export), each
+    naming the kinds it could have been."""
     path = os.fspath(source)
     if os.path.isfile(path):
         return Source("keras" if path.endswith(".keras") else "weights", path)
@@ -48,8 +49,11 @@ def resolve(source, variant=None):
         return Source("checkpoint", path)
     if presets.is_preset_name(path):
         return Source("preset", presets.resolve(path, variant))
-    if os.sep not in path and "." not in path:
-        presets.resolve(path, variant)  # raises, listing the presets
+    if os.sep not in path and "." not in path:  # a bare name: a folder not here, or a preset misspelt
+        raise ValueError(
+            f"{path!r} is neither a file or folder (none by that name in {os.getcwd()}) nor a weights preset; "
+            f"presets: {', '.join(presets.PRESETS)}"
+        )
     raise FileNotFoundError(
         f"{path!r} does not exist: give a .keras file, a weights file (.npz, timm), a training workdir, a "
         f"checkpoint (WORKDIR/checkpoints/ckpt-N), a SavedModel or export base, or a preset name "

@@ -1,5 +1,7 @@
 """Shared test helpers: tiny Mixer configs so the suite stays fast on 2 CPU cores."""
 
+import fcntl
+import json
 import os
 import shutil
 import subprocess
@@ -60,10 +62,25 @@ def _float32_policy():
 
 
 @pytest.fixture(scope="session")
-def demo(tmp_path_factory):
+def demo(tmp_path_factory, worker_id):
     """`python trainers/pretrain.py` with the demo recipe, only the workdir moved: (workdir, the
-    finished process, seconds). One run shared by every test file that needs a trained model."""
-    workdir = tmp_path_factory.mktemp("demo")
+    finished process, seconds). One run shared by every test file that needs a trained model, and
+    by both pytest-xdist processes: the first to ask runs it, the other waits for it (a session
+    fixture would otherwise run once in each process; every user only reads the workdir)."""
+    if worker_id == "master":  # not distributed: this process's own temporary folder
+        return _demo_run(tmp_path_factory.mktemp("demo"))
+    shared = tmp_path_factory.getbasetemp().parent  # this session's folder, above each worker's
+    with open(shared / "demo.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        record = shared / "demo.json"
+        if not record.exists():
+            workdir, result, seconds = _demo_run(shared / "demo")
+            record.write_text(json.dumps(dict(stdout=result.stdout, stderr=result.stderr, seconds=seconds)))
+        saved = json.loads(record.read_text())
+    return shared / "demo", subprocess.CompletedProcess([], 0, saved["stdout"], saved["stderr"]), saved["seconds"]
+
+
+def _demo_run(workdir):
     started = time.perf_counter()
     result = trainer("pretrain", "--workdir", workdir)
     return workdir, result, time.perf_counter() - started

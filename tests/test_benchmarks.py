@@ -130,3 +130,20 @@ def test_a_measurement_past_its_timeout_is_stopped_and_listed_as_failed():
         batch=1, train_batch=1, steps=1, warmup=0, image_size=224, dtype="float32", expand_from=0, timeout=1
     )
     assert compare.launch(args, "flax jit", "B/16") == dict(error="timed out after 1 s")
+
+
+def test_a_loop_is_set_against_its_steps_mean_rate_round_by_round():
+    # A bare step of 1 s with one 3 s outlier in round 1: median rate 16 img/s, mean 16 / 1.5.
+    step = [
+        dict(seconds=[1.0, 1.0, 1.0, 3.0], batch=16, peak_memory=0),
+        dict(seconds=[2.0] * 4, batch=16, peak_memory=0),
+    ]
+    loop = [dict(seconds=[16 / 10.0], batch=16, peak_memory=0), dict(seconds=[16 / 7.6], batch=16, peak_memory=0)]
+    args = SimpleNamespace(image_size=64, expand_from=0, dtype="float32", steps=4, warmup=1, rounds=2)
+    summary = compare.summarise(args, {"S/16": {"keras_mixer jax step": step, "keras_mixer jax loop": loop}}, {}, {})
+    cost = summary["loop_costs"]["S/16 keras_mixer jax loop"]
+    # Round 1: 1 - 10 / (16 / 1.5); round 2: 1 - 7.6 / 8. A median step would make round 1 cost 37.5 %.
+    assert cost["step"] == "keras_mixer jax step"
+    assert cost["per_round"] == pytest.approx([1 - 10 / (16 / 1.5), 1 - 7.6 / 8])
+    assert cost["cost"] == pytest.approx((0.0625 + 0.05) / 2)
+    assert "S/16 keras_mixer jax loop costs +5.6% of keras_mixer jax step's mean img/s" in compare.markdown(summary)

@@ -201,7 +201,9 @@ def test_presets_fetch_through_keras_cache(tmp_path, monkeypatch, images):
         ValueError, match=r"'imagenet21k' is published for B/16, L/16, not for S/32; presets for it: mixer_s32_gsam"
     ):
         keras_mixer.MixerS32(weights="imagenet21k")
-    with pytest.raises(ValueError, match=r"Unknown weights preset 'jft'; presets: mixer_b16_imagenet1k"):
+    with pytest.raises(
+        ValueError, match=r"'jft' is neither a file or folder .* nor a weights preset; presets: mixer_b16_imagenet1k"
+    ):
         keras_mixer.MixerS32(weights="jft")
     with pytest.raises(ValueError, match=r"not for this custom configuration"):
         tiny_mixer(weights="gsam")

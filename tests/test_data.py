@@ -356,3 +356,24 @@ def test_bad_pipeline_arguments():
         data.make_pipeline(source, training=True, image_size=8, batch_size=4, mixup=-1)
     with pytest.raises(ValueError, match=r"image_size must be a positive integer, got 0"):
         data.make_pipeline(source, training=True, image_size=0, batch_size=4)
+
+
+def test_each_host_crops_and_flips_its_shard_with_its_own_draws():
+    # Every example is the same picture, so two hosts' batches differ only by their random crops
+    # and flips: with the same seed, host 1's k-th example must not take host 0's k-th draws.
+    from keras_mixer.data.sources import _in_memory
+
+    picture = np.random.default_rng(0).integers(0, 256, (1, 16, 16, 3)).astype("uint8")
+    source = _in_memory("same", "train", np.repeat(picture, 64, axis=0), np.zeros(64, np.int64), ["a", "b"])
+
+    def first_batch(host, hosts):
+        context = tf.distribute.InputContext(
+            num_input_pipelines=hosts, input_pipeline_id=host, num_replicas_in_sync=hosts
+        )
+        stream = data.train_pipeline(source, image_size=16, batch_size=16, input_context=context, seed=3)
+        return next(iter(stream))[0].numpy()
+
+    host0, host1 = first_batch(0, 2), first_batch(1, 2)
+    assert not any(np.array_equal(a, b) for a, b in zip(host0, host1))
+    # One host reads the stream it always read: host 0 of 2 takes the even draws of one host's.
+    assert np.array_equal(first_batch(0, 1)[::2], host0)

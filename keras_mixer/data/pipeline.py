@@ -47,8 +47,9 @@ def train_pipeline(
         batch_size: the global batch size; with `input_context` each replica gets its share.
         input_context: `tf.distribute.InputContext` from `distribute_datasets_from_function`:
             this worker reads only its shard.
-        seed: fixes shuffling and every random transform: two pipelines with the same seed give
-            the same batches. None: shuffling and augmentation differ each run.
+        seed: fixes shuffling and every random transform: two pipelines with the same seed (and
+            the same `input_context`) give the same batches; the hosts of one run, each reading its
+            shard, draw their crops and flips apart. None: shuffling and augmentation differ each run.
         shuffle_buffer: examples in the shuffle buffer. cache: cache decoded source examples.
         randaugment: None or the paper's magnitude m (two ops). mixup: None or Beta alpha.
         one_hot: one-hot labels [B, classes] (always with mixup), else int labels [B].
@@ -69,10 +70,15 @@ def train_pipeline(
     randaug = transforms.randaugment_layer(randaugment, seed=seed) if randaugment else None
     finish = _finisher(source, image_size, permutation, rescale, one_hot)
 
+    # Each host reads its own shard with the same seed: its k-th example takes the draws of visit
+    # k * hosts + host, so no two hosts crop and flip alike (one host: visit k, as ever).
+    hosts, host = (input_context.num_input_pipelines, input_context.input_pipeline_id) if input_context else (1, 0)
+
     def prepare(index, example):
         image, label = example
-        crop_seed = tf.stack([tf.constant(base_seed, tf.int64), 2 * index])
-        flip_seed = tf.stack([tf.constant(base_seed, tf.int64), 2 * index + 1])
+        visit = index * hosts + host
+        crop_seed = tf.stack([tf.constant(base_seed, tf.int64), 2 * visit])
+        flip_seed = tf.stack([tf.constant(base_seed, tf.int64), 2 * visit + 1])
         image = transforms.inception_crop(image, image_size, crop_seed, area_range)
         if flip:
             image = transforms.random_flip(image, flip_seed)

@@ -19,6 +19,7 @@ import typing
 from absl import app, flags
 from absl import logging as absl_logging
 
+from keras_mixer import tensorflow_start
 from keras_mixer.precisions import SERVING
 from keras_mixer.training.config import FLAG_FIELDS, TrainConfig, accepts_none, parse_shots, recipe_names
 from keras_mixer.variants import MODEL_NAMES
@@ -183,17 +184,22 @@ def quiet_logs():
     logging.getLogger("keras_mixer").setLevel(logging.INFO)
 
 
-def run_program(define, body, takes_paths=False):
-    """Every program's start: defines its flags (`define`), parses the command line and runs
-    `body()` (`body(paths)` for a program that `takes_paths`; the others refuse a positional
-    argument with absl's one-line usage error, exit code 1). TensorFlow's INFO logs are quieted; a
-    bare `--tpu` means the local TPU VM."""
+def run_program(define, body, takes_paths=False, check=None):
+    """Every program's start: defines its flags (`define`), parses the command line, runs
+    `check()` where given (the checks that need no TensorFlow), imports TensorFlow with its
+    start-up lines left out (`tensorflow_start`) and runs `body()` (`body(paths)` for a program
+    that `takes_paths`; the others refuse a positional argument with absl's one-line usage error,
+    exit code 1). So a bad flag is refused before the seconds TensorFlow's import takes.
+    TensorFlow's INFO logs are quieted; a bare `--tpu` means the local TPU VM."""
     program_flags(define)
 
     def main(argv):
         if len(argv) > 1 and not takes_paths:
             raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
         quiet_logs()
+        if check is not None:
+            check()
+        tensorflow_start.quiet_import()
         body(argv[1:]) if takes_paths else body()
 
     app.run(main, argv=normalise_argv(sys.argv))
@@ -224,23 +230,36 @@ def flag_overrides(names, flag_values=FLAGS):
     return values
 
 
-def _train(extra=(), mode="pretrain"):
-    from keras_mixer.training.config import load_config
-    from keras_mixer.training.trainer import train
+def _training(extra=(), mode="pretrain"):
+    """(check, body) of a training program: `check` reads the recipe with the flags and checks it
+    (no TensorFlow), `body` trains it."""
+    checked = {}
 
-    with user_errors():
-        config = load_config(FLAGS.config, mode=mode, **flag_overrides((*FLAG_FIELDS, *extra))).validate()
-        unknown = sorted(set(FLAGS.accept_changes) - set(TrainConfig.__dataclass_fields__) - {"all"})
-        if unknown:
-            raise ValueError(f"--accept_changes names unknown fields {unknown}; valid: recipe field names or 'all'")
-    what = config.model or config.init or "a Mixer sized to the data"
-    print(f"Training {what} on {config.dataset}; workdir {os.path.abspath(config.workdir)}")
-    with user_errors():
-        train(config, restart=FLAGS.restart, accept_changes=FLAGS.accept_changes)
+    def check():
+        from keras_mixer.training.config import load_config
+
+        with user_errors():
+            config = load_config(FLAGS.config, mode=mode, **flag_overrides((*FLAG_FIELDS, *extra))).validate()
+            unknown = sorted(set(FLAGS.accept_changes) - set(TrainConfig.__dataclass_fields__) - {"all"})
+            if unknown:
+                raise ValueError(f"--accept_changes names unknown fields {unknown}; valid: recipe field names or 'all'")
+        checked["config"] = config
+
+    def body():
+        from keras_mixer.training.trainer import train
+
+        config = checked["config"]
+        what = config.model or config.init or "a Mixer sized to the data"
+        print(f"Training {what} on {config.dataset}; workdir {os.path.abspath(config.workdir)}")
+        with user_errors():
+            train(config, restart=FLAGS.restart, accept_changes=FLAGS.accept_changes)
+
+    return check, body
 
 
 def run_pretrain():
-    run_program(lambda: _common_flags("demo"), _train)
+    check, body = _training()
+    run_program(lambda: _common_flags("demo"), body, check=check)
 
 
 def run_finetune():
@@ -248,7 +267,8 @@ def run_finetune():
         _common_flags("finetune_demo")
         define_field_flags(["init"])
 
-    run_program(define, lambda: _train(extra=("init",), mode="finetune"))
+    check, body = _training(extra=("init",), mode="finetune")
+    run_program(define, body, check=check)
 
 
 # --- evaluate and export ----------------------------------------------------------------------------

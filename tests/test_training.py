@@ -16,7 +16,7 @@ import time
 import numpy as np
 import pytest
 import tensorflow as tf
-from runs import ENV, ROOT, error_lines, metrics, trainer
+from runs import ENV, ROOT, assert_one_line_error, error_lines, metrics, trainer
 
 from keras_mixer.training import TrainConfig, WarmupDecay, choose_strategy, clip_by_global_norm, load_config
 from keras_mixer.training.config import CONFIGS_DIR
@@ -126,10 +126,6 @@ def test_the_flags_come_from_the_table_of_training_fields():
     [
         (["--model", "X/9"], r"flag --model=X/9: unknown model; valid: S/32, .*T/2"),
         (
-            ["--dataset", "no_such_data_set"],
-            r"flag --dataset=no_such_data_set: unknown data set; valid: digits, folder:PATH",
-        ),
-        (
             ["--strategy", "parallel"],
             r"flag --strategy=parallel: value should be one of <auto\|default\|mirrored\|multi_worker\|tpu>",
         ),
@@ -137,12 +133,37 @@ def test_the_flags_come_from_the_table_of_training_fields():
         (["--tpu", "--strategy", "mirrored"], r"--tpu conflicts with --strategy"),
     ],
 )
-def test_bad_flags_are_one_line_usage_errors(args, message):
-    result = trainer("pretrain", *args, check=False, timeout=120)
+def test_bad_flags_are_one_line_usage_errors(args, message, tmp_path):
+    result = trainer("pretrain", *args, check=False, timeout=120, env=_tensorflow_that_fails(tmp_path))
+    _assert_one_usage_error(result, message)
+
+
+def test_an_unknown_data_set_is_a_usage_error():
+    # TFDS, which knows the names, comes with TensorFlow: this check imports it.
+    result = trainer("pretrain", "--dataset", "no_such_data_set", check=False, timeout=120)
+    _assert_one_usage_error(result, r"flag --dataset=no_such_data_set: unknown data set; valid: digits, folder:PATH")
+
+
+def _assert_one_usage_error(result, message):
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if "FATAL Flags parsing error" in line]
     assert len(errors) == 1, result.stderr[-2000:]
     assert re.search(message, errors[0]), errors[0]
+
+
+def _tensorflow_that_fails(folder):
+    """An environment whose `import tensorflow` fails loudly: a program that refuses its command
+    line before importing TensorFlow (in a fraction of a second, not the import's seconds) never
+    notices it."""
+    fake = folder / "fake_tensorflow" / "tensorflow"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('TensorFlow was imported')\n")
+    return {"PYTHONPATH": f"{fake.parent}{os.pathsep}{ROOT}"}
+
+
+def test_a_bad_recipe_value_is_refused_before_tensorflow_is_imported(tmp_path):
+    result = trainer("pretrain", "--crop_area_min", 2, check=False, env=_tensorflow_that_fails(tmp_path))
+    assert_one_line_error(result, "crop_area_min must be in (0, 1], got 2")
 
 
 @pytest.mark.parametrize("asked", [False, True])

@@ -29,16 +29,17 @@ FLAGS = flags.FLAGS
 
 def _error_line(error):
     """The one line for a user's or the machine's error, or None for a bug."""
-    from keras_mixer.data.sources import tensorflow_installed
-    from keras_mixer.training.checkpointing import NoCheckpointRestores
-    from keras_mixer.training.run import TrainingDiverged, TrainingStopped
-
-    file_errors = ()
-    if tensorflow_installed():
-        import tensorflow as tf
-
+    # Only a class already loaded can have been raised: looking the classes up in sys.modules
+    # never imports TensorFlow (the command line is checked before it is imported).
+    ours = [
+        getattr(sys.modules[module], name)
+        for module, name in _ERROR_CLASSES
+        if module in sys.modules and hasattr(sys.modules[module], name)
+    ]
+    tf = sys.modules.get("tensorflow")
+    if tf is not None and hasattr(tf, "errors"):
         # TensorFlow's file errors (a missing, unreadable or corrupt file) are the user's to fix too.
-        file_errors = (tf.errors.NotFoundError, tf.errors.DataLossError, tf.errors.PermissionDeniedError)
+        ours += [tf.errors.NotFoundError, tf.errors.DataLossError, tf.errors.PermissionDeniedError]
 
     text = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", " ".join(str(error).split()))
     if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in text:
@@ -49,9 +50,17 @@ def _error_line(error):
         )
     if getattr(error, "hard_exit", False):  # a multi-worker stop: preemption or a lost worker
         return text
-    if isinstance(error, (ValueError, OSError, NoCheckpointRestores, TrainingDiverged, TrainingStopped, *file_errors)):
+    if isinstance(error, (ValueError, OSError, *ours)):
         return text
     return None
+
+
+# The package's own errors a user or the machine causes, by module.
+_ERROR_CLASSES = (
+    ("keras_mixer.training.checkpointing", "NoCheckpointRestores"),
+    ("keras_mixer.training.run", "TrainingDiverged"),
+    ("keras_mixer.training.run", "TrainingStopped"),
+)
 
 
 @contextlib.contextmanager

@@ -74,7 +74,7 @@ def demo(tmp_path_factory, worker_id):
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         record = shared / "demo.json"
         if not record.exists():
-            workdir, result, seconds = _demo_run(shared / "demo")
+            _, result, seconds = _demo_run(shared / "demo")
             record.write_text(json.dumps(dict(stdout=result.stdout, stderr=result.stderr, seconds=seconds)))
         saved = json.loads(record.read_text())
     return shared / "demo", subprocess.CompletedProcess([], 0, saved["stdout"], saved["stderr"]), saved["seconds"]

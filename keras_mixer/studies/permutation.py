@@ -30,8 +30,8 @@ from keras_mixer.training.config import OPERATIONAL_FIELDS, run_length
 from keras_mixer.training.evaluation import make_evaluator
 from keras_mixer.training.loop import recipe_stream
 from keras_mixer.training.optimizer import make_optimizer, set_mixed_precision
-from keras_mixer.training.run import TrainingDiverged
 from keras_mixer.training.step import decide_xla, make_train_steps
+from keras_mixer.training.stops import TrainingDiverged
 
 ORDERS = ("original", "patches", "pixels")
 MODELS = ("mixer", "resnet")

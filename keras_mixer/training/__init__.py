@@ -11,7 +11,7 @@ _WHERE = {
     "TrainConfig": "config",
     "load_config": "config",
     "train": "trainer",
-    "TrainingDiverged": "run",
+    "TrainingDiverged": "stops",
     "WarmupDecay": "schedules",
     "clip_by_global_norm": "step",
     "make_optimizer": "optimizer",

@@ -29,16 +29,15 @@ FLAGS = flags.FLAGS
 
 def _error_line(error):
     """The one line for a user's or the machine's error, or None for a bug."""
-    # Only a class already loaded can have been raised: looking the classes up in sys.modules
-    # never imports TensorFlow (the command line is checked before it is imported).
-    ours = [
-        getattr(sys.modules[module], name)
-        for module, name in _ERROR_CLASSES
-        if module in sys.modules and hasattr(sys.modules[module], name)
-    ]
+    from keras_mixer.training.checkpointing import NoCheckpointRestores
+    from keras_mixer.training.stops import TrainingDiverged, TrainingStopped
+
+    ours = [NoCheckpointRestores, TrainingDiverged, TrainingStopped]
+    # TensorFlow's file errors (a missing, unreadable or corrupt file) are the user's to fix too.
+    # Only a TensorFlow that is loaded can have raised one: the command line is checked before
+    # TensorFlow is imported, and telling its errors apart must not import it.
     tf = sys.modules.get("tensorflow")
-    if tf is not None and hasattr(tf, "errors"):
-        # TensorFlow's file errors (a missing, unreadable or corrupt file) are the user's to fix too.
+    if tf is not None:
         ours += [tf.errors.NotFoundError, tf.errors.DataLossError, tf.errors.PermissionDeniedError]
 
     text = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", " ".join(str(error).split()))
@@ -53,14 +52,6 @@ def _error_line(error):
     if isinstance(error, (ValueError, OSError, *ours)):
         return text
     return None
-
-
-# The package's own errors a user or the machine causes, by module.
-_ERROR_CLASSES = (
-    ("keras_mixer.training.checkpointing", "NoCheckpointRestores"),
-    ("keras_mixer.training.run", "TrainingDiverged"),
-    ("keras_mixer.training.run", "TrainingStopped"),
-)
 
 
 @contextlib.contextmanager

@@ -24,7 +24,7 @@ import tensorflow as tf
 
 from keras_mixer.training.checkpointing import checkpoint_steps, newest_intact
 from keras_mixer.training.cluster import describe, unreachable
-from keras_mixer.training.run import TrainingStopped
+from keras_mixer.training.stops import TrainingStopped
 
 # What a collective reports when a peer went away (connection reset, aborted by the health check,
 # deadline passed); a file error or a bug keeps its own report.

@@ -33,24 +33,13 @@ from keras_mixer.training.fewshot import TRAINING_DRAWS, FewshotProbe
 from keras_mixer.training.optimizer import set_mixed_precision
 from keras_mixer.training.reporting import Report, Throughput
 from keras_mixer.training.sizing import fit_to_data, keep_decided, scale_to_length
+from keras_mixer.training.stops import TrainingDiverged, TrainingStopped
 from keras_mixer.training.workdir import move_to_previous, remove_leftovers
 from keras_mixer.weights import save_keras
 
 log = logging.getLogger("keras_mixer")
 # A band of evaluation crop ratios wider than this giving one crop is worth a warning.
 COARSE_CROPS = 0.05
-
-
-class TrainingDiverged(FloatingPointError):
-    """The loss became NaN or Inf; the last good checkpoint is kept."""
-
-
-class TrainingStopped(RuntimeError):
-    """SIGTERM or SIGINT arrived; a checkpoint of the current step was written first."""
-
-    def __init__(self, message, signum):
-        super().__init__(message)
-        self.signum = signum
 
 
 class StopSignals:

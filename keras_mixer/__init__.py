@@ -67,6 +67,12 @@ def freeze(model, precision="float32"):
     return frozen(model, precision)
 
 
+# A saved model names its classes by their registered Keras names: register them whenever Keras
+# loads (now, or right after its import), so `keras.saving.load_model` works after this import alone.
+from keras_mixer import registration  # noqa: E402  (standard library only)
+
+registration.register_when_keras_loads()
+
 __all__ = [
     "VARIANTS",
     "DropPath",

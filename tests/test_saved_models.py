@@ -1,0 +1,120 @@
+"""Every `.keras` the package or a user writes loads with `keras.saving.load_model` in a fresh process
+that imports only keras_mixer and Keras, on the TensorFlow, JAX and torch backends, with the outputs
+it was saved with. An in-process load cannot show this: the process that built the model has its
+classes registered already."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import randomize, tiny_mixer
+from runs import ENV, ROOT
+
+import keras_mixer
+
+V0_2 = os.path.join(ROOT, "tests", "data", "v0_2")
+
+# Loads each file, predicts the saved images and prints {file: max |difference|} as JSON. The first
+# argument says which is imported first: keras_mixer (Keras loads after it, through TensorFlow on
+# that backend) or Keras.
+LOAD = """
+import json, sys
+import numpy as np
+if sys.argv[1] == "keras_mixer_first":
+    import keras_mixer
+    import keras
+else:
+    import keras
+    import keras_mixer
+result = {"backend": keras.backend.backend()}
+for path, expected in json.loads(sys.argv[2]).items():
+    model = keras.saving.load_model(path)
+    saved = np.load(expected)
+    out = keras.ops.convert_to_numpy(model(saved["images"], training=False))
+    result[path] = [type(model).__name__, float(np.max(np.abs(out - saved["logits"])))]
+print(json.dumps(result))
+"""
+
+
+def _saved(model, folder, name, images):
+    path = os.path.join(folder, f"{name}.keras")
+    model.save(path)
+    np.savez(os.path.join(folder, f"{name}.npz"), images=images, logits=model.predict(images, verbose=0))
+    return path, os.path.join(folder, f"{name}.npz")
+
+
+@pytest.fixture(scope="module")
+def saved_files(tmp_path_factory):
+    """{.keras path: .npz with its images and logits}: a user's model.save, an expanded-resolution
+    model and a file written by version 0.2."""
+    folder = str(tmp_path_factory.mktemp("saved"))
+    images = np.random.default_rng(3).uniform(0, 255, (2, 16, 16, 3)).astype("float32")
+    files = dict([_saved(randomize(tiny_mixer(drop_path_rate=0.1, dropout_rate=0.1)), folder, "user", images)])
+    wide = keras_mixer.expand_resolution(randomize(tiny_mixer(), seed=1), (32, 32))
+    big = np.random.default_rng(4).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    files.update([_saved(wide, folder, "expanded", big)])
+    files[os.path.join(V0_2, "tiny.keras")] = os.path.join(V0_2, "tiny_outputs.npz")
+    return files
+
+
+def _load_fresh(files, backend="tensorflow", first="keras_mixer_first"):
+    """{path: [class name, max |difference| from the saved logits]} from a fresh process."""
+    result = subprocess.run(
+        [sys.executable, "-c", LOAD, first, json.dumps(files)],
+        capture_output=True,
+        text=True,
+        env={**ENV, "KERAS_BACKEND": backend},
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    loaded = json.loads(result.stdout.strip().splitlines()[-1])
+    assert loaded.pop("backend") == backend
+    assert set(loaded) == set(files)
+    return loaded
+
+
+@pytest.mark.parametrize(
+    "backend,first",
+    [
+        ("tensorflow", "keras_mixer_first"),
+        ("tensorflow", "keras_first"),
+        ("jax", "keras_mixer_first"),
+        ("torch", "keras_mixer_first"),
+    ],
+)
+def test_every_saved_model_loads_in_a_fresh_process(saved_files, backend, first):
+    for path, (cls, difference) in _load_fresh(saved_files, backend, first).items():
+        assert cls == "MlpMixer", path
+        assert difference < 1e-4, (path, difference)
+
+
+@pytest.mark.slow
+def test_a_training_runs_model_keras_loads_in_a_fresh_process(demo, tmp_path):
+    import keras
+
+    path = os.path.join(demo[0], "model.keras")
+    model = keras.saving.load_model(path)
+    images = np.random.default_rng(5).uniform(0, 255, (2, *model.input_shape[1:])).astype("float32")
+    np.savez(tmp_path / "run.npz", images=images, logits=model.predict(images, verbose=0))
+    ((cls, difference),) = _load_fresh({path: str(tmp_path / "run.npz")}).values()
+    assert cls == "MlpMixer" and difference < 1e-4
+
+
+def test_tf_keras_loads_a_saved_model_after_import_keras_mixer(saved_files):
+    # tf.keras is Keras 3 loaded lazily by TensorFlow: the registration must follow that import too.
+    path = os.path.join(V0_2, "tiny.keras")
+    code = f"import keras_mixer, tensorflow as tf\nprint(type(tf.keras.models.load_model({path!r})).__name__)\n"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "MlpMixer"
+
+
+def test_import_keras_mixer_alone_loads_no_keras():
+    # The registration waits for Keras: the programs quiet TensorFlow's start-up before it loads.
+    code = "import sys, keras_mixer\nprint(sorted(m for m in ('keras', 'tensorflow', 'jax') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "[]"

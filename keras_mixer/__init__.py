@@ -2,7 +2,7 @@
 
     import keras_mixer
     model = keras_mixer.MixerB16(classes=10)                       # images in [0, 255], [B, 224, 224, 3]
-    model = keras_mixer.MlpMixer.from_preset("mixer_b16_imagenet1k")
+    model = keras_mixer.MlpMixer.from_preset("mixer_b16_imagenet1k")  # or hf://, kaggle://, a folder
     keras_mixer.decode_predictions(model.predict(images))           # [(wnid, name, score), ...] per image
     fast = keras_mixer.freeze(model, "bfloat16")                    # frozen TF graph: fastest on CPUs with AMX
     features = keras_mixer.token_feature_model(model)               # every block's [B, S, C] tokens
@@ -29,6 +29,7 @@ _WHERE = {
         ["VARIANTS", "MlpMixer", "drop_path_schedule", "preprocess_input", "token_feature_model"], "models"
     ),
     "list_presets": "presets",
+    "upload_preset": "hubs",
     "expand_resolution": "resolution",
     "WeightsError": "weight_files",
     **dict.fromkeys(["save_npz", "save_timm"], "weights"),
@@ -101,4 +102,5 @@ __all__ = [
     "save_npz",
     "save_timm",
     "token_feature_model",
+    "upload_preset",
 ]

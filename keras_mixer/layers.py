@@ -43,13 +43,31 @@ def recomputing(recompute):
     return jax.default_backend() == "gpu"
 
 
+def policy_of(dtype):
+    """A layer's `dtype` argument as a policy: None stays None (the global policy); a
+    `DTypePolicyMap` is copied with each entry made a policy (Keras' map keeps names as given,
+    which its layers cannot read), so quantizing the model never changes the caller's map."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, keras.dtype_policies.DTypePolicyMap):
+        entries = {path: keras.dtype_policies.get(dtype[path]) for path in dtype}
+        return keras.dtype_policies.DTypePolicyMap(dtype.default_policy, entries)
+    return keras.dtype_policies.get(dtype)
+
+
 def float32_if_mixed(policy):
     """The dtype for the numerically sensitive end of the model (pre-head LayerNorm, pooling, head).
 
     Under a mixed policy (`mixed_bfloat16`, `mixed_float16`) they run in float32, as is usual for
-    logits; otherwise they follow `policy`.
+    logits; otherwise they follow `policy`. A `DTypePolicyMap` keeps its per-layer entries (a
+    quantized head stays quantized) over a float32 default where its own default is mixed.
     """
     policy = keras.dtype_policies.get(policy) if policy is not None else keras.config.dtype_policy()
+    if isinstance(policy, keras.dtype_policies.DTypePolicyMap):
+        default = policy.default_policy
+        if default.compute_dtype == default.variable_dtype:
+            return policy
+        return keras.dtype_policies.DTypePolicyMap("float32", {path: policy[path] for path in policy})
     if policy.compute_dtype != policy.variable_dtype:
         return "float32"
     return policy
@@ -155,6 +173,8 @@ class MlpBlock(layers.Layer):
         )
         self.dense_0.build(input_shape)
         self.dense_1.build((*input_shape[:-1], self.hidden_dim))
+        if self.dropout is not None:
+            self.dropout.build(input_shape)
 
     def call(self, inputs, training=None):
         hidden = self._hidden(inputs, training)
@@ -302,6 +322,10 @@ class MixerBlock(layers.Layer):
         self.token_mixing.build((batch, channels, tokens))
         self.layer_norm_1.build(input_shape)
         self.channel_mixing.build(input_shape)
+        # Every sub-layer is built here, as a functional model's layers are, so that the model can be
+        # quantized (or its dtype policies mapped by layer path) straight after construction.
+        self.transpose.build(input_shape)
+        self.drop_path.build(input_shape)
 
     def call(self, tokens, training=None):
         # bf16 inference on a TF CPU: the token MLP runs on [C, B, S], after one fused LayerNorm.

@@ -2,7 +2,8 @@
 expand the resolution.
 
     source: preset name | official .npz | timm .pth/.safetensors | .keras | .weights.h5
-      -> WeightsFile (format, GELU form, {official key: array}, what it records)
+            | keras-hub preset folder | timm repo folder | hf:// or kaggle:// (either folder, fetched)
+      -> WeightsFile (format, GELU form, pixel normalisation, {official key: array}, what it records)
       -> decide: classes (the file's unless asked), GELU form (the file's unless asked),
          trained patch grid vs the requested one (a larger multiple: block-diagonal expansion)
       -> cls(...) with the weights assigned, all or nothing
@@ -17,7 +18,7 @@ import os
 
 import keras
 
-from keras_mixer import presets, source_kinds, weight_files
+from keras_mixer import preset_folders, presets, source_kinds, timm_repos, weight_files
 from keras_mixer.preprocessing import EvalPreprocessing
 from keras_mixer.resolution import expand_params, expansion_factors, trained_grid
 from keras_mixer.trained_on import TrainedOn
@@ -35,26 +36,57 @@ class WeightsFile:
         path, format: where it is and what it is (`weight_files.NPZ`, ...).
         gelu: the GELU form it was trained with, or None when unknown.
         params: {official key: array}; None for a bare `.weights.h5`, readable only into a model.
-        config: the `MlpMixer` config a `.keras` file records, else None.
-        trained_on: what the source records of its training (`TrainedOn`: a preset or a `.keras`
-            written by the trainers record it; other files only the default preprocessing).
+        config: the `MlpMixer` config a `.keras` file or preset folder records, else None.
+        trained_on: what the source records of its training (`TrainedOn`: a preset, a preset
+            folder, a timm repo or a `.keras` written by the trainers record it; other files only
+            the default preprocessing).
         name: a model name for it (the preset name or the file's stem).
+        normalization: {"pixel_mean", "pixel_std"} the weights were trained with ({}: official).
+        model: the whole model, for a quantized `.keras` file or preset folder (loaded as saved).
     """
 
     def __init__(self, path, trained_on=None, name=None):
         self.path = os.fspath(path)
         self.format = weight_files.detect_format(self.path)
         self.gelu = weight_files.SOURCE_GELU.get(self.format)
-        self.params, self.config, self.trained_on = None, None, trained_on or TrainedOn()
+        self.params, self.config, self.trained_on, self.model = None, None, trained_on or TrainedOn(), None
         self.name = name or os.path.basename(self.path).split(".")[0].lower().replace("-", "_")
-        if self.format == weight_files.KERAS:
-            model = keras.saving.load_model(self.path, safe_mode=True, compile=False)
-            self.params = model_params(model)
+        if self.format in (weight_files.KERAS, weight_files.PRESET_FOLDER):
+            if self.format == weight_files.KERAS:
+                model = keras.saving.load_model(self.path, safe_mode=True, compile=False)
+                recorded = TrainedOn.from_dict(keras_metadata(self.path))
+            else:
+                model, recorded = preset_folders.load_model(self.path)
+                self.name = name or model.name
+            self.trained_on = trained_on or recorded
+            if any(layer.quantization_mode for layer in model._flatten_layers()):
+                self.model = model  # int8/float8 kernels are no weights to assign: the model is the source
+            else:
+                self.params = model_params(model)
             if is_mixer(model):
                 self.config, self.gelu = model.get_config(), model.gelu
-            self.trained_on = trained_on or TrainedOn.from_dict(keras_metadata(self.path))
+        elif self.format == weight_files.TIMM_FOLDER:
+            repo = timm_repos.TimmRepo(self.path)
+            self.name, self.trained_on = name or repo.name.replace(".", "_"), trained_on or repo.trained_on
+            self.params = weight_files.read_arrays(repo.weights)[1]
+            held = architecture_of(self.params)
+            if held != repo.expected or self.classes != repo.classes:
+                raise WeightsError(
+                    f"{repo.weights!r} holds weights of patch {held['patch']}, width {held['width']}, {held['blocks']} "
+                    f"blocks and {self.classes} classes, but its config.json says {repo.architecture} (patch "
+                    f"{repo.expected['patch']}, width {repo.expected['width']}, {repo.expected['blocks']} blocks) with "
+                    f"{repo.classes} classes: the files do not belong together"
+                )
         elif self.format != weight_files.KERAS_H5:
             self.format, self.params = weight_files.read_arrays(self.path, self.format)
+
+    @property
+    def normalization(self):
+        if self.config is not None:
+            pairs = {k: self.config.get(k) for k in ("pixel_mean", "pixel_std")}
+        else:
+            pairs = dict(pixel_mean=self.trained_on.pixel_mean, pixel_std=self.trained_on.pixel_std)
+        return {k: v for k, v in pairs.items() if v is not None}
 
     @property
     def classes(self):
@@ -116,12 +148,13 @@ class WeightsFile:
 
 def open_weights(source, variant=None):
     """A preset name (or a release such as "imagenet21k" with `variant`), a weights or .keras file,
-    a finished training workdir (its model.keras), or an open `WeightsFile` -> a `WeightsFile`."""
+    a preset or timm repo folder, an hf:// or kaggle:// name, a finished training workdir (its
+    model.keras), or an open `WeightsFile` -> a `WeightsFile`."""
     if isinstance(source, WeightsFile):
         return source
     found = source_kinds.resolve(source, variant)
-    if found.kind in ("keras", "weights"):
-        return WeightsFile(found.path)
+    if found.kind in ("keras", "weights", "preset_folder", "timm"):
+        return WeightsFile(found.path, name=found.name)
     if found.kind == "preset":
         meta = presets.PRESETS[found.path]
         class_names = dataset = None
@@ -198,6 +231,8 @@ def build(cls, architecture, weights=None, *, classes=None, gelu=None, input_sha
         weights = open_weights(weights, variant_of(architecture))
         gelu = gelu or weights.gelu
         classes = weights.classes if classes is None else classes
+        for key, value in weights.normalization.items():  # the pixels the weights expect
+            kwargs.setdefault(key, value)
     common = dict(
         classes=1000 if classes is None else classes,
         gelu=check_gelu(gelu or "tanh"),
@@ -227,6 +262,13 @@ def from_preset(cls, source, **kwargs):
     """`MlpMixer.from_preset`: a `cls` from a preset name or a weights file; the architecture, input
     size, GELU form and classes come from the source unless `kwargs` say otherwise."""
     weights = open_weights(source)
+    if weights.model is not None:  # quantized: loaded as it was saved
+        if set(kwargs) - {"name"}:
+            raise ValueError(
+                f"{weights.path!r} holds a quantized model, which loads as saved: build from its float preset with "
+                f"{', '.join(sorted(set(kwargs) - {'name'}))} and quantize that"
+            )
+        return weights.model
     kwargs.setdefault("name", weights.name)
     if kwargs.get("input_tensor") is None and kwargs.get("input_shape") is None:
         kwargs["input_shape"] = weights.trained_input_shape()

@@ -14,9 +14,9 @@ import keras
 import numpy as np
 from keras import layers, ops
 
-from keras_mixer import loader
-from keras_mixer.layers import LayerNorm, MixerBlock, PatchStem, float32_if_mixed
-from keras_mixer.preprocessing import PIXEL_OFFSET, PIXEL_SCALE, scale_pixels
+from keras_mixer import loader, preset_folders
+from keras_mixer.layers import LayerNorm, MixerBlock, PatchStem, float32_if_mixed, policy_of
+from keras_mixer.preprocessing import pixel_normalization, scale_pixels
 from keras_mixer.validation import (
     check_gelu,
     check_image_size,
@@ -91,8 +91,12 @@ class MlpMixer(keras.Model):
             pre-head LayerNorm, "avg" the mean over tokens [B, C], "max" the maximum [B, C].
         classes: head width.
         classifier_activation: head activation (None for logits).
-        include_preprocessing: inputs are pixels in [0, 255], scaled to [-1, 1] inside the model.
-            False: inputs must already be in [-1, 1] (see `preprocess_input`).
+        include_preprocessing: inputs are pixels in [0, 255], normalised inside the model (to
+            [-1, 1], or as `pixel_mean` and `pixel_std` say). False: inputs must already be
+            normalised (see `preprocess_input`, the official [-1, 1]).
+        pixel_mean, pixel_std: the normalisation the weights were trained with, timm's form:
+            (pixels / 255 - mean) / std, a number or 3 (R, G, B). None: the official mean 0.5 and
+            std 0.5 ([-1, 1]); MIIL's ImageNet-21K-P weights use mean 0, std 1 ([0, 1]).
         dropout_rate: dropout inside every MLP.
         drop_path_rate: stochastic depth of the last block; block i gets i / (N - 1) of it.
         gelu: "tanh" (the approximation the official weights use) or "exact" (timm's).
@@ -102,6 +106,10 @@ class MlpMixer(keras.Model):
         seed: seed for dropout and stochastic-depth masks.
         input_tensor: optional Keras tensor (or tensor) to use as the image input (not part of
             the config: a model rebuilt from its config gets a fresh input).
+        dtype: the layers' dtype policy: a name ("bfloat16", "mixed_bfloat16"), a
+            `keras.DTypePolicy`, or a `keras.dtype_policies.DTypePolicyMap` from layer paths
+            ("MixerBlock_0/token_mixing/Dense_0") to policies, keras-hub style (a quantized
+            policy there builds that layer quantized). None: the global policy.
 
     Layer names follow the official parameter tree (`stem`, `MixerBlock_{i}`,
     `pre_head_layer_norm`, `head`). `get_config()` returns exactly these arguments, so
@@ -128,6 +136,9 @@ class MlpMixer(keras.Model):
         recompute=None,
         seed=None,
         input_tensor=None,
+        pixel_mean=None,
+        pixel_std=None,
+        dtype=None,
         name="mlp_mixer",
         **kwargs,
     ):
@@ -151,14 +162,17 @@ class MlpMixer(keras.Model):
             classes = check_positive_int("classes", classes)
         if not isinstance(classifier_activation, (str, type(None))):
             classifier_activation = keras.activations.serialize(classifier_activation)
+        scale, offset = pixel_normalization(pixel_mean, pixel_std)
         images, shape = _image_input(input_tensor, input_shape)
         # Fails early, naming the size and the valid neighbours, before any layer is built.
         check_image_size(shape[:2], patch)
 
+        # A saved config holds the policy serialized; every layer gets it (a map: by its own path).
+        dtype = policy_of(dtype)
         x = images
         if include_preprocessing:
-            x = layers.Rescaling(PIXEL_SCALE, offset=PIXEL_OFFSET, name="rescaling")(x)
-        x = PatchStem(hidden_dim, patch, name="stem")(x)
+            x = layers.Rescaling(scale, offset=offset, dtype=dtype, name="rescaling")(x)
+        x = PatchStem(hidden_dim, patch, dtype=dtype, name="stem")(x)
         for i, rate in enumerate(drop_path_schedule(drop_path_rate, num_blocks)):
             x = MixerBlock(
                 tokens_mlp_dim,
@@ -168,10 +182,11 @@ class MlpMixer(keras.Model):
                 gelu=gelu,
                 recompute=recompute,
                 seed=None if seed is None else seed + i,
+                dtype=dtype,
                 name=f"MixerBlock_{i}",
             )(x)
         # Normalisation, pooling and logits in float32 under mixed precision.
-        f32 = float32_if_mixed(None)
+        f32 = float32_if_mixed(dtype)
         x = LayerNorm(epsilon=1e-6, dtype=f32, name="pre_head_layer_norm")(x)
         if include_top:
             x = layers.GlobalAveragePooling1D(dtype=f32, name="avg_pool")(x)
@@ -183,7 +198,14 @@ class MlpMixer(keras.Model):
         elif pooling == "max":
             x = layers.GlobalMaxPooling1D(dtype=f32, name="max_pool")(x)
         inputs = keras.utils.get_source_inputs(images) if input_tensor is not None else [images]
-        super().__init__(inputs=_unwrap_single(inputs), outputs=x, name=name, **kwargs)
+        super().__init__(inputs=_unwrap_single(inputs), outputs=x, dtype=dtype, name=name, **kwargs)
+        if isinstance(dtype, keras.dtype_policies.DTypePolicyMap):
+            # Each layer now built (its path known) takes its own entry of the map: Keras 3.15's Dense
+            # saves a quantized kernel's scale only when its `dtype_policy` itself is quantized, and
+            # under a map that property is the map.
+            for layer in self._flatten_layers(include_self=False):
+                if layer.path and isinstance(layer.dtype_policy, keras.dtype_policies.DTypePolicyMap):
+                    layer._dtype_policy = layer.dtype_policy[layer.path]
 
         self.patch_size = patch
         self.hidden_dim = hidden_dim
@@ -201,6 +223,9 @@ class MlpMixer(keras.Model):
         self.gelu = gelu
         self.recompute = recompute
         self.seed = seed
+        # Kept as given (None: official), so the config of an official model is version 0.2's.
+        self.pixel_mean, self.pixel_std = _tuple_or_none(pixel_mean), _tuple_or_none(pixel_std)
+        self._given_dtype = dtype
 
     @property
     def grid_size(self):
@@ -232,7 +257,35 @@ class MlpMixer(keras.Model):
             seed=self.seed,
             name=self.name,
             trainable=self.trainable,
+            **{k: getattr(self, k) for k in ("pixel_mean", "pixel_std") if getattr(self, k) is not None},
+            **self._dtype_config(),
         )
+
+    def quantize(self, mode=None, config=None, filters=None, **kwargs):
+        """Keras' `Model.quantize` ("int8", "float8", "int4", ...), by default over the Dense layers:
+        the only ones Keras quantizes in a Mixer (the stem is a convolution; LayerNorms, pooling and
+        reshapes have no product), so the others are passed over without a warning each. The
+        model's config records the quantized layers, so a saved quantized model loads back."""
+        if filters is None:
+            filters = _is_dense
+        super().quantize(mode, config=config, filters=filters, **kwargs)
+
+    def _dtype_config(self):
+        """{"dtype": ...} where the layers' policies are not simply the global one: the policy given,
+        or, where any layer's differs from it (`quantize` changes a Dense layer's), a
+        `DTypePolicyMap` of those layers by path, keras-hub style. {} otherwise, as version 0.2 wrote."""
+        given = self._given_dtype
+        default = given.default_policy if isinstance(given, keras.dtype_policies.DTypePolicyMap) else given
+        default = default or keras.config.dtype_policy()
+        differ = {}
+        for layer in self._flatten_layers(include_self=False):
+            if layer.path and layer.dtype_policy.name != default.name:  # the input layer has no path
+                differ[layer.path] = layer.dtype_policy
+        if any(policy.quantization_mode for policy in differ.values()) or isinstance(
+            given, keras.dtype_policies.DTypePolicyMap
+        ):
+            return dict(dtype=keras.dtype_policies.DTypePolicyMap(default, differ))
+        return {} if given is None else dict(dtype=given)
 
     @classmethod
     def from_config(cls, config):
@@ -256,6 +309,22 @@ class MlpMixer(keras.Model):
         """
         # The loader builds whatever class it is handed (keras-hub style); it never imports this module.
         return loader.from_preset(cls, preset, **kwargs)
+
+    def save_to_preset(self, preset_dir, trained_on=None, top1=None):
+        """Writes this model as a keras-hub preset folder (config.json, model.weights.h5,
+        metadata.json) at `preset_dir`, a new or empty folder; `trained_on` (a
+        `keras_mixer.trained_on.TrainedOn`: class names, evaluation preprocessing, ...) and `top1`
+        go into metadata.json. `MlpMixer.from_preset(preset_dir)` reads it back, as do
+        `keras_mixer.upload_preset` and keras-hub's own `upload_preset`."""
+        return preset_folders.save_to_preset(self, preset_dir, trained_on=trained_on, top1=top1)
+
+
+def _tuple_or_none(value):
+    return tuple(value) if hasattr(value, "__len__") else value
+
+
+def _is_dense(layer):
+    return isinstance(layer, layers.Dense)
 
 
 def _unwrap_single(inputs):

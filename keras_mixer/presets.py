@@ -12,6 +12,7 @@ import os
 import keras
 
 from keras_mixer.preprocessing import EvalPreprocessing
+from keras_mixer.timm_repos import hub_presets
 from keras_mixer.variants import variant_name
 
 DEFAULT_BASE_URL = "https://storage.googleapis.com/mixer_models/"
@@ -64,8 +65,10 @@ class PresetUnavailable(OSError):
 
 def list_presets():
     """{preset name: metadata}: variant, release, classes, trained_on, image_size, gelu, file,
-    eval_preprocessing, top1 (a fraction, or None where no number is published) and top1_source."""
-    return {name: dict(meta) for name, meta in PRESETS.items()}
+    eval_preprocessing, top1 (a fraction, or None where no number is published) and top1_source.
+    timm's published Mixer weights are listed by their hub names ("hf://timm/mixer_b16_224.
+    miil_in21k_ft_in1k"), which `from_preset` loads, with their pixel_mean and pixel_std."""
+    return {**{name: dict(meta) for name, meta in PRESETS.items()}, **hub_presets()}
 
 
 def is_preset_name(source):

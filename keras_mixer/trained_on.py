@@ -23,6 +23,8 @@ class TrainedOn:
     model: the variant name it was built as ("B/16"), or None.
     image_size: its input (height, width) in pixels, or None.
     step: the training step the weights are from, or None.
+    pixel_mean, pixel_std: the pixel normalisation the weights were trained with (timm's form,
+        (pixels / 255 - mean) / std), which the model applies inside; None: the official [-1, 1].
     """
 
     dataset: Optional[str] = None
@@ -31,10 +33,18 @@ class TrainedOn:
     model: Optional[str] = None
     image_size: Optional[tuple] = None
     step: Optional[int] = None
+    pixel_mean: Optional[tuple] = None
+    pixel_std: Optional[tuple] = None
 
     def __post_init__(self):
         if self.class_names is not None:  # a list from JSON: kept as a tuple, so the record is hashable
             object.__setattr__(self, "class_names", tuple(str(name) for name in self.class_names))
+        for name in ("pixel_mean", "pixel_std"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(
+                    self, name, tuple(float(v) for v in (value if hasattr(value, "__len__") else [value]))
+                )
         if self.image_size is not None:  # 224, [224, 224] (JSON) or (224, 224)
             size = self.image_size
             object.__setattr__(
@@ -46,6 +56,8 @@ class TrainedOn:
         fields = dict(dataset=self.dataset, model=self.model, step=self.step)
         fields["class_names"] = None if self.class_names is None else list(self.class_names)
         fields["image_size"] = None if self.image_size is None else list(self.image_size)
+        for name in ("pixel_mean", "pixel_std"):
+            fields[name] = None if getattr(self, name) is None else list(getattr(self, name))
         return {**{k: v for k, v in fields.items() if v is not None}, **self.preprocessing.to_dict()}
 
     @classmethod
@@ -65,6 +77,8 @@ class TrainedOn:
             model=record.get("model"),
             image_size=record.get("image_size"),
             step=record.get("step"),
+            pixel_mean=record.get("pixel_mean"),
+            pixel_std=record.get("pixel_std"),
         )
 
     def replace(self, **changes):

@@ -20,8 +20,10 @@ import numpy as np
 from keras_mixer.files import atomic_write
 
 NPZ, TIMM_SAFETENSORS, TIMM_TORCH, KERAS, KERAS_H5 = "npz", "timm-safetensors", "timm-torch", "keras", "keras-h5"
+# Folders: a keras-hub preset folder, a timm repo folder (config.json + model.safetensors).
+PRESET_FOLDER, TIMM_FOLDER = "preset-folder", "timm-folder"
 # The GELU form each source was trained with.
-SOURCE_GELU = {NPZ: "tanh", TIMM_SAFETENSORS: "exact", TIMM_TORCH: "exact"}
+SOURCE_GELU = {NPZ: "tanh", TIMM_SAFETENSORS: "exact", TIMM_TORCH: "exact", TIMM_FOLDER: "exact"}
 
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -32,8 +34,17 @@ class WeightsError(ValueError):
 
 
 def detect_format(path):
-    """Returns one of NPZ, TIMM_SAFETENSORS, TIMM_TORCH, KERAS, KERAS_H5 from the file's content."""
+    """Returns one of NPZ, TIMM_SAFETENSORS, TIMM_TORCH, KERAS, KERAS_H5 from the file's content, or
+    PRESET_FOLDER or TIMM_FOLDER for a folder."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        found = folder_format(path)
+        if found is None:
+            raise WeightsError(
+                f"folder {path!r} is neither a keras-hub preset folder (config.json, model.weights.h5, metadata.json) "
+                f"nor a timm repo folder (timm's config.json and model.safetensors)"
+            )
+        return found
     if not os.path.isfile(path):
         raise FileNotFoundError(f"weights file {path!r} does not exist")
     with open(path, "rb") as f:
@@ -64,6 +75,21 @@ def detect_format(path):
         f"Unrecognised weights file {path!r}: expected an official .npz, a timm .pth/.safetensors, "
         f"a .keras or a .weights.h5 file"
     )
+
+
+def folder_format(path):
+    """PRESET_FOLDER (config.json names a registered Keras class, keras-hub's form), TIMM_FOLDER
+    (timm's config.json, with `architecture`) or None, from the folder's config.json."""
+    try:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    if "registered_name" in config:
+        return PRESET_FOLDER
+    return TIMM_FOLDER if "architecture" in config else None
 
 
 def read_arrays(path, fmt=None):

@@ -39,7 +39,14 @@ def _official_key(variable):
 
 
 def mixer_variables(model):
-    """{official key: Keras variable} for every weight of a Mixer (not RNG states)."""
+    """{official key: Keras variable} for every weight of a Mixer (not RNG states). A quantized
+    model is refused: weights files hold the float weights, and its kernels are int8 or float8."""
+    modes = {layer.quantization_mode for layer in model._flatten_layers()} - {None}
+    if modes:
+        raise WeightsError(
+            f"model {model.name!r} is quantized ({', '.join(sorted(modes))}): weights files hold float weights; "
+            f"save it as a .keras file or a preset folder, which keep the quantized layers"
+        )
     return {_official_key(v): v for v in model.weights if v.path.rpartition("/")[2] in _LEAVES}
 
 

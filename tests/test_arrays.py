@@ -111,6 +111,26 @@ def test_eval_batches_equal_the_tf_pipeline(spec, eval_resize, folder):
         assert _stack(ours, 2).sum() == len(range(host, source.num_examples, 2))
 
 
+def test_bicubic_evaluation_equals_the_tf_pipeline(folder):
+    # timm's Google weights evaluate bicubically: both readers resize so, and alike (float32 rounding).
+    source = data.load_source(f"folder:{folder}", "test")
+    args = dict(image_size=16, batch_size=4, eval_resize="crop", crop_ratio=0.875, interpolation="bicubic")
+    files = np.array(_split_files(folder, "test"))
+    png = ~np.char.endswith(files, ".jpg")
+    ours, theirs = _stack(list(arrays.eval_batches(source, **args))), _stack(_tf_eval(source, **args))
+    bilinear = _stack(list(arrays.eval_batches(source, **dict(args, interpolation="bilinear"))))
+    np.testing.assert_allclose(ours[png], theirs[png], atol=1e-3, rtol=0)
+    assert np.abs(ours - bilinear).max() > 1  # the interpolation really changed
+    assert ours.min() >= 0 and ours.max() <= 255  # the overshoot clipped, as an 8-bit picture holds it
+
+
+@pytest.mark.parametrize("shape, size", [((13, 29), (7, 11)), ((5, 9), (31, 20)), ((300, 280), (224, 224))])
+def test_bicubic_resize_equals_tf_image_resize(shape, size):
+    image = np.random.default_rng(sum(shape)).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    expected = np.clip(tf.image.resize(image, size, method="bicubic", antialias=False).numpy(), 0, 255)
+    np.testing.assert_allclose(arrays.resize_bicubic(image, size), expected, atol=1e-3, rtol=0)
+
+
 @pytest.mark.parametrize(
     "shape, size",
     [((8, 8), (16, 16)), ((13, 29), (7, 11)), ((40, 17), (16, 24)), ((5, 9), (31, 20)), ((100, 37), (56, 56))],

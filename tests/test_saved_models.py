@@ -1,7 +1,7 @@
-"""Every `.keras` the package or a user writes loads with `keras.saving.load_model` in a fresh process
-that imports only keras_mixer and Keras, on the TensorFlow, JAX and torch backends, with the outputs
-it was saved with. An in-process load cannot show this: the process that built the model has its
-classes registered already."""
+"""Every `.keras` the package or a user writes loads with `keras.saving.load_model` (and every preset
+folder with `MlpMixer.from_preset`) in a fresh process that imports only keras_mixer and Keras, on
+the TensorFlow, JAX and torch backends, with the outputs it was saved with. An in-process load
+cannot show this: the process that built the model has its classes registered already."""
 
 import json
 import os
@@ -21,7 +21,7 @@ V0_2 = os.path.join(ROOT, "tests", "data", "v0_2")
 # argument says which is imported first: keras_mixer (Keras loads after it, through TensorFlow on
 # that backend) or Keras.
 LOAD = """
-import json, sys
+import json, os, sys
 import numpy as np
 if sys.argv[1] == "keras_mixer_first":
     import keras_mixer
@@ -31,7 +31,8 @@ else:
     import keras_mixer
 result = {"backend": keras.backend.backend()}
 for path, expected in json.loads(sys.argv[2]).items():
-    model = keras.saving.load_model(path)
+    # A .keras file as Keras loads it; a keras-hub preset folder as keras_mixer reads it.
+    model = keras_mixer.MlpMixer.from_preset(path) if os.path.isdir(path) else keras.saving.load_model(path)
     saved = np.load(expected)
     out = keras.ops.convert_to_numpy(model(saved["images"], training=False))
     result[path] = [type(model).__name__, float(np.max(np.abs(out - saved["logits"])))]
@@ -49,13 +50,21 @@ def _saved(model, folder, name, images):
 @pytest.fixture(scope="module")
 def saved_files(tmp_path_factory):
     """{.keras path: .npz with its images and logits}: a user's model.save, an expanded-resolution
-    model and a file written by version 0.2."""
+    model, an int8-quantized model, keras-hub preset folders (float and int8) and a file written by
+    version 0.2."""
     folder = str(tmp_path_factory.mktemp("saved"))
     images = np.random.default_rng(3).uniform(0, 255, (2, 16, 16, 3)).astype("float32")
     files = dict([_saved(randomize(tiny_mixer(drop_path_rate=0.1, dropout_rate=0.1)), folder, "user", images)])
     wide = keras_mixer.expand_resolution(randomize(tiny_mixer(), seed=1), (32, 32))
     big = np.random.default_rng(4).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
     files.update([_saved(wide, folder, "expanded", big)])
+    quantized = randomize(tiny_mixer(), seed=2)
+    quantized.quantize("int8")
+    files.update([_saved(quantized, folder, "int8", images)])
+    for name, model in (("preset", randomize(tiny_mixer(), seed=3)), ("int8_preset", quantized)):
+        model.save_to_preset(os.path.join(folder, name))
+        np.savez(os.path.join(folder, f"{name}.npz"), images=images, logits=model.predict(images, verbose=0))
+        files[os.path.join(folder, name)] = os.path.join(folder, f"{name}.npz")
     files[os.path.join(V0_2, "tiny.keras")] = os.path.join(V0_2, "tiny_outputs.npz")
     return files
 

@@ -111,6 +111,38 @@ def resize_bilinear(image, size, window=None):
     return _interpolate(corners.astype(np.float32), wy, wx).reshape(len(wy), -1, image.shape[2])
 
 
+def _cubic_weights(in_size, out_size, start, count):
+    """float32 [count, in_size]: row i holds the weights of output position start + i of a bicubic
+    resize of one axis, as TensorFlow's: half-pixel centres (float32), Keys' cubic with a = -0.5
+    read from a table of 1024 steps (the fraction rounded to 1/1024), the taps outside the image
+    dropped and the others' weights renormalised to sum to 1."""
+    scale = np.float32(in_size) / np.float32(out_size)
+    centres = (np.arange(start, start + count, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5)
+    floor = np.floor(centres)
+    fraction = np.rint((centres - floor) * 1024) / 1024
+    weights = np.zeros((count, in_size), np.float64)
+    for tap in range(-1, 3):
+        index = floor + tap
+        distance = np.abs(fraction - tap)
+        near = (1.5 * distance - 2.5) * distance**2 + 1  # |d| <= 1
+        far = ((-0.5 * distance + 2.5) * distance - 4) * distance + 2  # 1 < |d| < 2
+        weight = np.where(distance <= 1, near, np.where(distance < 2, far, 0.0))
+        inside = (index >= 0) & (index < in_size)
+        weights[np.arange(count)[inside], index[inside].astype(np.intp)] += weight[inside]
+    return (weights / weights.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def resize_bicubic(image, size, window=None):
+    """`image` (uint8 or float [h, w, C]) resized to `size` (H, W) as
+    `tf.image.resize(image, size, method="bicubic", antialias=False)`, clipped to [0, 255] as the
+    TF pipeline clips it; equal to float32 rounding. `window` as `resize_bilinear`'s."""
+    top, left, height, width = window if window is not None else (0, 0, *size)
+    rows = _cubic_weights(image.shape[0], size[0], top, height)
+    cols = _cubic_weights(image.shape[1], size[1], left, width)
+    resized = np.einsum("yh,hwc,xw->yxc", rows, image.astype(np.float32), cols, optimize=True)
+    return np.clip(resized, 0.0, 255.0).astype(np.float32)
+
+
 # Corners of at most this many bytes are interpolated together: the whole batch for small images,
 # a few at a time for large ones (a 224 px view's corners take 2.4 MB).
 _CHUNK_BYTES = 8 << 20
@@ -167,8 +199,10 @@ def eval_image(image, image_size, preprocessing):
     "crop": scaled so it covers image_size / crop_ratio, aspect kept, each side rounded half to
         even (tf.round) and at least the target; then the centred image_size window.
     "resize": the whole image squeezed to image_size.
+    Bilinear to the last bit of TensorFlow's; bicubic to float32 rounding (`resize_bicubic`).
     """
-    return resize_bilinear(image, *_eval_window(image.shape, image_size, preprocessing))
+    resize = resize_bicubic if preprocessing.interpolation == "bicubic" else resize_bilinear
+    return resize(image, *_eval_window(image.shape, image_size, preprocessing))
 
 
 # --- the Inception crop ---------------------------------------------------------------------------
@@ -459,6 +493,7 @@ def eval_batches(
     hosts=1,
     eval_resize="crop",
     crop_ratio=0.875,
+    interpolation="bilinear",
     pad_to_steps=None,
     one_hot=False,
     threads=2,
@@ -472,8 +507,8 @@ def eval_batches(
         image_size: (H, W) or an int.
         batch_size: the global batch; this host gets batch_size / hosts examples a step.
         host, hosts: this host reads examples host, host + hosts, ... (tf.data's shard).
-        eval_resize, crop_ratio: as `EvalPreprocessing` ("crop": shorter side to size / ratio,
-            centre crop; "resize": the whole image to the size).
+        eval_resize, crop_ratio, interpolation: as `EvalPreprocessing` ("crop": shorter side to
+            size / ratio, centre crop; "resize": the whole image to the size; bilinear or bicubic).
         pad_to_steps: exactly this many full batches, the real examples then zero images with
             label 0 (all-zero rows when one-hot), and a mask [b] (1 real, 0 padding), so every host
             runs the same number of steps. ValueError when the host's examples do not fit.
@@ -485,7 +520,7 @@ def eval_batches(
         b = batch_size / hosts (the last batch partial), plus mask float32 [b] with `pad_to_steps`.
     """
     _readable(source)
-    preprocessing = EvalPreprocessing(eval_resize, crop_ratio)
+    preprocessing = EvalPreprocessing(eval_resize, crop_ratio, interpolation)
     image_size = to_pair("image_size", image_size)
     per_host = _host_batch(batch_size, host, hosts)
     threads, ahead = _check_threads(threads, ahead)
@@ -506,9 +541,12 @@ def eval_batches(
         size = per_host if pad_to_steps is not None else len(chosen)
         images = np.zeros((size, *image_size, 3), np.float32)  # padding rows stay zero
         views = _Views(images)
-        for position in chosen:
+        for row, position in enumerate(chosen):
             image = source.read(position)
-            views.add(image, *_eval_window(image.shape, image_size, preprocessing))
+            if preprocessing.interpolation == "bicubic":
+                images[row] = eval_image(image, image_size, preprocessing)
+            else:
+                views.add(image, *_eval_window(image.shape, image_size, preprocessing))
         views.flush()
         batch_labels = np.zeros(size, np.int64)
         batch_labels[: len(chosen)] = labels[chosen]

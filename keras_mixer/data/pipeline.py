@@ -119,6 +119,7 @@ def eval_pipeline(
     one_hot=False,
     eval_resize="crop",
     crop_ratio=0.875,
+    interpolation="bilinear",
     permutation=None,
     rescale=False,
     pad_to_steps=None,
@@ -136,6 +137,7 @@ def eval_pipeline(
         rescale: pixels to [-1, 1] (for models without built-in preprocessing).
         eval_resize: "crop" (shorter side to size / crop_ratio, centre crop) or "resize" (whole
             image to size).
+        interpolation: "bilinear" or "bicubic", the resize's.
         pad_to_steps: evaluation under a strategy: yield exactly this many global steps of full
             batches on every worker, padding with masked zero images, so replicas never run out
             at different times and shapes stay static (TPU). Adds a mask [B] (1 real, 0 padding).
@@ -144,7 +146,7 @@ def eval_pipeline(
         A `tf.data.Dataset` of (images float32 [B, H, W, 3], labels int64 [B] or float32 [B, classes]),
         plus mask float32 [B] with `pad_to_steps`.
     """
-    preprocessing = EvalPreprocessing(eval_resize, crop_ratio)
+    preprocessing = EvalPreprocessing(eval_resize, crop_ratio, interpolation)
     image_size, per_replica, local_replicas = _shape(source, image_size, batch_size, input_context, permutation)
     finish = _finisher(source, image_size, permutation, rescale, one_hot)
 

@@ -42,7 +42,14 @@ def random_flip(image, seed):
     return tf.image.stateless_random_flip_left_right(image, seed)
 
 
-def resize_and_center_crop(image, image_size, crop_ratio=0.875):
+def _resize(image, size, interpolation):
+    """tf.image.resize; bicubic's overshoot is clipped to [0, 255], as an 8-bit picture resized
+    bicubically (timm's evaluation) holds it."""
+    resized = tf.image.resize(image, size, method=interpolation)
+    return resized if interpolation == "bilinear" else tf.clip_by_value(resized, 0.0, 255.0)
+
+
+def resize_and_center_crop(image, image_size, crop_ratio=0.875, interpolation="bilinear"):
     """Evaluation: resize so the image covers `image_size / crop_ratio`, keeping its aspect ratio
     (for a square target: the shorter side to size / ratio, e.g. 256 for 224), then take the
     centred `image_size` crop. Returns float32 [H, W, 3]."""
@@ -50,23 +57,23 @@ def resize_and_center_crop(image, image_size, crop_ratio=0.875):
     shape = tf.cast(tf.shape(image)[:2], tf.float32)
     scale = tf.maximum(height / crop_ratio / shape[0], width / crop_ratio / shape[1])
     new_shape = tf.maximum(tf.cast(tf.round(shape * scale), tf.int32), [height, width])
-    resized = tf.image.resize(image, new_shape, method="bilinear")
+    resized = _resize(image, new_shape, interpolation)
     top = (new_shape[0] - height) // 2
     left = (new_shape[1] - width) // 2
     return tf.slice(resized, [top, left, 0], [height, width, 3])
 
 
-def plain_resize(image, image_size):
+def plain_resize(image, image_size, interpolation="bilinear"):
     """Evaluation without cropping: the whole image squeezed to `image_size` (Table 2 style)."""
-    return tf.image.resize(image, image_size, method="bilinear")
+    return _resize(image, image_size, interpolation)
 
 
 def eval_image(image, image_size, preprocessing):
     """An image of any size -> float32 [H, W, 3] as `preprocessing` (an `EvalPreprocessing`) says:
     the one evaluation transform of the data pipeline and the serving signature."""
     if preprocessing.eval_resize == "resize":
-        return plain_resize(image, image_size)
-    return resize_and_center_crop(image, image_size, preprocessing.crop_ratio)
+        return plain_resize(image, image_size, preprocessing.interpolation)
+    return resize_and_center_crop(image, image_size, preprocessing.crop_ratio, preprocessing.interpolation)
 
 
 def rescale_to_unit_range(image):

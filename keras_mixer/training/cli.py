@@ -317,7 +317,9 @@ def run_evaluate():
             source = data.load_source(dataset, split, data_dir=FLAGS.data_dir, class_names=trained_on.class_names)
             recorded = trained_on.preprocessing
             preprocessing = EvalPreprocessing(
-                FLAGS.eval_resize or recorded.eval_resize, FLAGS.crop_ratio or recorded.crop_ratio
+                FLAGS.eval_resize or recorded.eval_resize,
+                FLAGS.crop_ratio or recorded.crop_ratio,
+                recorded.interpolation,
             )
             top1, top5 = evaluator(source, FLAGS.batch_size, image_size, preprocessing)
         print(

@@ -58,6 +58,7 @@ def make_evaluator(strategy, predict, source, batch_size, image_size, preprocess
             image_size=image_size,
             eval_resize=preprocessing.eval_resize,
             crop_ratio=preprocessing.crop_ratio,
+            interpolation=preprocessing.interpolation,
             permutation=permutation,
             pad_to_steps=steps,
         )

@@ -85,6 +85,7 @@ def extract_features(features_fn, source, image_size, preprocessing=None, batch_
         batch_size=batch_size,
         eval_resize=preprocessing.eval_resize,
         crop_ratio=preprocessing.crop_ratio,
+        interpolation=preprocessing.interpolation,
     )
     total = -(-source.num_examples // batch_size) if source.num_examples else None
     progress = keras.utils.Progbar(total, unit_name="batch", verbose=verbose)

@@ -53,6 +53,7 @@ def make_jax_evaluator(model, source, batch_size, image_size, preprocessing=None
             batch_size=batch_size,
             eval_resize=preprocessing.eval_resize,
             crop_ratio=preprocessing.crop_ratio,
+            interpolation=preprocessing.interpolation,
             pad_to_steps=steps,
         )
         totals = np.zeros(3)

@@ -48,6 +48,9 @@ setup(
         # The trainers on Keras' JAX backend (KERAS_BACKEND=jax): JAX and its checkpoint engine. On a
         # Cloud TPU VM add JAX's TPU runtime: pip install -e ".[jax]" "jax[tpu]".
         "jax": ["jax>=0.4.30", "orbax-checkpoint>=0.11"],
+        # Models on the hubs: hf://org/name and kaggle://owner/model/keras/variant in from_preset,
+        # weights=, --source and --init, and keras_mixer.upload_preset (keras_mixer/hubs.py).
+        "hub": ["huggingface_hub>=1.0", "kagglehub>=0.3"],
         # The docs site: `mkdocs serve`, `mkdocs build --strict` (CI).
         "docs": ["mkdocs>=1.6", "mkdocstrings[python]>=0.26", "pymdown-extensions>=10"],
         # Peers used only by tests and benchmarks: timm (PyTorch) and Flax/JAX models to compare against.
@@ -65,6 +68,9 @@ setup(
             "onnx",
             "onnxruntime",
             "scikit-image>=0.22",  # its bundled texture photos: the permutation study's test data
+            "huggingface_hub>=1.0",  # the hub extra: hf:// names, tested on caches the tests build
+            "kagglehub>=0.3",
+            "keras-hub>=0.32",  # its own upload_preset must accept keras_mixer's preset folders
         ],
     },
 )

@@ -94,9 +94,10 @@ class MlpMixer(keras.Model):
         include_preprocessing: inputs are pixels in [0, 255], normalised inside the model (to
             [-1, 1], or as `pixel_mean` and `pixel_std` say). False: inputs must already be
             normalised (see `preprocess_input`, the official [-1, 1]).
-        pixel_mean, pixel_std: the normalisation the weights were trained with, timm's form:
-            (pixels / 255 - mean) / std, a number or 3 (R, G, B). None: the official mean 0.5 and
-            std 0.5 ([-1, 1]); MIIL's ImageNet-21K-P weights use mean 0, std 1 ([0, 1]).
+        pixel_mean: the pixel mean the weights were trained with, timm's form of a normalisation,
+            (pixels / 255 - mean) / std: a number or 3 (R, G, B). None: the official 0.5.
+        pixel_std: the std of that normalisation. None: the official 0.5 (so [-1, 1]); MIIL's
+            ImageNet-21K-P weights use mean 0, std 1 ([0, 1]).
         dropout_rate: dropout inside every MLP.
         drop_path_rate: stochastic depth of the last block; block i gets i / (N - 1) of it.
         gelu: "tanh" (the approximation the official weights use) or "exact" (timm's).

@@ -127,3 +127,14 @@ def test_import_keras_mixer_alone_loads_no_keras():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == "[]"
+
+
+def test_a_version_0_2_export_still_serves_and_evaluates_as_it_did():
+    # Its metadata predates the interpolation and pixel fields: the defaults (bilinear, [-1, 1]) hold.
+    from runs import trainer
+
+    export = os.path.join(V0_2, "export")
+    with open(os.path.join(V0_2, "export_metrics.json")) as f:
+        expected = json.load(f)["eval_top1"]
+    out = trainer("evaluate", "--source", export).stdout
+    assert float(out.split("top-1:")[1].split()[0]) == pytest.approx(expected, abs=5e-5)  # printed to 4 digits

@@ -283,3 +283,54 @@ def test_a_program_refuses_a_missing_hub_model_in_one_line(tmp_path):
     result = trainer("evaluate", "--source", "hf://timm/mixer_b16_224.goog_in21k", check=False, env=env)
     assert_one_line_error(result, "hf://timm/mixer_b16_224.goog_in21k", str(tmp_path / "empty"), "HF_HUB_OFFLINE")
     assert not os.path.exists(tmp_path / "empty")  # nothing written
+
+
+# --- the programs: export writes a preset folder, every --source and --init reads one ---------------
+
+
+def _digit_png(folder):
+    """A PNG of one real digit (scikit-learn's), 8 x 8 px."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    path = os.path.join(folder, "digit.png")
+    pixels = (load_digits().images[0] * 16).clip(0, 255).astype(np.uint8)
+    Image.fromarray(np.stack([pixels] * 3, axis=-1)).save(path)
+    return path
+
+
+@pytest.mark.slow
+def test_a_finished_workdir_exports_a_preset_folder_that_every_program_reads(demo, tmp_path):
+    workdir = demo[0]
+    preset = tmp_path / "digits_preset"
+    out = trainer("export", "--source", workdir, "--preset_dir", preset).stdout
+    assert f"{preset} (keras-hub preset folder)" in out and not (tmp_path / "export").exists()
+    metadata = json.loads((preset / "metadata.json").read_text())
+    run = json.loads((workdir / "metrics.json").read_text())
+    assert metadata["top1"] == run["eval_top1"] and metadata["trained_on"]["dataset"] == "digits"
+    assert len(metadata["trained_on"]["class_names"]) == 10
+    evaluated = trainer("evaluate", "--source", preset).stdout  # the data set recorded in the folder
+    assert float(evaluated.split("top-1:")[1].split()[0]) == pytest.approx(run["eval_top1"], abs=5e-5)  # 4 digits
+    refused = trainer("export", "--source", workdir, "--preset_dir", preset, check=False)
+    assert_one_line_error(refused, "exists and is not empty")
+    predicted = trainer("predict", "--source", preset, "--format", "json", _digit_png(tmp_path)).stdout
+    assert json.loads(predicted.strip().splitlines()[-1])["top"][0]["label"] in metadata["trained_on"]["class_names"]
+    # Fine-tuning from the folder (the demo fine-tuning recipe: twice its size, expanded).
+    trainer("finetune", "--init", preset, "--workdir", tmp_path / "tuned", "--steps", 2, "--noexport")
+    tuned = json.loads((tmp_path / "tuned" / "run.json").read_text())
+    assert tuned["architecture"]["input_shape"] == [16, 16, 3]
+
+
+@pytest.mark.slow
+def test_fine_tuning_from_a_timm_hub_name_keeps_its_pixels(tmp_path):
+    timm_repo(tmp_path / "repo")
+    cache = tmp_path / "cache"
+    hf_cache(cache, "timm/mixer_b16_224.miil_in21k_ft_in1k", tmp_path / "repo")
+    env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}
+    init, run = "hf://timm/mixer_b16_224.miil_in21k_ft_in1k", tmp_path / "run"
+    trainer("finetune", "--init", init, "--image_size", 64, "--workdir", run, "--steps", 2, "--noexport", env=env)
+    import keras
+
+    model = keras.saving.load_model(tmp_path / "run" / "model.keras")
+    assert model.get_config()["pixel_mean"] == (0.0,) * 3 and model.get_config()["pixel_std"] == (1.0,) * 3
+    assert model.input_shape == (None, 64, 64, 3)

@@ -10,6 +10,7 @@ bug and keeps its traceback.
 import contextlib
 import dataclasses
 import errno
+import json
 import logging
 import os
 import re
@@ -278,7 +279,8 @@ def _source_flags():
     flags.DEFINE_string(
         "source",
         None,
-        "A SavedModel (or export base), a .keras file, a workdir, a checkpoint, a preset or a weights file.",
+        "A SavedModel (or export base), a .keras file, a workdir, a checkpoint, a preset, a weights file, a keras-hub "
+        "preset folder, hf://org/name[@revision] or kaggle://owner/model/keras/variant[/version].",
     )
     flags.mark_flag_as_required("source")
 
@@ -401,7 +403,17 @@ def run_export():
             "and logits): several times faster on serving CPUs with AMX or AVX512-BF16, slower on CPUs without them.",
         )
         flags.DEFINE_string("onnx", None, "Also write an ONNX file here.")
-        flags.mark_flag_as_required("export_base")
+        flags.DEFINE_string(
+            "preset_dir",
+            None,
+            "Also (or, without --export_base, only) write a keras-hub preset folder here (a new folder): "
+            "the model, its weights and what it was trained on, for from_preset and the hubs.",
+        )
+        flags.register_multi_flags_validator(
+            ["export_base", "preset_dir"],
+            lambda values: values["export_base"] or values["preset_dir"],
+            message="give --export_base (a TF Serving export), --preset_dir (a keras-hub preset folder) or both",
+        )
 
     def main():
         import keras
@@ -420,20 +432,38 @@ def run_export():
         with user_errors():
             model, trained_on = load_keras_model(FLAGS.source, FLAGS.model, FLAGS.image_size)
             class_names = read_class_names(FLAGS.class_names) if FLAGS.class_names else None
-            path = export_saved_model(
-                model,
-                FLAGS.export_base,
-                version=FLAGS.version,
-                class_names=class_names,
-                max_pixels=FLAGS.max_pixels,
-                trained_on=trained_on,
-                precision=FLAGS.precision,
-            )
+            written = []
+            if FLAGS.preset_dir:  # first: a refused folder (not empty) stops before the slower export
+                record = trained_on if class_names is None else trained_on.replace(class_names=tuple(class_names))
+                model.save_to_preset(FLAGS.preset_dir, trained_on=record, top1=source_top1(FLAGS.source))
+                written.append(f"{FLAGS.preset_dir} (keras-hub preset folder)")
+            if FLAGS.export_base:
+                path = export_saved_model(
+                    model,
+                    FLAGS.export_base,
+                    version=FLAGS.version,
+                    class_names=class_names,
+                    max_pixels=FLAGS.max_pixels,
+                    trained_on=trained_on,
+                    precision=FLAGS.precision,
+                )
+                written.insert(0, f"{path} ({FLAGS.precision})")
             if FLAGS.onnx:
                 export_onnx(model, FLAGS.onnx)
-        print(f"Exported {FLAGS.source} to {path} ({FLAGS.precision})" + (f" and {FLAGS.onnx}" if FLAGS.onnx else ""))
+                written.append(FLAGS.onnx)
+        print(f"Exported {FLAGS.source} to {' and '.join(written)}")
 
     run_program(define, main)
+
+
+def source_top1(source):
+    """The evaluation top-1 a finished workdir's metrics.json records, else None."""
+    path = os.path.join(os.fspath(source), "metrics.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f).get("eval_top1")
+    except (OSError, ValueError):
+        return None
 
 
 # --- predict ------------------------------------------------------------------------------------------

@@ -1,6 +1,8 @@
 """Writes this folder's files with keras_mixer version 0.2 (commit d20f9e4), so that the tests can
 show the files that version wrote keep loading: `python tests/data/v0_2/make.py` from the checkout
-of that commit. Kept for the record; the files are committed and never rewritten."""
+of that commit writes tiny.keras and tiny_outputs.npz. export/4 and export_metrics.json are the
+export and metrics.json of `python trainers/pretrain.py --workdir RUN --steps 4 --checkpoint_every 2`
+on that commit. Kept for the record; the files are committed and never rewritten."""
 
 import os
 

@@ -40,7 +40,7 @@ def _client(name):
     try:
         return __import__(name)
     except ImportError:
-        raise ImportError(f'{name} is needed for hub models: pip install "keras_mixer[hub]"') from None
+        raise HubUnavailable(f'{name} is needed for hub models: pip install "keras_mixer[hub]"') from None
 
 
 def parse_hf(uri):

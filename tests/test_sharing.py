@@ -98,14 +98,38 @@ def test_a_timm_repo_loads_by_its_hub_name_with_its_own_pixels(tmp_path, offline
     record = weights.trained_on
     assert record.pixel_mean == (mean,) * 3 and record.preprocessing.interpolation == interpolation
     assert record.preprocessing.crop_ratio == 0.875 and record.image_size == (64, 64)
-    # Fine-tuning keeps the pixels: a model built on these weights for another head normalises alike.
+    # Fine-tuning keeps the pixels: a model built on these weights (weights= takes the hub name, as
+    # the variant constructors do) for another head normalises alike.
     tuned = keras_mixer.loader.build(
-        keras_mixer.MlpMixer, TinyArchitecture, weights, classes=3, input_shape=(64, 64, 3)
+        keras_mixer.MlpMixer, TinyArchitecture, f"hf://timm/{tag}", classes=3, input_shape=(64, 64, 3)
     )
-    assert tuned.get_config()["pixel_mean"] == (mean,) * 3
+    assert tuned.get_config()["pixel_mean"] == (mean,) * 3 and tuned.gelu == "exact"
 
 
 TinyArchitecture = dict(patch_size=16, hidden_dim=64, num_blocks=2, tokens_mlp_dim=32, channels_mlp_dim=256)
+
+
+def test_the_export_of_googles_weights_resizes_bicubically_as_timm_evaluates(tmp_path, offline_hf):
+    import tensorflow as tf
+
+    from keras_mixer.data import transforms
+    from keras_mixer.export import export_metadata, export_saved_model
+    from keras_mixer.preprocessing import EvalPreprocessing
+    from keras_mixer.training.inference import load_keras_model
+
+    tag = "mixer_b16_224.goog_in21k_ft_in1k"
+    timm_repo(tmp_path / "repo", tag)
+    hf_cache(offline_hf, f"timm/{tag}", tmp_path / "repo")
+    model, trained_on = load_keras_model(f"hf://timm/{tag}")  # as export.py, evaluate.py and predict.py
+    path = export_saved_model(model, str(tmp_path / "export"), trained_on=trained_on)
+    assert export_metadata(path)["interpolation"] == "bicubic"
+    picture = np.random.default_rng(3).integers(0, 256, (90, 120, 3)).astype(np.uint8)
+    served = tf.saved_model.load(path).signatures["serving_default"]
+    scores = served(image_bytes=tf.constant([tf.io.encode_png(picture).numpy()]))["probabilities"].numpy()
+    bicubic = transforms.eval_image(picture, (64, 64), trained_on.preprocessing)[None]
+    np.testing.assert_allclose(scores, model(bicubic, training=False).numpy(), atol=1e-5, rtol=1e-4)
+    bilinear = transforms.eval_image(picture, (64, 64), EvalPreprocessing())[None]
+    assert np.abs(scores - model(bilinear, training=False).numpy()).max() > 1e-4  # it matters here
 
 
 def test_wrong_pixels_would_change_the_answer(tmp_path, offline_hf, pixels):

@@ -24,7 +24,15 @@ from keras_mixer.resolution import expand_params, expansion_factors, trained_gri
 from keras_mixer.trained_on import TrainedOn
 from keras_mixer.validation import check_gelu, check_image_size, to_pair
 from keras_mixer.variants import ARCHITECTURE, DEFAULT_INPUT_SHAPE, variant_config, variant_name, variant_of
-from keras_mixer.weights import WeightsError, architecture_of, assign, is_mixer, keras_metadata, model_params
+from keras_mixer.weights import (
+    WeightsError,
+    architecture_of,
+    assign,
+    is_mixer,
+    keras_metadata,
+    model_params,
+    quantization_modes,
+)
 
 log = logging.getLogger("keras_mixer")
 
@@ -59,7 +67,7 @@ class WeightsFile:
                 model, recorded = preset_folders.load_model(self.path)
                 self.name = name or model.name
             self.trained_on = trained_on or recorded
-            if any(layer.quantization_mode for layer in model._flatten_layers()):
+            if quantization_modes(model):
                 self.model = model  # int8/float8 kernels are no weights to assign: the model is the source
             else:
                 self.params = model_params(model)

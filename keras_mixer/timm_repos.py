@@ -125,6 +125,10 @@ class TimmRepo:
         if "img_size" in args:
             height, width = args["img_size"] if hasattr(args["img_size"], "__len__") else (args["img_size"],) * 2
         self.input_shape = (int(height), int(width), int(args.get("in_chans", channels)))
+        if cfg.get("crop_mode", "center") != "center":
+            raise ValueError(
+                f"{path!r}: crop_mode {cfg['crop_mode']!r} is not read here (timm's Mixer weights use 'center')"
+            )
         tag = cfg.get("tag")
         self.name = self.architecture + (f".{tag}" if tag else "")
         label_names = config.get("label_names") or cfg.get("label_names")
@@ -136,9 +140,7 @@ class TimmRepo:
             dataset="imagenet2012" if self.classes == 1000 else None,
             class_names=label_names,
             preprocessing=EvalPreprocessing(
-                "crop" if cfg.get("crop_mode", "center") == "center" else "resize",
-                float(cfg.get("crop_pct", 0.875)),
-                cfg.get("interpolation", "bicubic"),
+                "crop", float(cfg.get("crop_pct", 0.875)), cfg.get("interpolation", "bicubic")
             ),
             model=variant if self.expected == variant_numbers(variant) else None,
             image_size=self.input_shape[:2],

@@ -38,10 +38,15 @@ def _official_key(variable):
     return f"{scope}/{_LEAVES[leaf]}"
 
 
+def quantization_modes(model):
+    """The quantization modes of the model's layers ({"int8"} after `quantize("int8")`), or empty."""
+    return {layer.quantization_mode for layer in model._flatten_layers()} - {None}
+
+
 def mixer_variables(model):
     """{official key: Keras variable} for every weight of a Mixer (not RNG states). A quantized
     model is refused: weights files hold the float weights, and its kernels are int8 or float8."""
-    modes = {layer.quantization_mode for layer in model._flatten_layers()} - {None}
+    modes = quantization_modes(model)
     if modes:
         raise WeightsError(
             f"model {model.name!r} is quantized ({', '.join(sorted(modes))}): weights files hold float weights; "

@@ -139,3 +139,24 @@ def test_a_version_0_2_export_still_serves_and_evaluates_as_it_did():
         expected = json.load(f)["eval_top1"]
     out = trainer("evaluate", "--source", export).stdout
     assert float(out.split("top-1:")[1].split()[0]) == pytest.approx(expected, abs=5e-5)  # printed to 4 digits
+
+
+@pytest.mark.slow
+def test_a_version_0_2_workdir_resumes_to_the_weights_it_would_have_reached(tmp_path):
+    # A run of version 0.2 (`pretrain.py --steps 4 --checkpoint_every 2 --log_every 2`), stopped after
+    # its step-2 checkpoint: the same command on this code finishes it with the weights version 0.2's
+    # uninterrupted run reached, to the bit.
+    import shutil
+
+    import keras
+    from runs import trainer
+
+    workdir = tmp_path / "run"
+    shutil.copytree(os.path.join(V0_2, "workdir_at_step_2"), workdir)
+    out = trainer("pretrain", "--workdir", workdir, "--steps", 4, "--checkpoint_every", 2, "--log_every", 2).stdout
+    assert "Resumed from step 2" in out and "Finished step 4" in out  # resumed, not started again
+    final = keras.saving.load_model(workdir / "model.keras").get_weights()
+    with np.load(os.path.join(V0_2, "workdir_final_weights.npz")) as expected:
+        assert len(final) == len(expected.files)
+        for i, weights in enumerate(final):
+            np.testing.assert_array_equal(weights, expected[f"arr_{i}"])

@@ -2,7 +2,10 @@
 show the files that version wrote keep loading: `python tests/data/v0_2/make.py` from the checkout
 of that commit writes tiny.keras and tiny_outputs.npz. export/4 and export_metrics.json are the
 export and metrics.json of `python trainers/pretrain.py --workdir RUN --steps 4 --checkpoint_every 2`
-on that commit. Kept for the record; the files are committed and never rewritten."""
+on that commit; workdir_at_step_2 is a workdir of the same command with --steps 4: its run.json and
+its step-2 checkpoint (as if stopped there), and workdir_final_weights.npz the weights
+(`model.get_weights()`) its uninterrupted run finished with. Kept for the record; the files are
+committed and never rewritten."""
 
 import os
 

@@ -199,6 +199,25 @@ def test_a_preset_folder_is_keras_hubs_and_round_trips(tmp_path, images):
         model.save_to_preset(tmp_path / "preset")
 
 
+def test_a_full_disk_while_writing_a_preset_folder_leaves_nothing_behind(tmp_path, monkeypatch):
+    import errno
+
+    model = randomize(tiny_mixer())
+
+    def full(path, *args, **kwargs):
+        with open(path, "wb") as f:
+            f.write(b"half")  # a partial file, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+
+    monkeypatch.setattr(model, "save_weights", full)
+    with pytest.raises(OSError, match="No space left"):
+        model.save_to_preset(tmp_path / "preset")
+    assert os.listdir(tmp_path) == []  # neither the folder nor a temporary one
+    monkeypatch.undo()
+    model.save_to_preset(tmp_path / "preset")  # the same call succeeds once there is room
+    assert keras_mixer.MlpMixer.from_preset(tmp_path / "preset").count_params() == model.count_params()
+
+
 def test_keras_hubs_own_upload_accepts_the_folder(tmp_path, monkeypatch):
     from keras_hub.src.utils import preset_utils
 

@@ -142,21 +142,34 @@ def test_a_version_0_2_export_still_serves_and_evaluates_as_it_did():
 
 
 @pytest.mark.slow
-def test_a_version_0_2_workdir_resumes_to_the_weights_it_would_have_reached(tmp_path):
+@pytest.mark.parametrize("backend, prefix", [("tensorflow", ""), ("jax", "jax_")])
+def test_a_version_0_2_workdir_resumes_to_the_weights_it_would_have_reached(tmp_path, backend, prefix):
     # A run of version 0.2 (`pretrain.py --steps 4 --checkpoint_every 2 --log_every 2`), stopped after
     # its step-2 checkpoint: the same command on this code finishes it with the weights version 0.2's
-    # uninterrupted run reached, to the bit.
+    # uninterrupted run reached, to the bit. On TensorFlow a tf.train checkpoint, on JAX an orbax one.
     import shutil
 
-    import keras
     from runs import trainer
 
     workdir = tmp_path / "run"
-    shutil.copytree(os.path.join(V0_2, "workdir_at_step_2"), workdir)
-    out = trainer("pretrain", "--workdir", workdir, "--steps", 4, "--checkpoint_every", 2, "--log_every", 2).stdout
+    shutil.copytree(os.path.join(V0_2, f"{prefix}workdir_at_step_2"), workdir)
+    args = ("--workdir", workdir, "--steps", 4, "--checkpoint_every", 2, "--log_every", 2)
+    out = trainer("pretrain", *args, env={"KERAS_BACKEND": backend}).stdout
     assert "Resumed from step 2" in out and "Finished step 4" in out  # resumed, not started again
-    final = keras.saving.load_model(workdir / "model.keras").get_weights()
-    with np.load(os.path.join(V0_2, "workdir_final_weights.npz")) as expected:
-        assert len(final) == len(expected.files)
-        for i, weights in enumerate(final):
-            np.testing.assert_array_equal(weights, expected[f"arr_{i}"])
+    check = (
+        "import sys, keras, keras_mixer, numpy as np\n"
+        "final = keras.saving.load_model(sys.argv[1]).get_weights()\n"
+        "expected = np.load(sys.argv[2])\n"
+        "assert len(final) == len(expected.files), (len(final), len(expected.files))\n"
+        "for i, w in enumerate(final):\n"
+        "    np.testing.assert_array_equal(w, expected[f'arr_{i}'])\n"
+        "print('identical')\n"
+    )
+    expected = os.path.join(V0_2, f"{prefix}workdir_final_weights.npz")
+    result = subprocess.run(
+        [sys.executable, "-c", check, str(workdir / "model.keras"), expected],
+        capture_output=True,
+        text=True,
+        env={**ENV, "KERAS_BACKEND": backend},
+    )
+    assert result.stdout.strip() == "identical", result.stderr[-2000:]

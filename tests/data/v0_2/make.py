@@ -4,8 +4,10 @@ of that commit writes tiny.keras and tiny_outputs.npz. export/4 and export_metri
 export and metrics.json of `python trainers/pretrain.py --workdir RUN --steps 4 --checkpoint_every 2`
 on that commit; workdir_at_step_2 is a workdir of the same command with --steps 4: its run.json and
 its step-2 checkpoint (as if stopped there), and workdir_final_weights.npz the weights
-(`model.get_weights()`) its uninterrupted run finished with. Kept for the record; the files are
-committed and never rewritten."""
+(`model.get_weights()`) its uninterrupted run finished with. jax_workdir_at_step_2 and
+jax_workdir_final_weights.npz are the same on Keras' JAX backend (KERAS_BACKEND=jax, an orbax
+step folder), written at commit 645a066, the last before the training code was redesigned. Kept
+for the record; the files are committed and never rewritten."""
 
 import os
 

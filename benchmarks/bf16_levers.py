@@ -28,9 +28,9 @@ def bf16_statistics():
     """Makes inference LayerNorms on bf16 inputs compute their statistics in bf16."""
     import tensorflow as tf
 
-    from keras_mixer import kernels
+    from keras_mixer.model import fused_ops
 
-    library = kernels.layer_norm
+    library = fused_ops.layer_norm
 
     def layer_norm(x, gamma, beta, epsilon, training=None):
         if training or x.dtype != tf.bfloat16:
@@ -39,7 +39,7 @@ def bf16_statistics():
         inverse = tf.math.rsqrt(tf.reduce_mean(tf.square(centered), -1, keepdims=True) + epsilon)
         return centered * inverse * tf.cast(gamma, x.dtype) + tf.cast(beta, x.dtype)
 
-    kernels.layer_norm = layer_norm
+    fused_ops.layer_norm = layer_norm
 
 
 def measure(lever, call, batch=16):
@@ -47,8 +47,8 @@ def measure(lever, call, batch=16):
     import tensorflow as tf
 
     import keras_mixer
-    from keras_mixer import precisions
-    from keras_mixer.models import MlpMixer, variant_config
+    from keras_mixer.model import precisions
+    from keras_mixer.model.mixer import MlpMixer, variant_config
 
     policy = "bfloat16" if lever == "pure_policy" else "mixed_bfloat16"
     precisions.SERVING["bfloat16"] = policy  # what freeze() reads

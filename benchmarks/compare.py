@@ -25,7 +25,7 @@ What is measured (training: AdamW, gradient clipping at global norm 1, softmax c
                                  graph, the Python inference path (never expanded)
     keras_mixer tf export        the TF Serving export (`export_saved_model(precision=dtype)`),
                                  loaded back, its `serving_images` signature fed uint8 images
-    keras_mixer tf trainers      the trainers' step (`keras_mixer.training.step.make_train_steps`),
+    keras_mixer tf trainers      the trainers' step (`keras_mixer.training.tf.step.make_train_steps`),
                                  XLA or not as `--xla auto` decides for this device and dtype
     keras_mixer tf trainers xla  the same with XLA forced on (left out unless named in --only)
     keras_mixer tf trainers fwd+bwd   the same with XLA on the forward and backward pass only (as
@@ -274,7 +274,7 @@ def worker_tf(name, model, batch, options):
         return [batch / metrics["images_per_second"]], dict(xla=metrics["xla"])
     if name.startswith("keras_mixer tf trainers"):
         from keras_mixer.training.optimizer import make_optimizer
-        from keras_mixer.training.step import decide_xla, make_train_steps
+        from keras_mixer.training.tf.step import decide_xla, make_train_steps
 
         xla = "on" if name.endswith(("xla", "fwd+bwd")) else "auto"
         use_xla = decide_xla(xla, precision, "default")[0]
@@ -340,7 +340,7 @@ def _served(name, net, dtype, options):
 
     import tensorflow as tf
 
-    from keras_mixer.export import export_saved_model, freeze
+    from keras_mixer.serving.export import export_saved_model, freeze
 
     images, _ = _images(options.batch, options.image_size)
     if name == "keras_mixer tf frozen":

@@ -12,7 +12,7 @@ Run each formula in its own process, alternating, and compare the printed images
     step      B/16, mixed_bfloat16: jitted inference at batch 256 and `keras_mixer.JaxTrainStep`
               (AdamW, clipping at 1) at batch 128.
     frozen    `keras_mixer.freeze(model, "bfloat16")` (the export's graph), random weights, batch
-              16, 5 calls after 2: "fused" is the library as it is (`kernels.token_major_layer_norm`),
+              16, 5 calls after 2: "fused" is the library as it is (`fused_ops.token_major_layer_norm`),
               "twopass" gives the token MLP the LayerNorm every other norm uses.
 
 The two-pass formula computes mean, then the variance of the centred values, in float32, and
@@ -33,7 +33,7 @@ from compare import ROOT, _timed, worker_jax  # this folder is on sys.path when 
 def use_two_pass_layernorm():
     from keras import ops
 
-    from keras_mixer.layers import LayerNorm
+    from keras_mixer.model.layers import LayerNorm
 
     def call(self, x, training=None):
         x32 = ops.cast(x, "float32")
@@ -52,7 +52,7 @@ def seconds_per_call(call, sync, warmup, steps):
 
 
 def gradient(backend, batch=8):
-    from keras_mixer.models import MlpMixer
+    from keras_mixer.model.mixer import MlpMixer
 
     net = MlpMixer(
         16, 512, 8, 256, 2048, input_shape=(224, 224, 3), classifier_activation=None, include_preprocessing=False
@@ -83,16 +83,16 @@ def gradient(backend, batch=8):
             loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(y, net(x, training=True)))
         return tape.gradient(loss, net.trainable_variables)
 
-    from keras_mixer import kernels
+    from keras_mixer.model import fused_ops
 
-    with kernels.plain_ops():  # traced as the trainers trace a step XLA compiles whole: Keras' own ops
+    with fused_ops.plain_ops():  # traced as the trainers trace a step XLA compiles whole: Keras' own ops
         tf_grad()
     return batch / seconds_per_call(tf_grad, lambda out: out[0].numpy(), 2, 4)
 
 
 def frozen(variant, batch=16):
     import keras_mixer
-    from keras_mixer.models import MlpMixer, variant_config
+    from keras_mixer.model.mixer import MlpMixer, variant_config
 
     net = MlpMixer(**variant_config(variant), input_shape=(224, 224, 3), classifier_activation=None)
     rng = np.random.default_rng(0)
@@ -128,9 +128,9 @@ def main():
     sys.path.insert(0, ROOT)
     if args.mode == "frozen":
         if args.formula == "twopass":
-            from keras_mixer import kernels
+            from keras_mixer.model import fused_ops
 
-            kernels.token_major_norm = lambda training, dtype: False
+            fused_ops.token_major_norm = lambda training, dtype: False
         result = dict(model=args.model, images_per_second=frozen(args.model))
     else:
         if args.formula == "twopass":

@@ -22,8 +22,8 @@ def agreement(source, dataset=None, split=None, data_dir=None, batch_size=256):
     import tensorflow as tf
 
     from keras_mixer import data
-    from keras_mixer.export import export_saved_model
-    from keras_mixer.training.inference import load_keras_model
+    from keras_mixer.serving.export import export_saved_model
+    from keras_mixer.serving.trained_models import load_keras_model
 
     model, trained_on = load_keras_model(source)
     dataset = dataset or trained_on.dataset

@@ -36,8 +36,8 @@ def _eval_arrays(model_file):
 
     from keras_mixer import data
     from keras_mixer.data import arrays
-    from keras_mixer.trained_on import TrainedOn
-    from keras_mixer.weights import keras_metadata
+    from keras_mixer.model.trained_on import TrainedOn
+    from keras_mixer.weights_io.official_keys import keras_metadata
 
     trained_on = TrainedOn.from_dict(keras_metadata(model_file))
     source = data.load_source(trained_on.dataset, data.eval_split(trained_on.dataset))

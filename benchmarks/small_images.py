@@ -237,9 +237,9 @@ def eval_ablation(root, labels, datasets, seeds, modes):
     import tensorflow as tf
 
     from keras_mixer.data import load_source
-    from keras_mixer.preprocessing import EvalPreprocessing
-    from keras_mixer.training.evaluation import make_evaluator
-    from keras_mixer.training.inference import load_predictor
+    from keras_mixer.model.pixels import EvalPreprocessing
+    from keras_mixer.serving.trained_models import load_predictor
+    from keras_mixer.training.tf.evaluation import make_evaluator
 
     table = {}
     for label in labels:

@@ -7,8 +7,8 @@
     fast = keras_mixer.freeze(model, "bfloat16")                    # frozen TF graph: fastest on CPUs with AMX
     features = keras_mixer.token_feature_model(model)               # every block's [B, S, C] tokens
 
-Layers: `keras_mixer.layers`. The model: `keras_mixer.models`. Weights files and presets:
-`keras_mixer.loader`. A device-resident training step for the JAX backend: `JaxTrainStep`.
+Layers: `keras_mixer.model.layers`. The model: `keras_mixer.model.mixer`. Weights files and presets:
+`keras_mixer.weights_io.loader`. A device-resident training step for the JAX backend: `JaxTrainStep`.
 Nothing here imports TensorFlow, so the model runs on any Keras backend.
 """
 
@@ -18,21 +18,21 @@ import importlib
 # without loading Keras: the programs quiet TensorFlow's start-up lines before Keras imports it.
 _WHERE = {
     **dict.fromkeys(
-        ["MixerB16", "MixerB32", "MixerH14", "MixerL16", "MixerL32", "MixerS8", "MixerS16", "MixerS32"], "applications"
+        ["MixerB16", "MixerB32", "MixerH14", "MixerL16", "MixerL32", "MixerS8", "MixerS16", "MixerS32"], "model.applications"
     ),
-    "create_model": "applications",
-    "decode_predictions": "imagenet",
-    "JaxTrainStep": "jax_step",
-    **dict.fromkeys(["DropPath", "MixerBlock", "MlpBlock", "PatchStem"], "layers"),
-    "load_weights": "loader",
+    "create_model": "model.applications",
+    "decode_predictions": "weights_io.imagenet_classes",
+    "JaxTrainStep": "training.jax.step",
+    **dict.fromkeys(["DropPath", "MixerBlock", "MlpBlock", "PatchStem"], "model.layers"),
+    "load_weights": "weights_io.loader",
     **dict.fromkeys(
-        ["VARIANTS", "MlpMixer", "drop_path_schedule", "preprocess_input", "token_feature_model"], "models"
+        ["VARIANTS", "MlpMixer", "drop_path_schedule", "preprocess_input", "token_feature_model"], "model.mixer"
     ),
-    "list_presets": "presets",
-    "upload_preset": "hubs",
-    "expand_resolution": "resolution",
-    "WeightsError": "weight_files",
-    **dict.fromkeys(["save_npz", "save_timm"], "weights"),
+    "list_presets": "weights_io.presets",
+    "upload_preset": "weights_io.hubs",
+    "expand_resolution": "model.resolution_expansion",
+    "WeightsError": "weights_io.file_formats",
+    **dict.fromkeys(["save_npz", "save_timm"], "weights_io.official_keys"),
 }
 
 
@@ -53,7 +53,7 @@ __version__ = "0.2.0"
 
 def freeze(model, precision="float32"):
     """`model` frozen into one TF graph for inference, as the TF Serving export runs it: a
-    `keras_mixer.export.FrozenModel` with `predict(images)`. On a CPU with AMX or AVX512-BF16,
+    `keras_mixer.serving.export.FrozenModel` with `predict(images)`. On a CPU with AMX or AVX512-BF16,
     `precision="bfloat16"` is the fastest way to run the model (docs/speed.md).
     Needs Keras' TensorFlow backend."""
     import keras
@@ -63,16 +63,17 @@ def freeze(model, precision="float32"):
             f"freeze builds a TensorFlow graph, and Keras runs on {keras.backend.backend()!r}: set "
             f"KERAS_BACKEND=tensorflow (on JAX, jax.jit of model.stateless_call is the fast path)"
         )
-    from keras_mixer.export import freeze as frozen  # TensorFlow: imported on first use only
+    from keras_mixer.serving.export import freeze as frozen  # TensorFlow: imported on first use only
 
     return frozen(model, precision)
 
 
 # A saved model names its classes by their registered Keras names: register them whenever Keras
 # loads (now, or right after its import), so `keras.saving.load_model` works after this import alone.
-from keras_mixer import registration  # noqa: E402  (standard library only)
+from keras_mixer import old_paths, registration  # noqa: E402  (standard library only)
 
 registration.register_when_keras_loads()
+old_paths.install()
 
 __all__ = [
     "VARIANTS",

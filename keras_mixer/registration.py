@@ -20,7 +20,7 @@ import warnings
 def register():
     """Runs the modules whose classes a saved file can name (`@register_keras_serializable`): the
     layers, `MlpMixer` and the recipes' learning-rate schedule (in a compiled model's optimizer)."""
-    from keras_mixer import layers, models  # noqa: F401  (importing them registers their classes)
+    from keras_mixer.model import layers, mixer  # noqa: F401  (importing them registers their classes)
     from keras_mixer.training import schedules  # noqa: F401
 
 
@@ -78,7 +78,7 @@ class _RegisterAfter(importlib.abc.Loader):
         except Exception as e:  # never break the user's `import keras` over our registration
             warnings.warn(
                 f"keras_mixer could not register its Keras classes ({type(e).__name__}: {e}); saved "
-                f"keras_mixer models load only after `import keras_mixer.models`",
+                f"keras_mixer models load only after `import keras_mixer.model.mixer`",
                 stacklevel=2,
             )
 

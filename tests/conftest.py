@@ -35,7 +35,7 @@ def tiny_mixer(**kwargs):
     kwargs.setdefault("classes", 7)
     kwargs.setdefault("classifier_activation", None)
     if "weights" in kwargs:
-        return keras_mixer.loader.build(keras_mixer.MlpMixer, TINY, **kwargs)
+        return keras_mixer.weights_io.loader.build(keras_mixer.MlpMixer, TINY, **kwargs)
     return keras_mixer.MlpMixer(**{**TINY, **kwargs})
 
 

@@ -13,7 +13,7 @@ from runs import ENV, JAX, ROOT
 from keras_mixer import data
 from keras_mixer.data import arrays, transforms
 from keras_mixer.data.sources import Source
-from keras_mixer.preprocessing import EvalPreprocessing
+from keras_mixer.model.pixels import EvalPreprocessing
 
 # Odd sizes, both orientations, smaller and larger than the 16 px target; PNG (RGB and grey) and JPEG.
 SIZES = [(13, 29), (40, 17), (9, 9), (31, 50), (16, 16), (7, 12)]

@@ -116,10 +116,10 @@ def test_each_speed_table_the_docs_include_is_its_runs_json_rendered():
 
 
 def test_the_machine_is_named_with_its_cpus_matrix_units():
-    from keras_mixer import cpu
+    from keras_mixer.model import cpu_units
 
     name = compare.machine_name()
-    units = cpu.matrix_features()
+    units = cpu_units.matrix_features()
     assert f"{os.cpu_count()} CPU cores (" in name
     assert (", ".join(units) if units else "no bf16 or int8 matrix units") in name
 

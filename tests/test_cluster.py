@@ -14,7 +14,7 @@ import pytest
 from multiworker import free_ports
 from runs import ENV, ROOT, error_lines
 
-from keras_mixer.training.cluster import ClusterError, check_this_host, read_tf_config, wait_for_peers
+from keras_mixer.training.tf.cluster import ClusterError, check_this_host, read_tf_config, wait_for_peers
 
 
 def _config(workers, index=0, **task):

@@ -13,8 +13,8 @@ from conftest import randomize, tiny_mixer
 
 import keras_mixer
 from keras_mixer.data.transforms import resize_and_center_crop
-from keras_mixer.export import export_onnx, export_saved_model
-from keras_mixer.preprocessing import EvalPreprocessing
+from keras_mixer.model.pixels import EvalPreprocessing
+from keras_mixer.serving.export import export_onnx, export_saved_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = ["ant", "bee", "cat", "dog", "eel", "fox", "gnu"]
@@ -197,7 +197,7 @@ def test_export_command_line(tmp_path):
 
 def test_a_preset_carries_its_class_names_and_evaluation_preprocessing(tmp_path, monkeypatch):
     """What an exported or evaluated preset is served with comes from the preset's own record."""
-    from keras_mixer.training.inference import load_keras_model
+    from keras_mixer.serving.trained_models import load_keras_model
 
     mirror = tmp_path / "mirror" / "gsam"
     mirror.mkdir(parents=True)
@@ -214,7 +214,7 @@ def test_a_preset_carries_its_class_names_and_evaluation_preprocessing(tmp_path,
 
 
 def test_a_class_names_file_is_read_in_label_order_and_each_bad_one_names_the_flag(tmp_path):
-    from keras_mixer.training.cli import read_class_names
+    from keras_mixer.programs.command_lines import read_class_names
 
     (tmp_path / "classes.txt").write_text("  cat \n\ndog\nbird\n")
     assert read_class_names(str(tmp_path / "classes.txt")) == ["cat", "dog", "bird"]

@@ -24,7 +24,7 @@ from conftest import TINY, randomize, tiny_mixer
 from runs import ENV, ROOT, RUN, assert_one_line_error, metrics, trainer
 
 import keras_mixer
-from keras_mixer.export import export_saved_model
+from keras_mixer.serving.export import export_saved_model
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +146,7 @@ BREAKS = {
 
 def _store(directory, keep=3):
     """A CheckpointStore over a small state: a 1000-float vector and a step."""
-    from keras_mixer.training.checkpointing import CheckpointStore
+    from keras_mixer.training.tf.checkpoints import CheckpointStore
 
     state = dict(vector=tf.Variable(np.zeros(1000, np.float32)), step=tf.Variable(0, dtype=tf.int64))
     return CheckpointStore(tf.train.Checkpoint(**state), str(directory), keep), state
@@ -198,7 +198,7 @@ def test_restore_does_not_trust_the_state_file(tmp_path, state_file):
 
 
 def test_when_no_checkpoint_restores_nothing_is_moved_and_every_one_is_named(tmp_path):
-    from keras_mixer.training.checkpointing import NoCheckpointRestores
+    from keras_mixer.training.tf.checkpoints import NoCheckpointRestores
 
     _saved(tmp_path)
     for path in glob.glob(str(tmp_path / "ckpt-*.data-*")):
@@ -340,7 +340,7 @@ def test_sigterm_checkpoints_the_current_step_and_exits_143(tmp_path):
     [line] = [line for line in stderr.splitlines() if line.startswith("stopped: ")]
     step = int(line.split("stopped by SIGTERM at step ")[1].split()[0])
     assert step > 0 and f"ckpt-{step} written" in line and "Rerun the same command" in line
-    from keras_mixer.training.checkpointing import verify
+    from keras_mixer.training.tf.checkpoints import verify
 
     verify(str(workdir / "checkpoints" / f"ckpt-{step}"))
     assert metrics(workdir)["step"] == step and not metrics(workdir)["finished"]
@@ -369,7 +369,7 @@ def test_a_full_disk_stops_training_with_one_line_and_loses_no_finished_checkpoi
     disk = small_disk(2500)  # room for one 1.7 MB checkpoint, not two
     result = trainer("pretrain", *RUN, "--workdir", disk / "run", check=False)
     assert_one_line_error(result, "the disk is full", "Free some space")
-    from keras_mixer.training.checkpointing import verify
+    from keras_mixer.training.tf.checkpoints import verify
 
     verify(str(disk / "run" / "checkpoints" / "ckpt-20"))  # every tensor reads back: a rerun resumes there
     assert tf.train.latest_checkpoint(str(disk / "run" / "checkpoints")).endswith("ckpt-20")
@@ -574,7 +574,7 @@ def test_images_that_fail_to_decode_are_counted_and_reported(tmp_path):
 def test_an_unreachable_preset_says_how_to_supply_the_file(tmp_path, monkeypatch):
     monkeypatch.setenv("KERAS_MIXER_WEIGHTS_URL", f"file://{tmp_path}/no-mirror-here")
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "cache"))
-    from keras_mixer.presets import PresetUnavailable
+    from keras_mixer.weights_io.presets import PresetUnavailable
 
     with pytest.raises(PresetUnavailable) as caught:
         keras_mixer.MixerB16(weights="imagenet1k")

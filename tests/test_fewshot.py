@@ -12,10 +12,10 @@ from conftest import randomize, tiny_mixer
 from runs import assert_one_line_error, metrics, trainer
 
 from keras_mixer import data
-from keras_mixer.trained_on import TrainedOn
+from keras_mixer.model.trained_on import TrainedOn
+from keras_mixer.serving.trained_models import load_keras_model
 from keras_mixer.training import fewshot as fs
-from keras_mixer.training.inference import load_keras_model
-from keras_mixer.weights import save_keras
+from keras_mixer.weights_io.official_keys import save_keras
 
 # --- the solver --------------------------------------------------------------------------------------
 

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 
 import keras_mixer
-from keras_mixer import imagenet
+from keras_mixer.weights_io import imagenet_classes
 
 
 def test_class_names_are_the_ilsvrc_label_order():
-    wnids, names = imagenet.wordnet_ids(), imagenet.class_names()
+    wnids, names = imagenet_classes.wordnet_ids(), imagenet_classes.class_names()
     assert len(wnids) == len(set(wnids)) == len(names) == 1000
     assert wnids == sorted(wnids)  # ILSVRC 2012 labels are the sorted WordNet ids
     timm = pytest.importorskip("timm")  # an independent copy of the synset list

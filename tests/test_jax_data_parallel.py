@@ -17,7 +17,7 @@ SCRIPT = """
 import json
 import jax, keras, numpy as np
 import keras_mixer
-from keras_mixer.jax_step import JaxTrainStep, data_parallel
+from keras_mixer.training.jax.step import JaxTrainStep, data_parallel
 
 place = data_parallel()  # before the model: its variables get a replica on every device
 TINY = dict(patch_size=4, hidden_dim=24, num_blocks=2, tokens_mlp_dim=12, channels_mlp_dim=48)

@@ -16,19 +16,19 @@ from conftest import TINY, randomize
 from runs import ROOT
 
 from keras_mixer import data
-from keras_mixer.models import MlpMixer
-from keras_mixer.preprocessing import EvalPreprocessing
-from keras_mixer.training.evaluation import make_evaluator
+from keras_mixer.model.mixer import MlpMixer
+from keras_mixer.model.pixels import EvalPreprocessing
 from keras_mixer.training.fewshot import extract_features, features_function, fit_probe
+from keras_mixer.training.tf.evaluation import make_evaluator
 
 SCRIPT = """
 import json, sys
 import numpy as np
 from keras_mixer import data
-from keras_mixer.jax_step import data_parallel
-from keras_mixer.models import MlpMixer
-from keras_mixer.preprocessing import EvalPreprocessing
-from keras_mixer.training.jax_evaluation import make_jax_evaluator
+from keras_mixer.training.jax.step import data_parallel
+from keras_mixer.model.mixer import MlpMixer
+from keras_mixer.model.pixels import EvalPreprocessing
+from keras_mixer.training.jax.evaluation import make_jax_evaluator
 
 place = data_parallel()
 config, weights = json.loads(sys.argv[1]), np.load(sys.argv[2])

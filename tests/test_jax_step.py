@@ -74,7 +74,7 @@ seen.update(hard=float(hard["loss"]), soft=float(soft["loss"]), donated=leaf.is_
 
 # 3. recompute: the same steps, and less kept for the backward pass (the bytes of the arrays the
 #    VJP closes over). On this CPU the default (None) is off.
-seen["default_on_cpu"] = keras_mixer.layers.recomputing(None)
+seen["default_on_cpu"] = keras_mixer.model.layers.recomputing(None)
 trained, kept = {}, {}
 for recompute in (False, True):
     net = model(recompute=recompute)

@@ -18,7 +18,7 @@ from runs import ENV, JAX, ROOT, assert_one_line_error, metrics, trainer
 from test_faults import history_steps, strict_load
 
 from keras_mixer.training.config import load_config
-from keras_mixer.training.jax_loop import check_jax_fields
+from keras_mixer.training.jax.engine import check_jax_fields
 
 TWO_DEVICES = {**JAX, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
 

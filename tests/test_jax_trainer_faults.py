@@ -73,7 +73,7 @@ def test_sigterm_checkpoints_the_current_step_on_jax(tmp_path):
     [line] = [line for line in stderr.splitlines() if line.startswith("stopped: ")]
     step = int(line.split("stopped by SIGTERM at step ")[1].split()[0])
     assert step > 0 and f"checkpoints/{step} written" in line
-    from keras_mixer.training.orbax_store import verify_digests
+    from keras_mixer.training.jax.checkpoints import verify_digests
 
     verify_digests(str(workdir / "checkpoints" / str(step)))
     assert metrics(workdir)["step"] == step and not metrics(workdir)["finished"]
@@ -114,7 +114,7 @@ def test_a_full_disk_stops_the_jax_trainer_with_one_line_and_loses_no_checkpoint
     assert result.returncode == 1 and "the disk is full" in line and "Free some space" in line
     assert result.stderr.strip().splitlines()[-1] == line
     assert "Traceback" not in result.stderr and "future.py" not in result.stderr, result.stderr[-3000:]
-    from keras_mixer.training.orbax_store import verify_digests
+    from keras_mixer.training.jax.checkpoints import verify_digests
 
     verify_digests(str(disk / "run" / "checkpoints" / "20"))  # intact: a rerun resumes there
     assert strict_load(disk / "run" / "metrics.json")["step"] == 20

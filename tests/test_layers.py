@@ -152,7 +152,7 @@ def test_recompute_gives_the_same_gradients_on_tensorflow_and_is_off_by_default_
     keeps; the JAX side, and the memory it saves, is tested in test_jax_step.py."""
     import tensorflow as tf
 
-    from keras_mixer.layers import recomputing
+    from keras_mixer.model.layers import recomputing
 
     assert recomputing(None) is False  # the TF backend
     gradients = {}

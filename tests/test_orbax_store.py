@@ -8,8 +8,8 @@ import pytest
 
 pytest.importorskip("orbax.checkpoint")
 
-from keras_mixer.training.checkpointing import CheckpointMismatch, NoCheckpointRestores  # noqa: E402
-from keras_mixer.training.orbax_store import DIGESTS, OrbaxStore  # noqa: E402
+from keras_mixer.training.jax.checkpoints import DIGESTS, OrbaxStore  # noqa: E402
+from keras_mixer.training.tf.checkpoints import CheckpointMismatch, NoCheckpointRestores  # noqa: E402
 
 
 def _state(step, width=300):

@@ -12,9 +12,10 @@ from conftest import randomize, tiny_mixer
 from runs import ROOT, metrics, trainer
 
 import keras_mixer
-from keras_mixer import cpu, export, kernels
+from keras_mixer.model import cpu_units, fused_ops
+from keras_mixer.serving import export
 from keras_mixer.training.config import TrainConfig
-from keras_mixer.training.step import decide_xla
+from keras_mixer.training.tf.step import decide_xla
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import precision_agreement  # noqa: E402
@@ -43,7 +44,7 @@ def test_the_xla_pieces_give_the_gradients_of_plain_autodiff(images, gelu):
     concrete, gradients = _gradients(model, images)
     assert _xla_functions(concrete) >= 4  # GELU and LayerNorm, forward and backward: not vacuous
     fused = [g.numpy() for g in gradients(images)]
-    with kernels.plain_ops():
+    with fused_ops.plain_ops():
         concrete, gradients = _gradients(model, images)
         assert _xla_functions(concrete) == 0
         plain = [g.numpy() for g in gradients(images)]
@@ -91,12 +92,12 @@ def test_the_token_major_layer_norm_is_layer_norm_then_transposed():
     exact = tf.cast(x, tf.float64).numpy()
     centered = exact - exact.mean(-1, keepdims=True)
     expected = centered / np.sqrt((centered**2).mean(-1, keepdims=True) + 1e-6) * gamma + beta
-    got = kernels.token_major_layer_norm(x, tf.constant(gamma, tf.float32), tf.constant(beta, tf.float32), 1e-6)
+    got = fused_ops.token_major_layer_norm(x, tf.constant(gamma, tf.float32), tf.constant(beta, tf.float32), 1e-6)
     assert got.shape == (64, 3, 5) and got.dtype == tf.bfloat16
     # Outputs up to about 6: two bfloat16 roundings (8 bits) of such a value are about 0.05.
     np.testing.assert_allclose(tf.cast(got, tf.float64).numpy(), expected.transpose(2, 0, 1), atol=0.05)
-    assert kernels.token_major_norm(False, "bfloat16") and not kernels.token_major_norm(True, "bfloat16")
-    assert not kernels.token_major_norm(False, "float32")  # float32 keeps the two-pass form
+    assert fused_ops.token_major_norm(False, "bfloat16") and not fused_ops.token_major_norm(True, "bfloat16")
+    assert not fused_ops.token_major_norm(False, "float32")  # float32 keeps the two-pass form
 
 
 def test_the_serving_copy_folds_each_channel_norm_and_computes_the_same_function(images):
@@ -190,7 +191,7 @@ def test_an_unknown_precision_names_the_valid_ones(tmp_path):
 )
 def test_xla_auto_decides_per_device_and_precision(monkeypatch, fields, kind, units, on, reason):
     present = {"amx_bf16", "amx_int8", "avx512_bf16", "avx512_vnni"} if units else {"avx2", "fma"}
-    monkeypatch.setattr(cpu, "flags", lambda path="/proc/cpuinfo": present)
+    monkeypatch.setattr(cpu_units, "flags", lambda path="/proc/cpuinfo": present)
     config = TrainConfig(steps=1, **fields).validate()
     decided, why = decide_xla(config.xla, config.mixed_precision, kind)
     assert decided is on and reason in why
@@ -199,10 +200,10 @@ def test_xla_auto_decides_per_device_and_precision(monkeypatch, fields, kind, un
 def test_the_cpu_matrix_units_are_read_from_cpuinfo(tmp_path):
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512_vnni amx_bf16 amx_tile\n")
-    assert cpu.matrix_features(cpuinfo) == ["AMX-BF16", "AVX512-VNNI"] and cpu.has_bf16_units(cpuinfo)
+    assert cpu_units.matrix_features(cpuinfo) == ["AMX-BF16", "AVX512-VNNI"] and cpu_units.has_bf16_units(cpuinfo)
     cpuinfo.write_text("flags\t\t: fpu avx2 fma\n")
-    assert cpu.matrix_features(cpuinfo) == [] and not cpu.has_bf16_units(cpuinfo)
-    assert cpu.matrix_features(tmp_path / "missing") == [] and not cpu.has_bf16_units(tmp_path / "missing")
+    assert cpu_units.matrix_features(cpuinfo) == [] and not cpu_units.has_bf16_units(cpuinfo)
+    assert cpu_units.matrix_features(tmp_path / "missing") == [] and not cpu_units.has_bf16_units(tmp_path / "missing")
 
 
 @pytest.fixture(scope="module")
@@ -248,8 +249,8 @@ def test_the_demo_in_bfloat16_loses_at_most_half_a_point(demo, tmp_path):
     top1, reference = metrics(tmp_path)["eval_top1"], metrics(demo[0])["eval_top1"]
     assert top1 >= reference - 0.005, (top1, reference)
     assert export.export_metadata(metrics(tmp_path)["export_path"])["precision"] == "bfloat16"  # the run's export
-    expected = "XLA off for the training step: bfloat16 on a CPU with" if cpu.has_bf16_units() else "XLA on"
-    assert expected in result.stdout and metrics(tmp_path)["xla"] is not cpu.has_bf16_units()
+    expected = "XLA off for the training step: bfloat16 on a CPU with" if cpu_units.has_bf16_units() else "XLA on"
+    assert expected in result.stdout and metrics(tmp_path)["xla"] is not cpu_units.has_bf16_units()
 
 
 @pytest.mark.slow

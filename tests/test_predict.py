@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 from runs import trainer
 
-from keras_mixer.preprocessing import EvalPreprocessing
-from keras_mixer.training import prediction
+from keras_mixer.model.pixels import EvalPreprocessing
+from keras_mixer.serving import label_files
 
 
 def _set(root, classes=("circle", "square"), per_class=12, side=24):
@@ -102,8 +102,8 @@ def test_without_tensorflow_the_decode_equals_the_serving_one(tmp_path):
     rng = np.random.default_rng(1)
     sizes = [(24, 24), (30, 17), (9, 40)]
     preprocessing = EvalPreprocessing("crop", 0.9)
-    served = prediction.tensorflow_decoder((16, 16), preprocessing, max_pixels=1000)
-    pillow = prediction.pillow_decoder((16, 16), preprocessing, max_pixels=1000)
+    served = label_files.tensorflow_decoder((16, 16), preprocessing, max_pixels=1000)
+    pillow = label_files.pillow_decoder((16, 16), preprocessing, max_pixels=1000)
     for h, w in sizes:
         buffer = io.BytesIO()
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buffer, "PNG")

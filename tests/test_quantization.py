@@ -8,7 +8,7 @@ import pytest
 from conftest import randomize, tiny_mixer
 
 import keras_mixer
-from keras_mixer.weights import WeightsError
+from keras_mixer.weights_io.official_keys import WeightsError
 
 DENSE = [
     f"MixerBlock_{i}/{mlp}/Dense_{j}" for i in range(2) for mlp in ("token_mixing", "channel_mixing") for j in (0, 1)

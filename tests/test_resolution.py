@@ -8,7 +8,7 @@ import pytest
 from conftest import randomize, tiny_mixer
 
 import keras_mixer
-from keras_mixer.resolution import token_order
+from keras_mixer.model.resolution_expansion import token_order
 
 
 def _tiles(rng, factors, size):

@@ -18,9 +18,9 @@ from timm.models._hub import save_for_hf
 from timm.models.mlp_mixer import MlpMixer as TimmMixer
 
 import keras_mixer
-from keras_mixer import hubs
-from keras_mixer.trained_on import TrainedOn
-from keras_mixer.weights import WeightsError
+from keras_mixer.model.trained_on import TrainedOn
+from keras_mixer.weights_io import hubs
+from keras_mixer.weights_io.official_keys import WeightsError
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 TINY_TIMM = dict(patch_size=16, num_blocks=2, embed_dim=64, img_size=64, num_classes=7)
@@ -94,13 +94,13 @@ def test_a_timm_repo_loads_by_its_hub_name_with_its_own_pixels(tmp_path, offline
     assert np.ptp(expected, axis=0).max() > 0.05  # a real head: the logits differ between images
     np.testing.assert_allclose(model.predict(pixels, verbose=0), expected, atol=2e-5, rtol=1e-5)
     assert model.name == tag.replace(".", "_") and model.gelu == "exact"
-    weights = keras_mixer.loader.open_weights(f"hf://timm/{tag}")
+    weights = keras_mixer.weights_io.loader.open_weights(f"hf://timm/{tag}")
     record = weights.trained_on
     assert record.pixel_mean == (mean,) * 3 and record.preprocessing.interpolation == interpolation
     assert record.preprocessing.crop_ratio == 0.875 and record.image_size == (64, 64)
     # Fine-tuning keeps the pixels: a model built on these weights (weights= takes the hub name, as
     # the variant constructors do) for another head normalises alike.
-    tuned = keras_mixer.loader.build(
+    tuned = keras_mixer.weights_io.loader.build(
         keras_mixer.MlpMixer, TinyArchitecture, f"hf://timm/{tag}", classes=3, input_shape=(64, 64, 3)
     )
     assert tuned.get_config()["pixel_mean"] == (mean,) * 3 and tuned.gelu == "exact"
@@ -113,9 +113,9 @@ def test_the_export_of_googles_weights_resizes_bicubically_as_timm_evaluates(tmp
     import tensorflow as tf
 
     from keras_mixer.data import transforms
-    from keras_mixer.export import export_metadata, export_saved_model
-    from keras_mixer.preprocessing import EvalPreprocessing
-    from keras_mixer.training.inference import load_keras_model
+    from keras_mixer.model.pixels import EvalPreprocessing
+    from keras_mixer.serving.export import export_metadata, export_saved_model
+    from keras_mixer.serving.trained_models import load_keras_model
 
     tag = "mixer_b16_224.goog_in21k_ft_in1k"
     timm_repo(tmp_path / "repo", tag)
@@ -194,7 +194,7 @@ def test_a_preset_folder_is_keras_hubs_and_round_trips(tmp_path, images):
     assert metadata["parameter_count"] == model.count_params() and metadata["trained_on"]["class_names"][6] == "6"
     loaded = keras_mixer.MlpMixer.from_preset(tmp_path / "preset")
     np.testing.assert_array_equal(loaded.predict(images, verbose=0), model.predict(images, verbose=0))
-    assert keras_mixer.loader.open_weights(tmp_path / "preset").trained_on == record
+    assert keras_mixer.weights_io.loader.open_weights(tmp_path / "preset").trained_on == record
     with pytest.raises(FileExistsError, match="exists and is not empty"):
         model.save_to_preset(tmp_path / "preset")
 

@@ -10,7 +10,7 @@ from PIL import Image
 from runs import trainer
 
 from keras_mixer.data import load_source
-from keras_mixer.preprocessing import EvalPreprocessing
+from keras_mixer.model.pixels import EvalPreprocessing
 from keras_mixer.training.config import TrainConfig, load_config
 from keras_mixer.training.sizing import (
     fit_to_data,

@@ -7,9 +7,9 @@ import pytest
 from conftest import tiny_mixer
 
 import keras_mixer
-from keras_mixer import loader, source_kinds
-from keras_mixer.preprocessing import EvalPreprocessing
-from keras_mixer.trained_on import TrainedOn
+from keras_mixer.model.pixels import EvalPreprocessing
+from keras_mixer.model.trained_on import TrainedOn
+from keras_mixer.weights_io import loader, source_kinds
 
 
 def _touch(path, text=""):
@@ -62,7 +62,7 @@ def test_a_finished_workdir_gives_its_model_keras_as_weights(tmp_path):
         loader.open_weights(str(workdir))
     model = tiny_mixer()
     record = TrainedOn("digits", [str(i) for i in range(10)], EvalPreprocessing("resize"), "T/2", step=40)
-    keras_mixer.weights.save_keras(model, str(workdir / "model.keras"), record.to_dict())
+    keras_mixer.weights_io.official_keys.save_keras(model, str(workdir / "model.keras"), record.to_dict())
     weights = loader.open_weights(str(workdir))
     assert weights.path == str(workdir / "model.keras") and weights.trained_on == record
     with pytest.raises(ValueError, match="is a checkpoint: weights are read from"):

@@ -16,7 +16,7 @@ from runs import assert_one_line_error, trainer
 import keras_mixer
 from keras_mixer.studies import token_pictures_cli
 from keras_mixer.studies.token_pictures import chance_cosine, draw, opposite_phase_order, token_mixing_units
-from keras_mixer.weights import save_npz
+from keras_mixer.weights_io.official_keys import save_npz
 
 # 4x4 patterns (row, column): a horizontal and a vertical ramp, a checkerboard (the highest
 # frequency a grid holds) and one-hot tokens. Ramps, checkerboard and one-hots are pairwise at a
@@ -171,7 +171,7 @@ def test_expanded_model_is_drawn_as_its_trained_tile(tmp_path):
 
     # What a loader builds from a weights file at a larger size is the same expansion.
     save_npz(model, tmp_path / "tiny.npz")
-    from keras_mixer.training.inference import load_keras_model
+    from keras_mixer.serving.trained_models import load_keras_model
 
     loaded, _ = load_keras_model(str(tmp_path / "tiny.npz"), image_size=32)
     units, info = token_mixing_units(loaded, 1)

@@ -104,14 +104,14 @@ def test_the_flags_come_from_the_table_of_training_fields():
     recipe's value, "none" clears an Optional one, a comma list becomes a tuple."""
     from absl import flags
 
-    from keras_mixer.training import cli
+    from keras_mixer.programs import command_lines
     from keras_mixer.training.config import FLAG_FIELDS
 
     values = flags.FlagValues()
-    cli.define_field_flags(FLAG_FIELDS, flag_values=values)
+    command_lines.define_field_flags(FLAG_FIELDS, flag_values=values)
     assert set(values) == set(TrainConfig.__dataclass_fields__) - {"mode", "init", "flags_given"}
     values(["prog", "--mixed_precision=none", "--fewshot_shots=25,5,5", "--optimizer=sgd", "--nocache", "--steps=3"])
-    overrides = cli.flag_overrides(FLAG_FIELDS, values)
+    overrides = command_lines.flag_overrides(FLAG_FIELDS, values)
     assert overrides == dict(mixed_precision=None, fewshot_shots=(5, 25), optimizer="sgd", cache=False, steps=3)
     recipe = load_config("imagenet1k_b16", CONFIGS_DIR)
     config = load_config("imagenet1k_b16", CONFIGS_DIR, **overrides)
@@ -374,7 +374,7 @@ def test_float16_training_lowers_the_loss(tmp_path):
 
 
 def test_bare_tpu_flag_means_the_local_tpu_vm():
-    from keras_mixer.training.cli import normalise_argv
+    from keras_mixer.programs.command_lines import normalise_argv
 
     assert normalise_argv(["p", "--tpu"]) == ["p", "--tpu=local"]
     assert normalise_argv(["p", "--tpu", "--config", "x"]) == ["p", "--tpu=local", "--config", "x"]

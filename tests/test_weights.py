@@ -12,7 +12,8 @@ from conftest import TINY, randomize, tiny_mixer
 from runs import ROOT
 
 import keras_mixer
-from keras_mixer import WeightsError, weight_files, weights
+from keras_mixer import WeightsError
+from keras_mixer.weights_io import file_formats, official_keys
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))  # flax_mixer, the Flax peer
 torch = pytest.importorskip("torch")
@@ -155,8 +156,8 @@ def test_format_is_recognised_by_content_not_name(tmp_path):
     keras_mixer.save_timm(model, tmp_path / "b.safetensors")
     os.rename(tmp_path / "a.npz", tmp_path / "weights.bin")
     os.rename(tmp_path / "b.safetensors", tmp_path / "other.npz")
-    assert weight_files.detect_format(tmp_path / "weights.bin") == weight_files.NPZ
-    assert weight_files.detect_format(tmp_path / "other.npz") == weight_files.TIMM_SAFETENSORS
+    assert file_formats.detect_format(tmp_path / "weights.bin") == file_formats.NPZ
+    assert file_formats.detect_format(tmp_path / "other.npz") == file_formats.TIMM_SAFETENSORS
     for name in ("weights.bin", "other.npz"):
         loaded = tiny_mixer(weights=tmp_path / name, gelu="tanh")
         for a, b in zip(model.get_weights(), loaded.get_weights()):
@@ -270,7 +271,7 @@ def _assert_unchanged(model, before):
 
 
 def test_key_and_shape_errors_leave_the_model_unchanged(tmp_path):
-    params = weights.model_params(randomize(tiny_mixer()))
+    params = official_keys.model_params(randomize(tiny_mixer()))
     target = tiny_mixer()
     before = target.get_weights()
 

@@ -25,8 +25,8 @@ import math
 
 import numpy as np
 
-from keras_mixer.preprocessing import EvalPreprocessing
-from keras_mixer.validation import check_positive_int, to_pair
+from keras_mixer.argument_checks import check_positive_int, to_pair
+from keras_mixer.model.pixels import EvalPreprocessing
 
 # As `transforms` (which imports TensorFlow): tests/test_arrays.py checks that they agree.
 AREA_RANGE = (0.05, 1.0)

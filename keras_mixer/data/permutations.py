@@ -11,7 +11,7 @@ gather of pixel positions; channels stay together.
 import numpy as np
 import tensorflow as tf
 
-from keras_mixer.validation import check_image_size, to_pair
+from keras_mixer.argument_checks import check_image_size, to_pair
 
 KINDS = ("patches", "pixels")
 

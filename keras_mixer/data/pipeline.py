@@ -11,9 +11,9 @@ Images stay in [0, 255] by default because the Mixer models scale inside
 import numpy as np
 import tensorflow as tf
 
+from keras_mixer.argument_checks import to_pair
 from keras_mixer.data import transforms
-from keras_mixer.preprocessing import EvalPreprocessing
-from keras_mixer.validation import to_pair
+from keras_mixer.model.pixels import EvalPreprocessing
 
 
 def make_pipeline(source, *, training, **kwargs):

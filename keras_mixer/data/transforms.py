@@ -8,7 +8,7 @@ so a pipeline with a fixed seed is reproducible.
 import keras
 import tensorflow as tf
 
-from keras_mixer.preprocessing import scale_pixels
+from keras_mixer.model.pixels import scale_pixels
 
 AREA_RANGE = (0.05, 1.0)
 ASPECT_RATIO_RANGE = (3.0 / 4.0, 4.0 / 3.0)

@@ -12,7 +12,7 @@ import os
 
 from absl import flags
 
-from keras_mixer.training.cli import run_program, user_errors
+from keras_mixer.programs.command_lines import run_program, user_errors
 from keras_mixer.training.fewshot import L2, SHOTS
 
 FLAGS = flags.FLAGS
@@ -68,9 +68,9 @@ def main():
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     from keras_mixer import data
-    from keras_mixer.files import atomic_write, write_json
+    from keras_mixer.atomic_files import atomic_write, write_json
+    from keras_mixer.serving.trained_models import load_keras_model
     from keras_mixer.training import fewshot as probe
-    from keras_mixer.training.inference import load_keras_model
 
     with user_errors():
         shots = probe.parse_shots(FLAGS.shots, "--shots")

@@ -22,16 +22,17 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_mixer import data, loader
-from keras_mixer.files import atomic_write, read_json, write_json
-from keras_mixer.models import MlpMixer, variant_config
+from keras_mixer import data
+from keras_mixer.atomic_files import atomic_write, read_json, write_json
+from keras_mixer.model.mixer import MlpMixer, variant_config
 from keras_mixer.studies.resnet import resnet_name, small_resnet
 from keras_mixer.training.config import OPERATIONAL_FIELDS, run_length
-from keras_mixer.training.evaluation import make_evaluator
-from keras_mixer.training.loop import recipe_stream
 from keras_mixer.training.optimizer import make_optimizer, set_mixed_precision
-from keras_mixer.training.step import decide_xla, make_train_steps
 from keras_mixer.training.stops import TrainingDiverged
+from keras_mixer.training.tf.engine import recipe_stream
+from keras_mixer.training.tf.evaluation import make_evaluator
+from keras_mixer.training.tf.step import decide_xla, make_train_steps
+from keras_mixer.weights_io import loader
 
 ORDERS = ("original", "patches", "pixels")
 MODELS = ("mixer", "resnet")

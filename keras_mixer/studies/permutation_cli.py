@@ -13,7 +13,7 @@ import os
 
 from absl import flags
 
-from keras_mixer.training.cli import (
+from keras_mixer.programs.command_lines import (
     define_field_flags,
     flag_overrides,
     register_data_validators,
@@ -95,7 +95,7 @@ def run():
 
         from keras_mixer.studies import permutation
         from keras_mixer.training.config import load_config
-        from keras_mixer.training.strategy import choose_strategy, make_strategy
+        from keras_mixer.training.tf.strategy import choose_strategy, make_strategy
         from keras_mixer.training.workdir import WorkdirLock, check_workdir, move_to_previous
 
         with user_errors():

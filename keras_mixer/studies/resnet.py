@@ -16,8 +16,8 @@ Input: images [B, H, W, 3] in [0, 255], like the Mixer (`include_preprocessing`)
 import keras
 from keras import layers
 
-from keras_mixer.preprocessing import PIXEL_OFFSET, PIXEL_SCALE
-from keras_mixer.validation import check_positive_int
+from keras_mixer.argument_checks import check_positive_int
+from keras_mixer.model.pixels import PIXEL_OFFSET, PIXEL_SCALE
 
 SMALL_IMAGE_SIDE = 32  # up to this side the stem keeps the full resolution
 

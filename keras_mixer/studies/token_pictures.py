@@ -36,9 +36,9 @@ import os
 
 import numpy as np
 
-from keras_mixer.files import atomic_write, write_json
-from keras_mixer.models import MlpMixer
-from keras_mixer.resolution import token_order
+from keras_mixer.atomic_files import atomic_write, write_json
+from keras_mixer.model.mixer import MlpMixer
+from keras_mixer.model.resolution_expansion import token_order
 
 COLORMAP = "RdBu_r"
 SCALES = ("unit", "block")

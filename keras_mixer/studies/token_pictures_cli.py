@@ -4,15 +4,15 @@
 
 Writes the PNG and `tokens.json` beside it (per block: the grid, the units drawn, the opposite-phase
 pairs with their cosines). The user's errors end with one `error: ...` line and exit code 1, as
-in the training commands (`keras_mixer.training.cli`).
+in the training commands (`keras_mixer.programs.command_lines`).
 """
 
 import os
 
 from absl import flags
 
+from keras_mixer.programs.command_lines import SOURCE_MODEL_HELP, define_model_flag, run_program, user_errors
 from keras_mixer.studies.token_pictures import DEFAULT_BLOCKS, SCALES
-from keras_mixer.training.cli import SOURCE_MODEL_HELP, define_model_flag, run_program, user_errors
 
 FLAGS = flags.FLAGS
 
@@ -74,8 +74,8 @@ def _output_folder(out):
 
 def run():
     def main():
+        from keras_mixer.serving.trained_models import load_keras_model
         from keras_mixer.studies.token_pictures import draw
-        from keras_mixer.training.inference import load_keras_model
 
         with user_errors():
             blocks = _block_list(FLAGS.blocks)

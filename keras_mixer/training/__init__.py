@@ -10,13 +10,13 @@ import importlib
 _WHERE = {
     "TrainConfig": "config",
     "load_config": "config",
-    "train": "trainer",
+    "train": "loop",
     "TrainingDiverged": "stops",
     "WarmupDecay": "schedules",
-    "clip_by_global_norm": "step",
+    "clip_by_global_norm": "tf.step",
     "make_optimizer": "optimizer",
-    "choose_strategy": "strategy",
-    "make_strategy": "strategy",
+    "choose_strategy": "tf.strategy",
+    "make_strategy": "tf.strategy",
 }
 
 __all__ = sorted(_WHERE)

@@ -13,9 +13,9 @@ import traceback
 import typing
 from typing import Optional
 
-from keras_mixer import precisions, preprocessing
-from keras_mixer.preprocessing import EvalPreprocessing
-from keras_mixer.variants import MODEL_NAMES
+from keras_mixer.model import pixels, precisions
+from keras_mixer.model.pixels import EvalPreprocessing
+from keras_mixer.model.variants import MODEL_NAMES
 
 STRATEGIES = ("auto", "default", "mirrored", "multi_worker", "tpu")
 OPTIMIZERS = ("adamw", "sgd")
@@ -78,7 +78,7 @@ class TrainConfig:
     crop_area_min: float = _field(0.05, "Smallest area share of the training crops (1: no crops).")
     flip: bool = _field(True, "Random horizontal flips in training.")
     eval_resize: str = _field(
-        "crop", "Evaluation (and serving): centre crop or plain resize.", choices=preprocessing.EVAL_RESIZE
+        "crop", "Evaluation (and serving): centre crop or plain resize.", choices=pixels.EVAL_RESIZE
     )
     crop_ratio: float = _field(0.875, "Centre-crop share of the resized image for --eval_resize=crop.")
     full_strength_epochs: Optional[float] = _field(

@@ -27,7 +27,7 @@ import keras
 import numpy as np
 
 from keras_mixer.data.numpy_streams import eval_stream
-from keras_mixer.preprocessing import EvalPreprocessing
+from keras_mixer.model.pixels import EvalPreprocessing
 from keras_mixer.training.config import parse_shots
 
 L2 = 2.0**10  # big_vision's few-shot default (configs/common_fewshot.py)

@@ -8,7 +8,7 @@ import time
 
 import keras
 
-from keras_mixer.files import write_json
+from keras_mixer.atomic_files import write_json
 
 log = logging.getLogger("keras_mixer")
 

@@ -23,19 +23,20 @@ from typing import Optional, Protocol
 
 import keras
 
-from keras_mixer import data, loader
-from keras_mixer.files import read_json, write_json
-from keras_mixer.models import MlpMixer
-from keras_mixer.trained_on import TrainedOn
-from keras_mixer.training.checkpointing import checkpoint_backend
+from keras_mixer import data
+from keras_mixer.atomic_files import read_json, write_json
+from keras_mixer.model.mixer import MlpMixer
+from keras_mixer.model.trained_on import TrainedOn
 from keras_mixer.training.config import TrainConfig, check_resumed_recipe, run_length
 from keras_mixer.training.fewshot import TRAINING_DRAWS, FewshotProbe
 from keras_mixer.training.optimizer import set_mixed_precision
 from keras_mixer.training.reporting import Report, Throughput
 from keras_mixer.training.sizing import fit_to_data, keep_decided, scale_to_length
 from keras_mixer.training.stops import TrainingDiverged, TrainingStopped
+from keras_mixer.training.tf.checkpoints import checkpoint_backend
 from keras_mixer.training.workdir import move_to_previous, remove_leftovers
-from keras_mixer.weights import save_keras
+from keras_mixer.weights_io import loader
+from keras_mixer.weights_io.official_keys import save_keras
 
 log = logging.getLogger("keras_mixer")
 # A band of evaluation crop ratios wider than this giving one crop is worth a warning.

@@ -20,7 +20,7 @@ the values the run used:
 import dataclasses
 import math
 
-from keras_mixer.variants import variant_config
+from keras_mixer.model.variants import variant_config
 
 # The largest input the sizing picks: images above it are downscaled (the paper's 224).
 LARGEST_INPUT = 224
@@ -101,7 +101,7 @@ def fit_to_data(config, source):
         return config, None
     if config.mode == "finetune" and "image_size" in open_fields:
         # Fine-tuning keeps the weights' own input size unless --image_size asks for another.
-        from keras_mixer import loader
+        from keras_mixer.weights_io import loader
 
         trained = loader.open_weights(config.init).trained_on.image_size
         if trained is None:

@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 
-from keras_mixer.files import TMP_PREFIX, readable_file_mode
+from keras_mixer.atomic_files import TMP_PREFIX, readable_file_mode
 
 log = logging.getLogger("keras_mixer")
 

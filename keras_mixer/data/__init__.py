@@ -37,6 +37,6 @@ __all__ = [
 def __getattr__(name):
     if name in _LAZY:
         return getattr(importlib.import_module(f"keras_mixer.data.{_LAZY[name]}"), name)
-    if name in ("arrays", "permutations", "pipeline", "transforms"):
+    if name in ("arrays", "crop_boxes", "permutations", "pipeline", "transforms"):
         return importlib.import_module(f"keras_mixer.data.{name}")
     raise AttributeError(f"module 'keras_mixer.data' has no attribute {name!r}")

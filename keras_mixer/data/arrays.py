@@ -8,9 +8,11 @@ image folders).
            -> batch -> [mixup]                         (forever, `threads` threads ahead)
     eval:  resize shorter side + centre crop (or plain resize) -> batch [-> pad + mask]
 
-The evaluation images equal the tf.data pipeline's (same resize arithmetic, in float32). The
-training images follow the same distributions (TensorFlow's crop-sampling algorithm, re-implemented)
-but not the same random numbers: a seeded stream repeats itself here, not the tf.data one.
+Both readers take the augmentations' parameters and geometry from `crop_boxes`. The evaluation
+images equal the tf.data pipeline's (the same sizes and windows, TF's resize arithmetic in float32).
+The training crops follow the same distribution (`crop_boxes.inception_crop_box`, TensorFlow's
+sampler from uniform numbers) but not the same random numbers: a seeded stream repeats itself here,
+not the tf.data one.
 
 Randomness is a pure function of (seed, host, epoch) for the order and (seed, host, step) for the
 augmentation of a batch, so a stream resumed with `skip_steps` jumps there without reading or
@@ -26,15 +28,9 @@ import math
 import numpy as np
 
 from keras_mixer.argument_checks import check_positive_int, to_pair
+from keras_mixer.data.crop_boxes import AREA_RANGE, DRAWS_PER_ATTEMPT, MAX_ATTEMPTS, eval_geometry, inception_crop_box
 from keras_mixer.model.pixels import EvalPreprocessing
 
-# As `transforms` (which imports TensorFlow): tests/test_arrays.py checks that they agree.
-AREA_RANGE = (0.05, 1.0)
-ASPECT_RATIO_RANGE = (3.0 / 4.0, 4.0 / 3.0)
-MAX_ATTEMPTS = 10
-
-# Uniform numbers per crop attempt: aspect ratio, height, top offset, left offset.
-_DRAWS_PER_ATTEMPT = 4
 # Domains of the random streams derived from one seed, so they never share numbers.
 _ORDER, _AUGMENT = 0, 1
 
@@ -178,102 +174,21 @@ class _Views:
         self.start, self.filled = self.start + count, 0
 
 
-def _eval_window(image_shape, image_size, preprocessing):
-    """(resized size, window) of an image of `image_shape` for `eval_image`."""
-    height, width = image_size
-    if preprocessing.eval_resize == "resize":
-        return image_size, None
-    # float32 as the TF graph computes it: (size / ratio) is a Python float made float32, the image
-    # side a float32, and the rounding of shape * scale decides the resized size.
-    shape = np.asarray(image_shape[:2], np.float32)
-    targets = np.asarray([height / preprocessing.crop_ratio, width / preprocessing.crop_ratio], np.float32)
-    scale = np.max(targets / shape)
-    new_h, new_w = (int(side) for side in np.maximum(np.round(shape * scale).astype(np.int64), [height, width]))
-    return (new_h, new_w), ((new_h - height) // 2, (new_w - width) // 2, height, width)
-
-
 def eval_image(image, image_size, preprocessing):
     """An image uint8 [h, w, 3] of any size -> float32 [H, W, 3] as `preprocessing` (an
-    `EvalPreprocessing`) says, as `transforms.eval_image`:
-
-    "crop": scaled so it covers image_size / crop_ratio, aspect kept, each side rounded half to
-        even (tf.round) and at least the target; then the centred image_size window.
-    "resize": the whole image squeezed to image_size.
-    Bilinear to the last bit of TensorFlow's; bicubic to float32 rounding (`resize_bicubic`).
+    `EvalPreprocessing`) says, as `transforms.eval_image`: resized and cropped to the size and
+    window of `crop_boxes.eval_geometry` ("crop": shorter side to size / crop_ratio, centre crop;
+    "resize": the whole image squeezed). Bilinear to the last bit of TensorFlow's; bicubic to
+    float32 rounding (`resize_bicubic`).
     """
     resize = resize_bicubic if preprocessing.interpolation == "bicubic" else resize_bilinear
-    return resize(image, *_eval_window(image.shape, image_size, preprocessing))
-
-
-# --- the Inception crop ---------------------------------------------------------------------------
-
-
-def _uniform_int(u, n):
-    """An int in [0, n) from a uniform u in [0, 1) (min: u * n may round up to n)."""
-    return min(int(u * n), n - 1)
-
-
-def _crop_attempt(image_h, image_w, area_range, aspect, u_height, u_top, u_left):
-    """One attempt of TensorFlow's sample_distorted_bounding_box (GenerateRandomCrop, with no
-    object boxes and min_object_covered 0): (top, left, height, width), or None when the sampled
-    aspect ratio gives no box with an area in `area_range` (shares of the image's area).
-
-    The crop's height is uniform between the heights of the smallest and the largest area at this
-    aspect ratio (capped to fit), its width the rounded height * aspect; the offsets are as TF
-    draws them (uniform in [0, side - crop side), so a crop shorter than the image never touches its
-    bottom or right edge: TF's own off-by-one, kept so both pipelines crop alike)."""
-    min_area = area_range[0] * image_w * image_h
-    max_area = area_range[1] * image_w * image_h
-    # round() is half to even, as lrintf in the default rounding mode.
-    height = round(math.sqrt(min_area / aspect))
-    max_height = round(math.sqrt(max_area / aspect))
-    if round(max_height * aspect) > image_w:  # the largest box is too wide: the tallest that fits
-        max_height = int((image_w + 0.5 - 1e-7) / aspect)
-        if round(max_height * aspect) > image_w:
-            max_height -= 1
-    max_height = min(max_height, image_h)
-    height = min(height, max_height)
-    if height < max_height:
-        height += _uniform_int(u_height, max_height - height + 1)
-    width = round(height * aspect)
-    area = width * height
-    # TF's repairs of rounding: one pixel taller when too small, one shorter when too large.
-    if area < min_area:
-        height += 1
-        width = round(height * aspect)
-        area = width * height
-    if area > max_area:
-        height -= 1
-        width = round(height * aspect)
-        area = width * height
-    if area < min_area or area > max_area or not (0 < width <= image_w and 0 < height <= image_h):
-        return None
-    top = _uniform_int(u_top, image_h - height) if height < image_h else 0
-    left = _uniform_int(u_left, image_w - width) if width < image_w else 0
-    return top, left, height, width
-
-
-def inception_crop_box(image_shape, uniforms, area_range=AREA_RANGE, aspect_ratio_range=ASPECT_RATIO_RANGE):
-    """(top, left, height, width) of a random crop of an image of `image_shape` (h, w, ...), as
-    `transforms.inception_crop_box`: an area share in `area_range`, an aspect ratio (width /
-    height) uniform in `aspect_ratio_range`, up to MAX_ATTEMPTS attempts, the whole image when none
-    fits.
-
-    uniforms: float [MAX_ATTEMPTS, 4] in [0, 1): each attempt's aspect ratio, height, top and left
-        draws (a fixed count, so the stream's random numbers do not depend on the images)."""
-    image_h, image_w = int(image_shape[0]), int(image_shape[1])
-    low, high = aspect_ratio_range
-    for u_aspect, u_height, u_top, u_left in uniforms:
-        box = _crop_attempt(image_h, image_w, area_range, low + u_aspect * (high - low), u_height, u_top, u_left)
-        if box is not None:
-            return box
-    return 0, 0, image_h, image_w
+    return resize(image, *eval_geometry(image.shape, image_size, preprocessing))
 
 
 def train_image(image, image_size, uniforms, flip_draw, area_range=AREA_RANGE, flip=True):
     """One training view of `image` (uint8 [h, w, 3]): Inception crop (`uniforms` as
-    `inception_crop_box`), bilinear resize to `image_size` (H, W), flipped left-right when `flip`
-    and `flip_draw` (a uniform in [0, 1)) < 0.5. Returns float32 [H, W, 3] in [0, 255]."""
+    `crop_boxes.inception_crop_box`), bilinear resize to `image_size` (H, W), flipped left-right
+    when `flip` and `flip_draw` (a uniform in [0, 1)) < 0.5. Returns float32 [H, W, 3] in [0, 255]."""
     top, left, height, width = inception_crop_box(image.shape, uniforms, area_range)
     view = resize_bilinear(image[top : top + height, left : left + width], image_size)
     return view[:, ::-1] if flip and flip_draw < 0.5 else view
@@ -454,7 +369,7 @@ def train_batches(
         rng = _rng(base, _AUGMENT, host, step)
         # A fixed count of draws per batch whatever the images: the stream stays a function of
         # (seed, step) alone.
-        crops = rng.random((per_host, MAX_ATTEMPTS, _DRAWS_PER_ATTEMPT))
+        crops = rng.random((per_host, MAX_ATTEMPTS, DRAWS_PER_ATTEMPT))
         flips = rng.random(per_host)
         images = np.empty((per_host, *image_size, 3), np.float32)
         views = _Views(images)
@@ -546,7 +461,7 @@ def eval_batches(
             if preprocessing.interpolation == "bicubic":
                 images[row] = eval_image(image, image_size, preprocessing)
             else:
-                views.add(image, *_eval_window(image.shape, image_size, preprocessing))
+                views.add(image, *eval_geometry(image.shape, image_size, preprocessing))
         views.flush()
         batch_labels = np.zeros(size, np.int64)
         batch_labels[: len(chosen)] = labels[chosen]

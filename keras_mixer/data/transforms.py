@@ -2,22 +2,31 @@
 
 Images are [h, w, 3] (uint8 or float in [0, 255]); outputs are float32 [H, W, 3] in [0, 255]
 unless `rescale_to_unit_range` is applied. Random transforms take a stateless seed (int32 [2]),
-so a pipeline with a fixed seed is reproducible.
+so a pipeline with a fixed seed is reproducible. The augmentations' parameters and the evaluation
+geometry come from `crop_boxes`, which the NumPy reader (`arrays`) shares.
 """
 
 import keras
 import tensorflow as tf
 
-from keras_mixer.model.pixels import scale_pixels
+from keras_mixer.data.crop_boxes import AREA_RANGE, ASPECT_RATIO_RANGE, MAX_ATTEMPTS, ArrayOps, eval_geometry
+from keras_mixer.model.pixels import EvalPreprocessing, scale_pixels
 
-AREA_RANGE = (0.05, 1.0)
-ASPECT_RATIO_RANGE = (3.0 / 4.0, 4.0 / 3.0)
+# `crop_boxes.eval_geometry` on tf.shape in a graph: int32 tensors.
+TENSOR_OPS = ArrayOps(lambda shape: tf.cast(shape, tf.float32), lambda x: tf.cast(x, tf.int32), tf.maximum, tf.round)
 
 
 def inception_crop_box(image_shape, seed, area_range=AREA_RANGE, aspect_ratio_range=ASPECT_RATIO_RANGE):
-    """A random crop box (begin [3], size [3]) covering `area_range` of the image at an aspect ratio
-    in `aspect_ratio_range`; the whole image when no box fits within 10 attempts (as the official
-    Inception crop)."""
+    """A random crop box (begin int32 [3], size int32 [3]) covering `area_range` of the image at an
+    aspect ratio in `aspect_ratio_range`; the whole image when no box fits within MAX_ATTEMPTS
+    attempts (as the official Inception crop).
+
+    The sampler that `crop_boxes.inception_crop_box` computes for the NumPy reader, but TensorFlow's
+    op itself: it draws its uniform numbers from its own Philox stream of `seed`, inside the
+    kernel, where no other code takes them from. Computing the box from other draws would change
+    every crop of the tf.data stream, and a training run written before would resume to other
+    weights than its uninterrupted run reached. tests/test_readers_agree.py checks that the two
+    draw from one distribution."""
     begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
         image_shape,
         bounding_boxes=tf.zeros([0, 0, 4], tf.float32),
@@ -25,7 +34,7 @@ def inception_crop_box(image_shape, seed, area_range=AREA_RANGE, aspect_ratio_ra
         min_object_covered=0.0,
         aspect_ratio_range=aspect_ratio_range,
         area_range=area_range,
-        max_attempts=10,
+        max_attempts=MAX_ATTEMPTS,
         use_image_if_no_bounding_boxes=True,
     )
     return begin, size
@@ -53,14 +62,7 @@ def resize_and_center_crop(image, image_size, crop_ratio=0.875, interpolation="b
     """Evaluation: resize so the image covers `image_size / crop_ratio`, keeping its aspect ratio
     (for a square target: the shorter side to size / ratio, e.g. 256 for 224), then take the
     centred `image_size` crop. Returns float32 [H, W, 3]."""
-    height, width = image_size
-    shape = tf.cast(tf.shape(image)[:2], tf.float32)
-    scale = tf.maximum(height / crop_ratio / shape[0], width / crop_ratio / shape[1])
-    new_shape = tf.maximum(tf.cast(tf.round(shape * scale), tf.int32), [height, width])
-    resized = _resize(image, new_shape, interpolation)
-    top = (new_shape[0] - height) // 2
-    left = (new_shape[1] - width) // 2
-    return tf.slice(resized, [top, left, 0], [height, width, 3])
+    return eval_image(image, image_size, EvalPreprocessing("crop", crop_ratio, interpolation))
 
 
 def plain_resize(image, image_size, interpolation="bilinear"):
@@ -69,11 +71,16 @@ def plain_resize(image, image_size, interpolation="bilinear"):
 
 
 def eval_image(image, image_size, preprocessing):
-    """An image of any size -> float32 [H, W, 3] as `preprocessing` (an `EvalPreprocessing`) says:
-    the one evaluation transform of the data pipeline and the serving signature."""
-    if preprocessing.eval_resize == "resize":
-        return plain_resize(image, image_size, preprocessing.interpolation)
-    return resize_and_center_crop(image, image_size, preprocessing.crop_ratio, preprocessing.interpolation)
+    """An image [h, w, 3] of any size -> float32 [H, W, 3] as `preprocessing` (an
+    `EvalPreprocessing`) says: resized and cropped to the size and window of
+    `crop_boxes.eval_geometry`, computed on the image's dynamic shape. The one evaluation transform
+    of the data pipeline and the serving signature."""
+    resized_size, window = eval_geometry(tf.shape(image), image_size, preprocessing, TENSOR_OPS)
+    resized = _resize(image, resized_size, preprocessing.interpolation)
+    if window is None:
+        return resized
+    top, left, height, width = window
+    return tf.slice(resized, [top, left, 0], [height, width, 3])
 
 
 def rescale_to_unit_range(image):

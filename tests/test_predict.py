@@ -115,3 +115,72 @@ def test_without_tensorflow_the_decode_equals_the_serving_one(tmp_path):
             decode(too_big.getvalue())
         with pytest.raises(ValueError, match="not a JPEG or PNG"):
             decode(b"GIF89a....")
+
+
+def _photos():
+    """{name: encoded bytes} of real photographs: scikit-image's bundled files as they ship (JPEGs
+    with EXIF and other segments before the frame, hubble_deep_field.jpg's 15 KB of them; non-square
+    ones; a greyscale PNG) and its astronaut [512, 512, 3] saved as PNG, as a baseline JPEG (SOF0)
+    and as a progressive one (SOF2)."""
+    skimage_data = pytest.importorskip("skimage.data")
+    folder = os.path.dirname(skimage_data.__file__)
+    photos = {}
+    for name in ("hubble_deep_field.jpg", "retina.jpg", "rocket.jpg", "camera.png", "coffee.png"):
+        with open(os.path.join(folder, name), "rb") as f:
+            photos[name] = f.read()
+    saved_as = {"astronaut.png": dict(format="PNG"), "astronaut.jpg": dict(format="JPEG")}
+    saved_as["astronaut_progressive.jpg"] = dict(format="JPEG", progressive=True)
+    for name, options in saved_as.items():
+        buffer = io.BytesIO()
+        Image.fromarray(skimage_data.astronaut()).save(buffer, **options)
+        photos[name] = buffer.getvalue()
+    return photos
+
+
+def _served_header_size():
+    """The served graph's header reader (`export.header_size`), traced as the SavedModel runs it:
+    bytes -> (height, width), or InvalidArgumentError."""
+    import tensorflow as tf
+
+    from keras_mixer.serving.export import header_size
+
+    traced = tf.function(header_size, input_signature=[tf.TensorSpec([], tf.string)])
+    return lambda data: tuple(int(side) for side in traced(tf.constant(data)))
+
+
+def test_the_header_size_is_the_decoded_size_in_python_and_in_the_served_graph():
+    """The budget is checked on the header's size, so it must be the size the pixels decode to, in
+    both readers: Python's (predict.py, with or without TensorFlow) and the SavedModel's."""
+    from keras_mixer.serving.image_headers import header_size
+
+    served, sizes = _served_header_size(), {}
+    for name, data in _photos().items():
+        with Image.open(io.BytesIO(data)) as image:
+            decoded = np.asarray(image).shape[:2]
+        sizes[name] = header_size(data)
+        assert sizes[name] == served(data) == decoded, name
+    assert sizes["hubble_deep_field.jpg"] == (872, 1000) and sizes["rocket.jpg"] == (427, 640)  # height first
+
+
+def test_a_truncated_or_foreign_header_is_refused_in_one_line_by_every_reader():
+    import tensorflow as tf
+
+    photos = _photos()
+    png, jpeg = photos["astronaut.png"], photos["astronaut_progressive.jpg"]
+    refused = {  # bytes: (the reason predict.py gives, the reason in the served graph's error)
+        png[:20]: ("truncated PNG: no complete IHDR header",) * 2,  # the IHDR's height cut off
+        jpeg[: jpeg.index(b"\xff\xc2")]: ("not a readable JPEG (", "Invalid JPEG data"),  # cut before the frame
+        b"GIF89a" + png[6:]: ("not a JPEG or PNG image",) * 2,
+    }
+    preprocessing = EvalPreprocessing("crop", 0.9)
+    decoders = [
+        make((16, 16), preprocessing, 10**6) for make in (label_files.tensorflow_decoder, label_files.pillow_decoder)
+    ]
+    served = _served_header_size()
+    for data, (reason, served_reason) in refused.items():
+        for decode in decoders:
+            with pytest.raises(ValueError) as caught:
+                decode(data)
+            assert str(caught.value).startswith(reason) and "\n" not in str(caught.value), (reason, decode)
+        with pytest.raises(tf.errors.InvalidArgumentError, match=re.escape(served_reason)):
+            served(data)

@@ -43,6 +43,8 @@ from keras_mixer.model.mixer import MlpMixer
 from keras_mixer.model.pixels import DEFAULT_MAX_PIXELS, EvalPreprocessing, scale_pixels
 from keras_mixer.model.precisions import SERVING
 from keras_mixer.model.trained_on import TrainedOn
+from keras_mixer.serving import image_headers
+from keras_mixer.weights_io.source_kinds import export_versions
 
 log = logging.getLogger("keras_mixer")
 
@@ -54,30 +56,29 @@ METADATA = os.path.join("assets.extra", "keras_mixer.json")
 MAX_FROZEN_BYTES = 512 * 2**20
 
 
-def _versions(export_base):
-    return sorted(int(d) for d in os.listdir(export_base) if d.isdigit())
-
-
 def _has_preprocessing(model):
     return any(layer.name == "rescaling" for layer in model.layers)
 
 
 def header_size(image_bytes):
-    """(height, width) int64 read from a JPEG or PNG header without decoding any pixel.
+    """(height, width) int64 scalars read from the header of `image_bytes` (a string scalar, an
+    encoded JPEG or PNG) without decoding any pixel: `image_headers.header_size` in graph ops.
 
-    JPEG: the SOF marker (`tf.image.extract_jpeg_shape`); PNG: the IHDR chunk, big-endian width and
-    height at bytes 16..24. Anything else fails the request with an InvalidArgumentError."""
-    is_png = tf.strings.substr(image_bytes, 0, 8) == PNG_MAGIC
-    is_jpeg = tf.strings.substr(image_bytes, 0, 3) == JPEG_MAGIC
-    known = tf.debugging.Assert(is_png | is_jpeg, ["the request is not a JPEG or PNG image"])
+    JPEG: the SOF marker (`tf.image.extract_jpeg_shape`); PNG: the IHDR chunk's big-endian width
+    and height. Anything else fails the request with an InvalidArgumentError."""
+    is_png = tf.strings.substr(image_bytes, 0, len(PNG_MAGIC)) == PNG_MAGIC
+    is_jpeg = tf.strings.substr(image_bytes, 0, len(JPEG_MAGIC)) == JPEG_MAGIC
+    known = tf.debugging.Assert(is_png | is_jpeg, [f"the request is {image_headers.NOT_AN_IMAGE}"])
     with tf.control_dependencies([known]):
         image_bytes = tf.identity(image_bytes)
 
     def png():
-        tf.debugging.assert_greater_equal(
-            tf.strings.length(image_bytes), 24, message="truncated PNG: no complete IHDR header"
+        complete = tf.debugging.assert_greater_equal(
+            tf.strings.length(image_bytes), image_headers.PNG_HEADER_BYTES, message=image_headers.TRUNCATED_PNG
         )
-        width_height = tf.io.decode_raw(tf.strings.substr(image_bytes, 16, 8), tf.int32, little_endian=False)
+        with tf.control_dependencies([complete]):  # before the read, so that a short header fails with this reason
+            width_height = tf.strings.substr(image_bytes, image_headers.PNG_SIZE_OFFSET, 8)
+        width_height = tf.io.decode_raw(width_height, tf.int32, little_endian=False)
         return tf.cast(width_height[1], tf.int64), tf.cast(width_height[0], tf.int64)
 
     def jpeg():
@@ -92,11 +93,10 @@ def decode_request(image_bytes, image_size, preprocessing, max_pixels):
     if it is not a JPEG or PNG or declares more than `max_pixels` pixels."""
     height, width = header_size(image_bytes)
     too_big = tf.strings.format(
-        "image of {}x{} pixels (width x height) is over the pixel budget of {} pixels set at export; "
-        "send a smaller image",
+        image_headers.OVER_BUDGET + " set at export; send a smaller image",
         (width, height, tf.constant(max_pixels, tf.int64)),
     )
-    check = tf.debugging.Assert((height > 0) & (width > 0) & (height * width <= max_pixels), [too_big], summarize=1)
+    check = tf.debugging.Assert(image_headers.within_budget(height, width, max_pixels), [too_big], summarize=1)
     with tf.control_dependencies([check]):
         image = tf.io.decode_image(tf.identity(image_bytes), channels=3, expand_animations=False)
     image.set_shape([None, None, 3])
@@ -228,7 +228,7 @@ def _new_version_folder(export_base, version):
     if os.path.exists(export_base) and not os.path.isdir(export_base):
         raise ValueError(f"export_base {export_base!r} is a file, not a folder")
     os.makedirs(export_base, exist_ok=True)
-    existing = _versions(export_base)
+    existing = export_versions(export_base)
     if version is None:
         version = (existing[-1] + 1) if existing else 1
     if isinstance(version, bool) or not isinstance(version, (int, np.integer)) or version <= 0:

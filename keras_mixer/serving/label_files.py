@@ -1,13 +1,13 @@
 """Labelling image files with a trained model: what `trainers/predict.py` runs.
 
 Each file goes the way a request to the TF Serving export goes: its JPEG or PNG header is checked
-against the pixel budget before any pixel is decoded, then it is decoded to RGB and prepared as the
-model was evaluated (`EvalPreprocessing`: centre crop or plain resize to the model's size). With
-TensorFlow installed that is the export's own decode function (`export.decode_request`); without it
-(Keras' JAX backend alone), Pillow and `data.arrays.eval_image`, which compute the same pixels for
-PNGs (JPEGs differ by about one grey level: TensorFlow decodes them with libjpeg's fast integer
-transform). A file that fails any of this is named with the reason and skipped; the others are
-labelled in batches.
+against the pixel budget before any pixel is decoded (`image_headers`), then it is decoded to RGB
+and prepared as the model was evaluated (`EvalPreprocessing`: centre crop or plain resize to the
+model's size). With TensorFlow installed that is the export's own decode function
+(`export.decode_request`); without it (Keras' JAX backend alone), Pillow and
+`data.arrays.eval_image`, which compute the same pixels for PNGs (JPEGs differ by about one grey
+level: TensorFlow decodes them with libjpeg's fast integer transform). A file that fails any of
+this is named with the reason and skipped; the others are labelled in batches.
 """
 
 import dataclasses
@@ -16,8 +16,9 @@ from typing import Optional
 
 import numpy as np
 
-from keras_mixer.data.sources import JPEG_MAGIC, PNG_MAGIC, tensorflow_installed
+from keras_mixer.data.sources import tensorflow_installed
 from keras_mixer.model.pixels import DEFAULT_MAX_PIXELS, scale_pixels
+from keras_mixer.serving.image_headers import check_budget, header_size
 
 
 @dataclasses.dataclass
@@ -53,27 +54,6 @@ def image_files(paths):
     return files, missing
 
 
-def _header_size(data):
-    """(height, width) from a PNG's IHDR or a JPEG's SOF marker, without decoding; ValueError for
-    anything else."""
-    if data.startswith(PNG_MAGIC):
-        if len(data) < 24:
-            raise ValueError("truncated PNG: no complete IHDR header")
-        return int.from_bytes(data[20:24], "big"), int.from_bytes(data[16:20], "big")
-    if data.startswith(JPEG_MAGIC):
-        import io
-
-        from PIL import Image
-
-        try:
-            with Image.open(io.BytesIO(data)) as image:  # reads the header only
-                width, height = image.size
-        except (OSError, ValueError, SyntaxError) as e:
-            raise ValueError(f"not a readable JPEG ({e})") from None
-        return height, width
-    raise ValueError("not a JPEG or PNG image")
-
-
 def pillow_decoder(image_size, preprocessing, max_pixels):
     """bytes -> float32 [H, W, 3] in [0, 255], without TensorFlow; ValueError naming the reason."""
     import io
@@ -83,8 +63,7 @@ def pillow_decoder(image_size, preprocessing, max_pixels):
     from keras_mixer.data.arrays import eval_image
 
     def decode(data):
-        height, width = _header_size(data)
-        _check_budget(height, width, max_pixels)
+        check_budget(*header_size(data), max_pixels)
         try:
             with Image.open(io.BytesIO(data)) as image:
                 pixels = np.asarray(image.convert("RGB"))
@@ -93,13 +72,6 @@ def pillow_decoder(image_size, preprocessing, max_pixels):
         return eval_image(pixels, image_size, preprocessing)
 
     return decode
-
-
-def _check_budget(height, width, max_pixels):
-    if not (height > 0 and width > 0 and height * width <= max_pixels):
-        raise ValueError(
-            f"image of {width}x{height} pixels (width x height) is over the pixel budget of {max_pixels} pixels"
-        )
 
 
 def tensorflow_decoder(image_size, preprocessing, max_pixels):
@@ -115,7 +87,7 @@ def tensorflow_decoder(image_size, preprocessing, max_pixels):
     )
 
     def decode(data):
-        _check_budget(*_header_size(data), max_pixels)  # the same checks, for a one-line reason
+        check_budget(*header_size(data), max_pixels)  # the graph's checks too, for a one-line reason
         try:
             return decode_one(tf.constant(data)).numpy()
         except tf.errors.InvalidArgumentError as e:
@@ -190,7 +162,7 @@ def open_labeller(source):
 
     from keras_mixer.serving.trained_models import load_keras_model
 
-    model, trained_on = load_keras_model(source)
+    model, trained_on = load_keras_model(found)
     size = tuple(model.input_shape[1:3])
     softmax = keras.activations.serialize(model.get_layer("head").activation) == "softmax"
     scaled_inside = any(layer.name == "rescaling" for layer in model.layers)  # as the export decides

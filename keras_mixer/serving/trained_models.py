@@ -15,7 +15,8 @@ from typing import Callable
 from keras_mixer.atomic_files import read_json
 from keras_mixer.model.mixer import MlpMixer
 from keras_mixer.model.trained_on import TrainedOn
-from keras_mixer.training.tf.checkpoints import checkpoint_backend, checkpoint_steps, newest_intact
+from keras_mixer.training.checkpoint_store import checkpoint_backend
+from keras_mixer.training.tf.checkpoints import checkpoint_steps, newest_intact
 from keras_mixer.weights_io import loader, source_kinds
 
 
@@ -26,20 +27,25 @@ class Predictor:
     trained_on: TrainedOn  # what the source records (the defaults where it records nothing)
 
 
+def _checkpoint_prefixes(found):
+    """The checkpoint prefixes to try, newest first: a checkpoint `Source`'s own, or every one in
+    a workdir `Source`'s checkpoints folder."""
+    if found.kind == "checkpoint":
+        return [found.path]
+    folder = found.in_workdir(source_kinds.CHECKPOINTS)
+    return [os.path.join(folder, f"ckpt-{s}") for s in sorted(checkpoint_steps(folder), reverse=True)]
+
+
 def _run_record(found):
     """(workdir's run.json contents, [checkpoint prefixes to try, newest first]) for a workdir or a
     checkpoint `Source`."""
-    if found.kind == "workdir":
-        workdir = found.path
-        folder = os.path.join(workdir, "checkpoints")
-        prefixes = [os.path.join(folder, f"ckpt-{s}") for s in sorted(checkpoint_steps(folder), reverse=True)]
-    else:
-        workdir, prefixes = os.path.dirname(os.path.dirname(os.path.abspath(found.path))), [found.path]
-    record = read_json(os.path.join(workdir, "run.json"))
+    path = found.in_workdir(source_kinds.RUN_RECORD)
+    record = read_json(path)
     if record is None or "architecture" not in record:
-        raise ValueError(f"{os.path.join(workdir, 'run.json')!r} is missing or unreadable: cannot rebuild the model")
+        raise ValueError(f"{path!r} is missing or unreadable: cannot rebuild the model")
+    prefixes = _checkpoint_prefixes(found)
     if not prefixes:
-        raise FileNotFoundError(f"workdir {workdir!r} has no checkpoint yet")
+        raise FileNotFoundError(f"workdir {found.workdir!r} has no checkpoint yet")
     return record, prefixes
 
 
@@ -55,26 +61,27 @@ def _restore_newest(model, prefixes):
     return intact
 
 
-def _finished_model(workdir):
-    """The .keras `Source` of a JAX-backend workdir (its checkpoints are orbax training states,
-    which only the JAX trainer reads): its model.keras, once the run finished."""
-    path = os.path.join(workdir, "model.keras")
-    if not os.path.isfile(path):
+def _finished_model(found):
+    """The .keras `Source` of a JAX-backend workdir `Source` (its checkpoints are orbax training
+    states, which only the JAX trainer reads): its model.keras, once the run finished."""
+    finished = source_kinds.finished_run(found)
+    if finished is None:
         raise ValueError(
-            f"workdir {workdir!r} holds checkpoints of the JAX trainer (orbax) and no model.keras yet: evaluate "
+            f"workdir {found.path!r} holds checkpoints of the JAX trainer (orbax) and no model.keras yet: evaluate "
             f"or export it once the run finished, or resume it on KERAS_BACKEND=jax to finish it"
         )
-    return source_kinds.Source("keras", path)
+    return finished
 
 
 def load_keras_model(source, model_name=None, image_size=None):
-    """(MlpMixer, `TrainedOn`) from a .keras file, a workdir/checkpoint, a preset or a weights file.
+    """(MlpMixer, `TrainedOn`) from a .keras file, a workdir/checkpoint, a preset or a weights file
+    (or what `source_kinds.resolve` found of one).
 
     `model_name` (a variant) is needed only for a release name such as "imagenet21k"; `image_size`
     builds a preset or weights file at another (larger, multiple) size."""
     found = source_kinds.resolve(source, model_name)
-    if found.kind == "workdir" and checkpoint_backend(os.path.join(found.path, "checkpoints")) == "jax":
-        found = _finished_model(found.path)
+    if found.kind == "workdir" and checkpoint_backend(found.in_workdir(source_kinds.CHECKPOINTS)) == "jax":
+        found = _finished_model(found)
     if found.kind in ("workdir", "checkpoint"):
         record, prefixes = _run_record(found)
         model = MlpMixer.from_config(record["architecture"])
@@ -85,7 +92,9 @@ def load_keras_model(source, model_name=None, image_size=None):
             f"{source!r} is a SavedModel: it is served and evaluated as it is (evaluate.py), not rebuilt as a Keras "
             "model; give the .keras file or workdir it was exported from"
         )
-    weights = loader.open_weights(found.path, model_name)
+    # A hub model keeps the name its fetched folder gives it, not its hub name (which open_weights("hf://...")
+    # and from_preset give): the name evaluate, export and the studies have always given it.
+    weights = loader.open_weights(dataclasses.replace(found, name=None), model_name)
     size = {} if image_size is None else dict(input_shape=(image_size, image_size, 3))
     return MlpMixer.from_preset(weights, **size), weights.trained_on
 
@@ -113,7 +122,7 @@ def load_predictor(source):
 
         predict.keep_alive = loaded  # the signature needs its SavedModel object alive
         return Predictor(predict, size, TrainedOn.from_dict(export_metadata(found.path)))
-    model, trained_on = load_keras_model(source)
+    model, trained_on = load_keras_model(found)
 
     def predict(images):
         return model(images, training=False)

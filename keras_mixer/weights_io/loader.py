@@ -157,7 +157,8 @@ class WeightsFile:
 def open_weights(source, variant=None):
     """A preset name (or a release such as "imagenet21k" with `variant`), a weights or .keras file,
     a preset or timm repo folder, an hf:// or kaggle:// name, a finished training workdir (its
-    model.keras), or an open `WeightsFile` -> a `WeightsFile`."""
+    model.keras), what `source_kinds.resolve` found of one of them (a `Source`), or an open
+    `WeightsFile` -> a `WeightsFile`."""
     if isinstance(source, WeightsFile):
         return source
     found = source_kinds.resolve(source, variant)
@@ -178,9 +179,9 @@ def open_weights(source, variant=None):
             image_size=meta["image_size"],
         )
         return WeightsFile(presets.fetch_preset(found.path), trained_on=trained_on, name=found.path)
-    final = os.path.join(found.path, "model.keras")
-    if found.kind == "workdir" and os.path.isfile(final):
-        return WeightsFile(final)
+    finished = source_kinds.finished_run(found)
+    if finished is not None:
+        return WeightsFile(finished.path)
     raise ValueError(
         f"{os.fspath(source)!r} is a {found.kind}"
         + (" whose run has not finished (no model.keras yet)" if found.kind == "workdir" else "")

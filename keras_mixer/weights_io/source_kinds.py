@@ -12,7 +12,9 @@
 hf://org/name[@revision] and kaggle://owner/model/keras/variant[/version] are fetched into their
 clients' caches (`keras_mixer.weights_io.hubs`) and are then the preset or timm folder there, named by the hub.
 No TensorFlow here: what each kind is opened with lives with its users (`loader.open_weights` for
-preset, keras, weights and the folders; `training.inference` for all of them).
+preset, keras, weights and the folders, and a finished workdir's model.keras;
+`serving.trained_models` for all of them). They take what `resolve` found (a `Source`: `resolve`
+gives one back as it is) and decide nothing about the string again.
 """
 
 import dataclasses
@@ -22,6 +24,9 @@ import re
 from keras_mixer.weights_io import file_formats, hubs, presets
 
 KINDS = ("preset", "keras", "weights", "preset_folder", "timm", "workdir", "checkpoint", "export")
+# A training workdir's files (`training.workdir`): the recipe and architecture, the checkpoints'
+# folder, the finished run's model.
+RUN_RECORD, CHECKPOINTS, FINAL_MODEL = "run.json", "checkpoints", "model.keras"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,14 +35,38 @@ class Source:
     path: str  # the file, folder or checkpoint prefix; for a preset its full name
     name: str = None  # a model name the source gives (a hub model's), else None
 
+    def __fspath__(self):  # a Source stands for its path where one is named (os.fspath)
+        return self.path
+
+    @property
+    def workdir(self):
+        """The training workdir of a workdir or checkpoint source (a checkpoint's is two folders
+        up: WORKDIR/checkpoints/ckpt-N), else None."""
+        if self.kind == "checkpoint":
+            return os.path.dirname(os.path.dirname(os.path.abspath(self.path)))
+        return self.path if self.kind == "workdir" else None
+
+    def in_workdir(self, name):
+        """WORKDIR/`name` (`RUN_RECORD`, `CHECKPOINTS`, `FINAL_MODEL`) of a workdir or checkpoint source."""
+        return os.path.join(self.workdir, name)
+
+
+def finished_run(found):
+    """The "keras" `Source` of a workdir `Source` whose run finished (its model.keras), else None."""
+    final = found.in_workdir(FINAL_MODEL) if found.kind == "workdir" else None
+    return Source("keras", final) if final and os.path.isfile(final) else None
+
 
 def resolve(source, variant=None):
-    """The `Source` that `source` (a string or path) names. `variant` ("B/16") completes a release
-    name. A name that exists as a file or folder is that path, not a preset.
+    """The `Source` that `source` (a string or path) names; a `Source` is given back as it is.
+    `variant` ("B/16") completes a release name. A name that exists as a file or folder is that
+    path, not a preset.
 
     Raises FileNotFoundError (a path that is not there) or ValueError (a bare name that is neither
     a file or folder here nor a preset, a folder that is neither a workdir nor an export), each
     naming the kinds it could have been."""
+    if isinstance(source, Source):
+        return source
     path = os.fspath(source)
     if hubs.is_hub_uri(path):
         found = resolve(hubs.fetch(path), variant)
@@ -47,7 +76,7 @@ def resolve(source, variant=None):
     if os.path.isfile(path):
         return Source("keras" if path.endswith(".keras") else "weights", path)
     if os.path.isdir(path):
-        if os.path.isfile(os.path.join(path, "run.json")):
+        if os.path.isfile(os.path.join(path, RUN_RECORD)):
             return Source("workdir", path)
         folder = file_formats.folder_format(path)
         if folder is not None:
@@ -83,12 +112,17 @@ def _hub_name(uri):
     return re.sub(r"\W", "_", parts[1] if uri.startswith(hubs.HF) else parts[3])
 
 
+def export_versions(export_base):
+    """The numbered version folders' numbers in a TF Serving export base, ascending ([] for none or
+    for a path that is no folder)."""
+    return sorted(int(d) for d in os.listdir(export_base) if d.isdigit()) if os.path.isdir(export_base) else []
+
+
 def saved_model_dir(path):
     """`path` if it is a SavedModel folder, else its newest numbered version that is one, else None."""
     if os.path.isfile(os.path.join(path, "saved_model.pb")):
         return path
-    versions = sorted((int(d) for d in os.listdir(path) if d.isdigit()), reverse=True) if os.path.isdir(path) else []
-    for version in versions:
+    for version in reversed(export_versions(path)):
         candidate = os.path.join(path, str(version))
         if os.path.isfile(os.path.join(candidate, "saved_model.pb")):
             return candidate

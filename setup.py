@@ -2,9 +2,9 @@ import re
 
 from setuptools import find_packages, setup
 
-# The version lives in keras_mixer/__init__.py alone; read as text, so that building needs no
+# The version lives in keras_mixer/version.py alone; read as text, so that building needs no
 # dependency installed.
-with open("keras_mixer/__init__.py", encoding="utf-8") as f:
+with open("keras_mixer/version.py", encoding="utf-8") as f:
     VERSION = re.search(r'^__version__ = "([^"]+)"$', f.read(), re.M).group(1)
 
 setup(

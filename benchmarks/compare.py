@@ -40,7 +40,7 @@ What is measured (training: AdamW, gradient clipping at global norm 1, softmax c
                                  intermediates kept for the backward pass, not recomputed (the
                                  default recomputes them on a GPU; left out unless named in --only)
     keras_mixer jax loop         the whole training loop on the JAX backend (`train` hands it to
-                                 `training.jax_loop`), as `keras_mixer tf loop`: input included
+                                 `training.jax.engine`), as `keras_mixer tf loop`: input included
     keras_mixer jax train_on_batch   JAX backend, compiled Keras `train_on_batch`
     timm eager / timm compile    `timm.create_model("mixer_b16_224")`, eager and `torch.compile`;
                                  with --dtype bfloat16 under bf16 autocast (float32 weights)
@@ -145,17 +145,18 @@ CLASSES = 1000
 
 
 def _package_file(name):
-    """keras_mixer/<name>.py loaded from its file (it imports nothing of the package): importing the
-    package would import Keras, and with it TensorFlow, into the driver beside every measurement."""
+    """keras_mixer/<name>.py ("model/variants") loaded from its file (it imports nothing of the
+    package): importing the package would import Keras, and with it TensorFlow, into the driver
+    beside every measurement."""
     spec = importlib.util.spec_from_file_location(
-        f"keras_mixer_{name}", os.path.join(ROOT, "keras_mixer", f"{name}.py")
+        f"keras_mixer_{name.replace('/', '_')}", os.path.join(ROOT, "keras_mixer", f"{name}.py")
     )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-_VARIANTS = _package_file("variants")
+_VARIANTS = _package_file("model/variants")
 # patch, hidden C, blocks, D_S, D_C (the paper's Table 1)
 ARCHITECTURES = {name: tuple(_VARIANTS.VARIANTS[name][k] for k in _VARIANTS.ARCHITECTURE) for name in TIMM_NAMES}
 
@@ -774,7 +775,7 @@ def machine_name():
     if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as f:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    units = ", ".join(_package_file("cpu").matrix_features()) or "no bf16 or int8 matrix units"
+    units = ", ".join(_package_file("model/cpu_units").matrix_features()) or "no bf16 or int8 matrix units"
     name = f"{os.cpu_count()} CPU cores ({cpu}; {units})"
     gpu = gpu_name()
     return f"{gpu}, {name}" if gpu else name

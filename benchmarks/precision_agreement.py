@@ -36,8 +36,7 @@ def agreement(source, dataset=None, split=None, data_dir=None, batch_size=256):
         images_source,
         image_size=model.input_shape[1:3],
         batch_size=batch_size,
-        eval_resize=preprocessing.eval_resize,
-        crop_ratio=preprocessing.crop_ratio,
+        **preprocessing.to_dict(),  # eval_resize, crop_ratio, interpolation
     )
     batches = [(tf.cast(tf.clip_by_value(tf.round(x), 0, 255), tf.uint8), y.numpy()) for x, y in stream]
     labels = np.concatenate([y for _, y in batches])

@@ -18,7 +18,8 @@ import importlib
 # without loading Keras: the programs quiet TensorFlow's start-up lines before Keras imports it.
 _WHERE = {
     **dict.fromkeys(
-        ["MixerB16", "MixerB32", "MixerH14", "MixerL16", "MixerL32", "MixerS8", "MixerS16", "MixerS32"], "model.applications"
+        ["MixerB16", "MixerB32", "MixerH14", "MixerL16", "MixerL32", "MixerS8", "MixerS16", "MixerS32"],
+        "model.applications",
     ),
     "create_model": "model.applications",
     "decode_predictions": "weights_io.imagenet_classes",
@@ -48,7 +49,7 @@ def __dir__():
     return sorted({*globals(), *_WHERE})
 
 
-__version__ = "0.2.0"
+from keras_mixer.version import __version__  # noqa: E402, F401
 
 
 def freeze(model, precision="float32"):

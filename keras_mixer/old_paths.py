@@ -36,7 +36,6 @@ OLD_PATHS = {
     "keras_mixer.training.prediction": "keras_mixer.serving.label_files",
     "keras_mixer.training.inference": "keras_mixer.serving.trained_models",
     "keras_mixer.training.cli": "keras_mixer.programs.command_lines",
-    "keras_mixer.training.export_main": "keras_mixer.programs.export_program",
     "keras_mixer.tensorflow_start": "keras_mixer.programs.tensorflow_start",
     "keras_mixer.validation": "keras_mixer.argument_checks",
     "keras_mixer.files": "keras_mixer.atomic_files",
@@ -49,7 +48,7 @@ OLD_PATHS = {
     "keras_mixer.training.checkpointing": "keras_mixer.training.tf.checkpoints",
     "keras_mixer.training.orbax_store": "keras_mixer.training.jax.checkpoints",
     "keras_mixer.training.jax_loop": "keras_mixer.training.jax.engine",
-    "keras_mixer.training.trainer": "keras_mixer.training.loop",
+    "keras_mixer.training.trainer": "keras_mixer.training",
 }
 
 

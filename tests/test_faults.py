@@ -146,10 +146,10 @@ BREAKS = {
 
 def _store(directory, keep=3):
     """A CheckpointStore over a small state: a 1000-float vector and a step."""
-    from keras_mixer.training.tf.checkpoints import CheckpointStore
+    from keras_mixer.training.tf.checkpoints import checkpoint_store
 
     state = dict(vector=tf.Variable(np.zeros(1000, np.float32)), step=tf.Variable(0, dtype=tf.int64))
-    return CheckpointStore(tf.train.Checkpoint(**state), str(directory), keep), state
+    return checkpoint_store(tf.train.Checkpoint(**state), str(directory), keep), state
 
 
 def _saved(directory, steps=(20, 40, 60), keep=3):
@@ -167,7 +167,7 @@ def test_restore_walks_back_to_the_newest_intact_checkpoint(tmp_path, fault):
     BREAKS[fault](tmp_path)
     remains = [name for name in os.listdir(tmp_path) if name.startswith("ckpt-60.")]
     store, state = _store(tmp_path)
-    assert store.restore_newest() == 40 and int(state["step"].numpy()) == 40
+    assert store.restore_newest()[0] == 40 and int(state["step"].numpy()) == 40
     assert (state["vector"].numpy() == 40).all()
     [aside] = glob.glob(str(tmp_path / "broken" / "ckpt-60-*"))
     assert open(os.path.join(aside, "REASON.txt")).read().strip()  # the reason, kept with the files
@@ -194,11 +194,11 @@ def test_restore_does_not_trust_the_state_file(tmp_path, state_file):
         }
         path.write_bytes(text[state_file])
     store, state = _store(tmp_path)
-    assert store.restore_newest() == 60 and (state["vector"].numpy() == 60).all()
+    assert store.restore_newest()[0] == 60 and (state["vector"].numpy() == 60).all()
 
 
 def test_when_no_checkpoint_restores_nothing_is_moved_and_every_one_is_named(tmp_path):
-    from keras_mixer.training.tf.checkpoints import NoCheckpointRestores
+    from keras_mixer.training.checkpoint_store import NoCheckpointRestores
 
     _saved(tmp_path)
     for path in glob.glob(str(tmp_path / "ckpt-*.data-*")):

@@ -107,7 +107,7 @@ def test_parse_shots_sorts_and_deduplicates():
 
 def test_prelogits_are_the_head_input_also_without_the_top(images):
     model = randomize(tiny_mixer())
-    features = fs.features_function(model)(images).numpy()
+    features = np.asarray(fs.features_function(model)(images))
     assert features.shape == (3, 24)
     head = model.get_layer("head")
     np.testing.assert_allclose(features @ head.kernel.numpy() + head.bias.numpy(), model(images), rtol=1e-5, atol=1e-5)

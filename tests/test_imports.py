@@ -1,5 +1,9 @@
 """The package's imports go one way: no cycle between its modules, lazy imports inside functions
-included, and `keras_mixer.training` never imports `keras_mixer.studies`."""
+included, modules started by name (a program by its module's name, the lazy tables of the
+packages) and the recipes the training config runs by path counted as imports too;
+`keras_mixer.training` never imports `keras_mixer.studies`; the training code's shared modules
+import neither TensorFlow nor JAX, and its two wings never import each other; docs/code_layout.md
+lists every module, each below what it imports."""
 
 import ast
 import os
@@ -33,9 +37,27 @@ def _imported(node, module, is_package):
     return [f"{base}.{alias.name}" for alias in node.names]
 
 
+# Modules that run others by file path rather than by import: the training config executes the
+# recipe files (`load_config`), which import their building blocks.
+RUNS_BY_PATH = {"keras_mixer.training.config": "keras_mixer.configs"}
+
+
+def _named(node, module, modules):
+    """The package's modules a string constant names: a dotted module name (a program started by
+    name), or in a package's __init__ a name relative to it (its table of lazily imported names)."""
+    if not isinstance(node, ast.Constant) or not isinstance(node.value, str):
+        return []
+    names = [node.value]
+    if modules[module].endswith("__init__.py"):
+        names.append(f"{module}.{node.value}")
+    # "keras_mixer" alone is the logger's name everywhere, not an import.
+    return [n for n in names if n in modules and n not in (module, "keras_mixer")]
+
+
 def import_graph():
     """{module: the package's modules it imports anywhere in its file}. `from pkg import name`
-    counts as importing `pkg.name` when that is a module, else `pkg`."""
+    counts as importing `pkg.name` when that is a module, else `pkg`; a string naming a module
+    counts as importing it (`_named`), and so do the files a module runs by path."""
     modules = _modules()
     graph = {}
     for module, path in modules.items():
@@ -43,14 +65,41 @@ def import_graph():
             tree = ast.parse(f.read(), path)
         targets = set()
         for node in ast.walk(tree):
+            targets.update(_named(node, module, modules))
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 for name in _imported(node, module, path.endswith("__init__.py")):
                     while name and name not in modules:  # an object: its module
                         name = name.rpartition(".")[0]
                     if name and name != module:
                         targets.add(name)
+        if module in RUNS_BY_PATH:
+            targets.update(m for m in modules if m.startswith(RUNS_BY_PATH[module] + "."))
         graph[module] = targets
     return graph
+
+
+def external_imports(module):
+    """The top-level names of every package `module` imports anywhere in its file (lazily too)."""
+    with open(_modules()[module]) as f:
+        tree = ast.parse(f.read())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+def reachable(graph, module):
+    """Every module `module` imports, directly or through others."""
+    seen, todo = set(), [module]
+    while todo:
+        for target in graph.get(todo.pop(), ()):
+            if target not in seen:
+                seen.add(target)
+                todo.append(target)
+    return seen
 
 
 def cycles(graph):
@@ -118,9 +167,64 @@ def test_the_cycle_finder_finds_a_lazy_import_cycle():
     assert cycles({"a": {"b"}, "b": {"a"}, "c": {"a"}}) == [["a", "b"]]
 
 
+def test_the_graph_sees_programs_started_by_name_and_recipes_run_by_path():
+    graph = import_graph()
+    assert "keras_mixer.programs.command_lines" in graph["keras_mixer.programs"]  # `_start("...", ...)`
+    assert "keras_mixer.training.loop" in graph["keras_mixer.training"]
+    assert "keras_mixer.configs.imagenet1k_b16" in graph["keras_mixer.training.config"]
+    with open(_modules()["keras_mixer.training.config"]) as f:
+        assert "exec_module" in f.read()  # RUNS_BY_PATH still says what the config does
+
+
+WINGS = ("keras_mixer.training.tf", "keras_mixer.training.jax")
+BACKENDS = {"tensorflow", "tensorflow_datasets", "jax", "jaxlib", "orbax", "flax"}
+
+
+def _shared_training_modules():
+    """The modules directly in keras_mixer/training/ (its __init__, which hands the loop an engine,
+    left out)."""
+    return sorted(m for m in _modules() if m.count(".") == 2 and m.startswith("keras_mixer.training."))
+
+
+def test_the_shared_training_modules_import_neither_tensorflow_nor_jax_nor_a_wing():
+    graph = import_graph()
+    shared = _shared_training_modules()
+    assert {"keras_mixer.training.loop", "keras_mixer.training.checkpoint_store"} <= set(shared)
+    backends = {m: sorted(external_imports(m) & BACKENDS) for m in shared}
+    assert {m: b for m, b in backends.items() if b} == {}
+    wings = {m: sorted(t for t in reachable(graph, m) if t.startswith(WINGS)) for m in shared}
+    assert {m: w for m, w in wings.items() if w} == {}
+
+
+def test_each_wing_never_imports_the_other():
+    graph = import_graph()
+    for wing, other in (WINGS, WINGS[::-1]):
+        crossing = {
+            m: sorted(t for t in reachable(graph, m) if t.startswith(other)) for m in graph if m.startswith(wing)
+        }
+        assert {m: c for m, c in crossing.items() if c} == {}
+
+
+def test_the_import_checks_catch_what_they_are_for():
+    # A backend import hidden in a function, and a shared module reaching a wing through another.
+    tree = ast.parse("def f():\n    import jax.numpy as jnp\n    from tensorflow import keras\n")
+    names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    names |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert names & BACKENDS == {"jax", "tensorflow"}
+    graph = {"keras_mixer.training.loop": {"keras_mixer.x"}, "keras_mixer.x": {"keras_mixer.training.jax.step"}}
+    assert "keras_mixer.training.jax.step" in reachable(graph, "keras_mixer.training.loop")
+
+
+def _listed_module(path):
+    """A path of docs/code_layout.md's keras_mixer/ block -> the module: "model/layers.py" ->
+    keras_mixer.model.layers, "model/" -> keras_mixer.model, "__init__.py" -> keras_mixer."""
+    parts = path.removesuffix(".py").removesuffix("/").split("/")
+    return ".".join(["keras_mixer", *(p for p in parts if p != "__init__")])
+
+
 def layout_order():
-    """docs/code_layout.md's entries under keras_mixer/, top to bottom: lists of module names
-    ("keras_mixer.data" for `data/`), one list per line."""
+    """docs/code_layout.md's entries under keras_mixer/, top to bottom: lists of module names, one
+    list per line."""
     with open(os.path.join(ROOT, "docs", "code_layout.md")) as f:
         text = f.read()
     block = text[text.index("\nkeras_mixer/\n") + 1 :].split("\ntrainers/")[0].splitlines()[1:]
@@ -129,8 +233,15 @@ def layout_order():
         if not line.startswith("  ") or line.startswith("   "):  # continuation lines are indented further
             continue
         names = line.split("   ")[0].strip()
-        entries.append(["keras_mixer." + n.strip().removesuffix(".py").removesuffix("/") for n in names.split(",")])
+        entries.append([_listed_module(n.strip()) for n in names.split(",")])
     return entries
+
+
+def test_the_code_layout_lists_every_module_once_and_nothing_else():
+    listed = [name for names in layout_order() for name in names]
+    assert sorted(set(_modules()) - set(listed)) == []  # a module without its line
+    assert sorted(set(listed) - set(_modules())) == []  # a line for a module that is gone
+    assert len(listed) == len(set(listed))
 
 
 def test_each_module_in_the_code_layout_imports_only_what_is_listed_above_it():

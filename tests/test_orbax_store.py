@@ -8,8 +8,8 @@ import pytest
 
 pytest.importorskip("orbax.checkpoint")
 
-from keras_mixer.training.jax.checkpoints import DIGESTS, OrbaxStore  # noqa: E402
-from keras_mixer.training.tf.checkpoints import CheckpointMismatch, NoCheckpointRestores  # noqa: E402
+from keras_mixer.training.checkpoint_store import CheckpointMismatch, NoCheckpointRestores  # noqa: E402
+from keras_mixer.training.jax.checkpoints import DIGESTS, orbax_store  # noqa: E402
 
 
 def _state(step, width=300):
@@ -36,7 +36,7 @@ def _largest_file(folder):
 
 
 def _saved(tmp_path, steps, keep=5):
-    store = OrbaxStore(str(tmp_path / "checkpoints"), keep)
+    store = orbax_store(str(tmp_path / "checkpoints"), keep)
     for step in steps:
         store.save(step, _state(step))
     return store
@@ -45,9 +45,9 @@ def _saved(tmp_path, steps, keep=5):
 def test_a_saved_state_restores_exactly_and_rotation_keeps_the_newest(tmp_path):
     store = _saved(tmp_path, [10, 20, 30, 40], keep=2)
     assert sorted(os.listdir(store.directory)) == ["30", "40"] and store.latest().endswith("40")
-    step, state = OrbaxStore(store.directory, 2).restore_newest(_state(0))
+    step, state = orbax_store(store.directory, 2).restore_newest(_state(0))
     assert step == 40 and _same(state, _state(40)) and not _same(state, _state(30))
-    assert OrbaxStore(str(tmp_path / "empty"), 2).restore_newest(_state(0)) == (None, None)
+    assert orbax_store(str(tmp_path / "empty"), 2).restore_newest(_state(0)) == (None, None)
 
 
 @pytest.mark.parametrize(
@@ -61,7 +61,7 @@ def test_a_saved_state_restores_exactly_and_rotation_keeps_the_newest(tmp_path):
 )
 def test_a_broken_newest_checkpoint_is_moved_aside_and_the_one_before_restores(tmp_path, fault, reason):
     store = _saved(tmp_path, [10, 20])
-    newest = store.folder(20)
+    newest = store.path(20)
     path = _largest_file(newest)
     data = bytearray(open(path, "rb").read())
     if fault == "flip":
@@ -73,7 +73,7 @@ def test_a_broken_newest_checkpoint_is_moved_aside_and_the_one_before_restores(t
         os.remove(path)
     else:
         os.remove(os.path.join(newest, DIGESTS))
-    step, state = OrbaxStore(store.directory, 5).restore_newest(_state(0))
+    step, state = orbax_store(store.directory, 5).restore_newest(_state(0))
     assert step == 10 and _same(state, _state(10))  # the older one, bit for bit
     assert sorted(os.listdir(store.directory)) == ["10", "broken"]
     (moved,) = os.listdir(os.path.join(store.directory, "broken"))
@@ -85,9 +85,9 @@ def test_a_broken_newest_checkpoint_is_moved_aside_and_the_one_before_restores(t
 def test_when_no_checkpoint_restores_nothing_is_moved_and_each_is_listed(tmp_path):
     store = _saved(tmp_path, [10, 20])
     for step in (10, 20):
-        os.remove(os.path.join(store.folder(step), DIGESTS))
+        os.remove(os.path.join(store.path(step), DIGESTS))
     with pytest.raises(NoCheckpointRestores, match=r"holds 2 checkpoint\(s\) and none restores: 20/: .*; 10/: "):
-        OrbaxStore(store.directory, 5).restore_newest(_state(0))
+        orbax_store(store.directory, 5).restore_newest(_state(0))
     assert sorted(os.listdir(store.directory)) == ["10", "20"]
 
 
@@ -95,17 +95,17 @@ def test_an_intact_checkpoint_of_another_model_is_refused_not_walked_past(tmp_pa
     store = _saved(tmp_path, [10])
     wider = _state(0, width=301)  # another architecture: one weight has another shape
     with pytest.raises(CheckpointMismatch, match=r"\['trainable'\]\[0\] is float32\[300, 40\] there and float32\[301"):
-        OrbaxStore(store.directory, 5).restore_newest(wider)
+        orbax_store(store.directory, 5).restore_newest(wider)
     assert os.listdir(store.directory) == ["10"]  # not moved: it is not broken
 
 
 def test_a_save_cut_short_is_replaced_when_the_step_is_saved_again(tmp_path):
     store = _saved(tmp_path, [10, 20])
-    os.remove(os.path.join(store.folder(20), DIGESTS))  # killed after orbax's rename, before the digests
-    resumed = OrbaxStore(store.directory, 5)
+    os.remove(os.path.join(store.path(20), DIGESTS))  # killed after orbax's rename, before the digests
+    resumed = orbax_store(store.directory, 5)
     assert resumed.restore_newest(_state(0))[0] == 10
     resumed.save(20, _state(20))
-    step, state = OrbaxStore(store.directory, 5).restore_newest(_state(0))
+    step, state = orbax_store(store.directory, 5).restore_newest(_state(0))
     assert step == 20 and _same(state, _state(20))
 
 
@@ -116,14 +116,14 @@ def test_why_the_store_checks_more_than_orbax_does(tmp_path):
     import orbax.checkpoint as ocp
 
     store = _saved(tmp_path, [10])
-    path = _largest_file(store.folder(10))
+    path = _largest_file(store.path(10))
     data = bytearray(open(path, "rb").read())
     data[len(data) // 2] ^= 0xFF
     open(path, "wb").write(bytes(data))
-    restored = ocp.StandardCheckpointer().restore(store.folder(10), _state(0))
+    restored = ocp.StandardCheckpointer().restore(store.path(10), _state(0))
     assert not _same(restored, _state(10))  # wrong values, no error
     store = _saved(tmp_path / "second", [10])
-    restored = ocp.StandardCheckpointer().restore(store.folder(10), _state(0, width=301))
+    restored = ocp.StandardCheckpointer().restore(store.path(10), _state(0, width=301))
     assert np.shape(restored["trainable"][0]) != (301, 40)  # not the target's shape, no error
 
 
@@ -153,8 +153,8 @@ class _Reporting:
 
 @pytest.mark.parametrize("fails", [True, False])
 def test_a_save_holds_back_what_its_threads_report_until_it_knows_how_it_ended(tmp_path, capfd, fails):
-    store = OrbaxStore(str(tmp_path / "checkpoints"), 2)
-    store._checkpointer = _Reporting(fails)
+    store = orbax_store(str(tmp_path / "checkpoints"), 2)
+    store.format._checkpointer = _Reporting(fails)
     if fails:
         saved = os.dup(2)
         with pytest.raises(OSError) as raised:

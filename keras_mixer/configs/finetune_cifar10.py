@@ -1,6 +1,6 @@
 """Fine-tune Mixer-B/16 (ImageNet-21k weights) on CIFAR-10: 10k steps at 224x224."""
 
-from keras_mixer.training.config import paper_finetuning
+from keras_mixer.configs._paper import paper_finetuning
 
 
 def get_config():

@@ -1,7 +1,7 @@
 """Demo fine-tuning: the demo's digits Mixer (--init workdir/demo/model.keras) at 16x16, twice its
 pre-training size, through the block-diagonal token-MLP expansion."""
 
-from keras_mixer.training.config import paper_finetuning
+from keras_mixer.configs._paper import paper_finetuning
 
 
 def get_config():

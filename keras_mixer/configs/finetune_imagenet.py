@@ -1,6 +1,6 @@
 """Fine-tune Mixer-B/16 (ImageNet-21k weights) on ImageNet-1k: 20k steps; lr from the grid {0.003, 0.01, 0.03, 0.06}."""
 
-from keras_mixer.training.config import paper_finetuning
+from keras_mixer.configs._paper import paper_finetuning
 
 
 def get_config():

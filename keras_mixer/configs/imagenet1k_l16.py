@@ -1,6 +1,6 @@
 """Table 4: Mixer-L/16 on ImageNet-1k from scratch, 300 epochs."""
 
-from keras_mixer.training.config import paper_pretraining
+from keras_mixer.configs._paper import paper_pretraining
 
 
 def get_config():

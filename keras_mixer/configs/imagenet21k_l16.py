@@ -1,7 +1,7 @@
 """Table 4: Mixer-L/16 on ImageNet-21k, 300 epochs. No public TFDS build: give --dataset
 folder:PATH or your own TFDS name."""
 
-from keras_mixer.training.config import paper_pretraining
+from keras_mixer.configs._paper import paper_pretraining
 
 
 def get_config():

@@ -1,7 +1,7 @@
 """Table 4: Mixer-L/16 on JFT-300M, 7 epochs (the paper also runs 14). JFT is not public: point
 --dataset at your copy."""
 
-from keras_mixer.training.config import paper_pretraining
+from keras_mixer.configs._paper import paper_pretraining
 
 
 def get_config():

@@ -1,6 +1,6 @@
 """Table 4: Mixer-S/16 on JFT-300M, 5 epochs. JFT is not public: point --dataset at your copy."""
 
-from keras_mixer.training.config import paper_pretraining
+from keras_mixer.configs._paper import paper_pretraining
 
 
 def get_config():

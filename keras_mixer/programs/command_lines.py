@@ -30,8 +30,8 @@ FLAGS = flags.FLAGS
 
 def _error_line(error):
     """The one line for a user's or the machine's error, or None for a bug."""
+    from keras_mixer.training.checkpoint_store import NoCheckpointRestores
     from keras_mixer.training.stops import TrainingDiverged, TrainingStopped
-    from keras_mixer.training.tf.checkpoints import NoCheckpointRestores
 
     ours = [NoCheckpointRestores, TrainingDiverged, TrainingStopped]
     # TensorFlow's file errors (a missing, unreadable or corrupt file) are the user's to fix too.
@@ -247,7 +247,7 @@ def _training(extra=(), mode="pretrain"):
         checked["config"] = config
 
     def body():
-        from keras_mixer.training.loop import train
+        from keras_mixer.training import train
 
         config = checked["config"]
         what = config.model or config.init or "a Mixer sized to the data"
@@ -357,13 +357,14 @@ def _jax_evaluator(source):
     from keras_mixer.training.jax.step import data_parallel
     from keras_mixer.weights_io import source_kinds
 
-    if source_kinds.resolve(source).kind == "export":
+    found = source_kinds.resolve(source)
+    if found.kind == "export":
         raise ValueError(
             f"{source!r} is a SavedModel, a TensorFlow graph: evaluate it with KERAS_BACKEND=tensorflow, or give the "
             f".keras file or workdir it was exported from"
         )
     place = data_parallel()  # before the model is built: its variables go to every device
-    model, trained_on = load_keras_model(source)
+    model, trained_on = load_keras_model(found)
 
     def evaluate(split, batch_size, image_size, preprocessing):
         if batch_size % jax.device_count():
@@ -424,7 +425,7 @@ def run_export():
             print(f"Exporting on Keras' tensorflow backend (this process has {keras.backend.backend()})", flush=True)
             sys.stdout.flush()
             env = {**os.environ, "KERAS_BACKEND": "tensorflow", "CUDA_VISIBLE_DEVICES": ""}
-            os.execve(sys.executable, [sys.executable, "-m", "keras_mixer.programs.export_program", *sys.argv[1:]], env)
+            os.execve(sys.executable, [sys.executable, *sys.argv], env)  # the same program, its own flags
 
         from keras_mixer.serving.export import export_onnx, export_saved_model
         from keras_mixer.serving.trained_models import load_keras_model

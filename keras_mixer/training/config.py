@@ -13,6 +13,7 @@ import traceback
 import typing
 from typing import Optional
 
+from keras_mixer.configs._paper import paper_finetuning, paper_pretraining  # noqa: F401  (version 0.2's recipes import them here)
 from keras_mixer.model import pixels, precisions
 from keras_mixer.model.pixels import EvalPreprocessing
 from keras_mixer.model.variants import MODEL_NAMES
@@ -357,45 +358,3 @@ def load_config(name_or_path, configs_dir=CONFIGS_DIR, **overrides):
     if unknown:
         raise ValueError(f"recipe {path!r} sets unknown fields {unknown}")
     return TrainConfig(**fields)
-
-
-def paper_pretraining(**row):
-    """The paper's pre-training setup (224x224, Adam 0.9/0.999 with decoupled weight decay, 10k
-    warmup steps then linear decay, batch 4096, clipping at 1) with one row of Table 4 on top."""
-    defaults = dict(
-        mode="pretrain",
-        image_size=224,
-        batch_size=4096,
-        optimizer="adamw",
-        beta_1=0.9,
-        beta_2=0.999,
-        schedule="warmup_linear",
-        warmup_steps=10_000,
-        grad_clip_norm=1.0,
-        checkpoint_every=1000,
-        log_every=100,
-        steps_per_loop=100,
-        mixed_precision="bfloat16",
-    )
-    return {**defaults, **row}
-
-
-def paper_finetuning(**task):
-    """The paper's fine-tuning setup (SGD momentum 0.9, 500 warmup steps then cosine, clipping at 1,
-    no weight decay, batch 512, a zero head for a new class count) with one task on top."""
-    defaults = dict(
-        mode="finetune",
-        model="B/16",
-        init="imagenet21k",
-        image_size=224,
-        batch_size=512,
-        optimizer="sgd",
-        momentum=0.9,
-        weight_decay=0.0,
-        schedule="warmup_cosine",
-        warmup_steps=500,
-        grad_clip_norm=1.0,
-        checkpoint_every=500,
-        log_every=50,
-    )
-    return {**defaults, **task}

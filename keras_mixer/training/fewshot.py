@@ -57,12 +57,10 @@ def prelogit_model(model):
 
 
 def features_function(model):
-    """images float32 [B, H, W, 3] in [0, 255] -> pre-logits float32 [B, C], in inference mode
-    (no dropout, no stochastic depth: nothing draws random numbers)."""
-    import tensorflow as tf  # the TF backend's; the JAX trainer jits its own (`jax_loop`)
-
-    features = prelogit_model(model)
-    return tf.function(lambda images: features(images, training=False), reduce_retracing=True)
+    """images float32 [B, H, W, 3] in [0, 255] -> pre-logits float32 [B, C] (NumPy), in inference
+    mode (no dropout, no stochastic depth: nothing draws random numbers), compiled by Keras on
+    either backend from the model's current variables."""
+    return prelogit_model(model).predict_on_batch
 
 
 def extract_features(features_fn, source, image_size, preprocessing=None, batch_size=256, verbose=1):
@@ -83,9 +81,7 @@ def extract_features(features_fn, source, image_size, preprocessing=None, batch_
         source,
         image_size=image_size,
         batch_size=batch_size,
-        eval_resize=preprocessing.eval_resize,
-        crop_ratio=preprocessing.crop_ratio,
-        interpolation=preprocessing.interpolation,
+        **preprocessing.to_dict(),  # eval_resize, crop_ratio, interpolation
     )
     total = -(-source.num_examples // batch_size) if source.num_examples else None
     progress = keras.utils.Progbar(total, unit_name="batch", verbose=verbose)

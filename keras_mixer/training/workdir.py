@@ -3,7 +3,7 @@
 WORKDIR/lock              who owns the workdir (pid, host, start time, command); empty when free
 WORKDIR/run.json          the recipe the run was started with, and any accepted changes
 WORKDIR/metrics.json      progress (rewritten at every checkpoint), then the final results
-WORKDIR/checkpoints/      training state, see `checkpointing`
+WORKDIR/checkpoints/      training state, see `checkpoint_store`
 WORKDIR/model.keras, WORKDIR/export/<step>/, WORKDIR/tensorboard/
 WORKDIR/previous/<time>/  what `--restart` moved out of the way
 """

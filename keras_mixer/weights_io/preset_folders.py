@@ -33,7 +33,7 @@ def save_to_preset(model, folder, trained_on=None, top1=None):
     """Writes `model` (an `MlpMixer`, quantized or not) as a preset folder at `folder`, which must not
     exist or be empty; `trained_on` (a `TrainedOn`) and `top1` (its evaluation top-1, a fraction)
     are recorded in metadata.json. Returns `folder`."""
-    from keras_mixer import __version__
+    from keras_mixer.version import __version__
 
     folder = os.fspath(folder)
     if os.path.isdir(folder) and os.listdir(folder):

@@ -1,13 +1,11 @@
-"""Checkpoints of a training state held as arrays (Keras' JAX backend) with orbax-checkpoint.
+"""The JAX engine's checkpoints: a training state held as arrays, written by orbax-checkpoint,
+under the shared store's rules (`training.checkpoint_store`).
 
     WORKDIR/checkpoints/<step>/                orbax's checkpoint of one saved step (orbax writes it
                                                under a temporary name and renames it when complete)
     WORKDIR/checkpoints/<step>/SHA256SUMS      the digest of every file orbax wrote, written last
-    WORKDIR/checkpoints/broken/<step>-<time>/  checkpoints that failed to restore, with REASON.txt
 
-The walk-back rule of the TensorFlow trainers holds here too: restore lists the step folders
-itself, and walks from the newest down until one restores completely; newer ones that fail are
-moved to broken/ with the reason. What "completely" needs beyond orbax (measured with
+What "restores completely" needs beyond orbax (measured with
 orbax-checkpoint 0.12.8, OCDBT layout): orbax refuses a truncated or missing data file, but
 restores a checkpoint with one flipped byte in its data without a word, and restores arrays whose
 shapes differ from the target it was given. So each step folder carries SHA256SUMS, written after
@@ -16,7 +14,6 @@ whose files do not match it is not restored; and the restored arrays must have t
 structure, shapes and dtypes (else CheckpointMismatch: a checkpoint of another recipe).
 
 A state is any pytree of arrays (NumPy or JAX), such as {"trainable": [...], "step": array(5)}.
-Rotation keeps the `keep` newest complete checkpoints and never deletes the newest one.
 """
 
 import hashlib
@@ -25,12 +22,11 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 
 import numpy as np
 
 from keras_mixer.atomic_files import atomic_write
-from keras_mixer.training.tf.checkpoints import CheckpointMismatch, NoCheckpointRestores
+from keras_mixer.training.checkpoint_store import CheckpointMismatch, CheckpointStore
 
 log = logging.getLogger("keras_mixer")
 
@@ -116,77 +112,36 @@ def _give_back(real, held):
         os.write(2, caught)
 
 
-class OrbaxStore:
-    """Saves, rotates and restores a training state (a pytree of arrays) in one folder.
+class OrbaxCheckpoints:
+    """`checkpoint_store.CheckpointFormat` of a pytree of arrays: orbax step folders, each with
+    its SHA256SUMS. `read` returns the restored state in its target's structure."""
 
-    Args:
-        directory: WORKDIR/checkpoints.
-        keep: how many complete checkpoints to keep (at least 1).
-        chief: whether this process moves broken checkpoints aside, writes the digests and rotates
-            (every process of a multi-host run saves its shards; one looks after the folder).
-    """
-
-    def __init__(self, directory, keep, chief=True):
+    def __init__(self):
         import orbax.checkpoint as ocp
 
-        self.directory = directory
-        self.keep = max(1, int(keep))
-        self.chief = chief
-        self.steps = sorted(step_folders(directory))  # refined by restore_newest
         self._checkpointer = ocp.StandardCheckpointer()
 
-    def folder(self, step):
-        return os.path.join(self.directory, str(step))
+    def steps(self, directory):
+        return {step: [name] for step, name in step_folders(directory).items()}
 
-    def restore_newest(self, target):
-        """(step, state) of the newest checkpoint that restores completely into `target`'s
-        structure, or (None, None) when the folder holds no step folder. Broken newer ones are
-        moved to `broken/` (chief).
+    def path(self, directory, step):
+        return os.path.join(directory, self.name(step))
 
-        Raises NoCheckpointRestores when step folders exist but none restores (nothing is moved
-        then), CheckpointMismatch when an intact checkpoint does not fit `target`."""
-        found = step_folders(self.directory)
-        failures = []
-        for step in sorted(found, reverse=True):
-            try:
-                verify_digests(self.folder(step))
-                state = self._checkpointer.restore(self.folder(step), target)
-            except Exception as e:  # any read error makes this one unusable: try the next older one
-                failures.append((step, f"{type(e).__name__}: {str(e).strip().splitlines()[0][:250]}"))
-                continue
-            try:
-                check_fits(state, target)
-            except CheckpointMismatch as e:
-                raise CheckpointMismatch(
-                    f"checkpoint {self.folder(step)!r} is intact but does not fit this run's model and optimizer "
-                    f"({e}). It was written by another recipe: give its recipe, or --restart."
-                ) from None
-            if self.chief:
-                for bad_step, reason in failures:
-                    self._move_aside(bad_step, reason)
-            self.steps = sorted(s for s in found if s <= step)
-            return step, state
-        if failures:
-            listing = "; ".join(f"{step}/: {reason}" for step, reason in failures)
-            raise NoCheckpointRestores(
-                f"{self.directory} holds {len(failures)} checkpoint(s) and none restores: {listing}. "
-                f"Nothing was changed. Restore the files from a copy, or pass --restart to start again from "
-                f"step 0 (the current files are moved to WORKDIR/previous/, not deleted)."
-            )
-        return None, None
+    def name(self, step):
+        return str(step)
 
-    def _move_aside(self, step, reason):
-        target = os.path.join(self.directory, "broken", f"{step}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        os.rename(self.folder(step), target)
-        atomic_write(os.path.join(target, "REASON.txt"), lambda f: f.write(f"{reason}\n".encode()))
-        log.warning("Checkpoint %d does not restore (%s); moved to %s", step, reason, target)
-        print(f"warning: checkpoint {step} does not restore ({reason}); moved to {target}", flush=True)
+    def verify(self, directory, step):
+        verify_digests(self.path(directory, step))
 
-    def save(self, step, state):
-        """Writes `state` as the checkpoint of `step` (waiting until it is on disk), then (chief)
-        its digests, and rotates older ones out."""
-        folder = self.folder(step)
+    def read(self, directory, step, target):
+        self.verify(directory, step)
+        state = self._checkpointer.restore(self.path(directory, step), target)
+        check_fits(state, target)
+        return state
+
+    def write(self, directory, step, state):
+        """Writes `state`, waiting until it is on disk."""
+        folder = self.path(directory, step)
         if os.path.exists(folder):  # an unfinished save of this step (no digests): orbax will not overwrite
             shutil.rmtree(folder)
         # Orbax's write threads report a failure each (a traceback), and asyncio once per pending
@@ -202,7 +157,7 @@ class OrbaxStore:
             self._checkpointer.wait_until_finished()
         except Exception as e:
             # The reports can come until the process ends, so standard error stays muted; the
-            # exception carries the real one (`stderr_fd`) for the one line (training.cli.user_errors).
+            # exception carries the real one (`stderr_fd`) for the one line (programs.command_lines.user_errors).
             logging.getLogger("asyncio").setLevel(logging.CRITICAL)
             with open(os.devnull, "w") as null:
                 os.dup2(null.fileno(), 2)
@@ -217,15 +172,24 @@ class OrbaxStore:
             _give_back(real, held)
             raise
         _give_back(real, held)
-        if not self.chief:
-            return folder
-        write_digests(folder)
-        self.steps = sorted({*self.steps, step})
-        complete = [s for s in self.steps if os.path.isfile(os.path.join(self.folder(s), DIGESTS))]
-        for old in complete[: -self.keep]:  # never the newest: keep >= 1
-            shutil.rmtree(self.folder(old), ignore_errors=True)
-        self.steps = complete[-self.keep :]
-        return folder
 
-    def latest(self):
-        return self.folder(self.steps[-1]) if self.steps else None
+    def seal(self, directory, step):
+        write_digests(self.path(directory, step))
+
+    def complete(self, directory, step):
+        return os.path.isfile(os.path.join(self.path(directory, step), DIGESTS))
+
+    def remove(self, directory, step):
+        shutil.rmtree(self.path(directory, step), ignore_errors=True)
+
+    def move(self, directory, step, target):
+        os.rename(self.path(directory, step), target)
+
+    def record(self, directory, steps):
+        pass  # the step folders are the list
+
+
+def orbax_store(directory, keep, chief=True):
+    """A `CheckpointStore` of orbax step folders in `directory`: every process of a multi-host
+    run writes its shards into the same folders; the chief seals, rotates and moves aside."""
+    return CheckpointStore(OrbaxCheckpoints(), directory, keep, chief=chief)

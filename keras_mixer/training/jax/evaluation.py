@@ -1,15 +1,12 @@
-"""Top-1 / top-5 over a whole split on Keras' JAX backend, on every device and host at once.
-
-The counterpart of `evaluation.make_evaluator` for a model whose state lives in JAX arrays (a
-`JaxTrainStep`'s): the same tf.data evaluation batches and the same counting, so a model scores
-the same on either backend.
-"""
+"""Top-1 / top-5 over a whole split on Keras' JAX backend, on every device and host at once: the
+JAX engine's evaluator, for a model whose state lives in JAX arrays (a `JaxTrainStep`'s). The
+batches are the TensorFlow engine's and the counting is the shared one (`training.evaluation`)."""
 
 import numpy as np
 
 from keras_mixer.data.numpy_streams import eval_stream
 from keras_mixer.model.pixels import EvalPreprocessing
-from keras_mixer.training.tf.evaluation import padded_steps
+from keras_mixer.training.evaluation import fractions, hits, padded_steps
 
 
 def make_jax_evaluator(model, source, batch_size, image_size, preprocessing=None, place=None):
@@ -25,11 +22,9 @@ def make_jax_evaluator(model, source, batch_size, image_size, preprocessing=None
             default None: the arrays as they are (one device).
 
     The arguments of the returned function are the variable values `model.stateless_call` takes
-    (a `TrainState`'s `trainable` and `non_trainable`). A label is in the top k when fewer than k
-    classes score above it, so ties count as `tf.math.in_top_k` counts them.
+    (a `TrainState`'s `trainable` and `non_trainable`).
     """
     import jax
-    import jax.numpy as jnp
 
     preprocessing = preprocessing or EvalPreprocessing()
     hosts, host = jax.process_count(), jax.process_index()
@@ -39,10 +34,7 @@ def make_jax_evaluator(model, source, batch_size, image_size, preprocessing=None
 
     @jax.jit
     def counts(trainable, non_trainable, images, labels, mask):
-        scores = model.stateless_call(trainable, non_trainable, images, training=False)[0].astype(jnp.float32)
-        label_scores = jnp.take_along_axis(scores, labels[:, None].astype(jnp.int32), axis=1)
-        above = jnp.sum(scores > label_scores, axis=1)  # classes scoring above the label
-        return jnp.stack([jnp.sum((above < 1) * mask), jnp.sum((above < k) * mask), jnp.sum(mask)])
+        return hits(model.stateless_call(trainable, non_trainable, images, training=False)[0], labels, mask, k)
 
     def evaluate(trainable, non_trainable):
         stream = eval_stream(
@@ -51,14 +43,12 @@ def make_jax_evaluator(model, source, batch_size, image_size, preprocessing=None
             hosts=hosts,
             image_size=image_size,
             batch_size=batch_size,
-            eval_resize=preprocessing.eval_resize,
-            crop_ratio=preprocessing.crop_ratio,
-            interpolation=preprocessing.interpolation,
+            **preprocessing.to_dict(),  # eval_resize, crop_ratio, interpolation
             pad_to_steps=steps,
         )
         totals = np.zeros(3)
         for images, labels, mask in stream:
             totals += np.asarray(counts(trainable, non_trainable, *place((images, labels, mask))))
-        return totals[0] / totals[2], totals[1] / totals[2]
+        return fractions(totals)
 
     return evaluate

@@ -1,38 +1,20 @@
-"""Checkpoints: the training state (model, optimizer, step, data seed, RNG states) on disk.
+"""The TensorFlow engine's checkpoints: a `tf.train.Checkpoint` (model, optimizer, step, data
+seed, RNG states) as files, under the shared store's rules (`training.checkpoint_store`).
 
     WORKDIR/checkpoints/ckpt-<step>.index, ckpt-<step>.data-*   one checkpoint per saved step
     WORKDIR/checkpoints/checkpoint                              TensorFlow's state file (for
                                                                 `tf.train.latest_checkpoint`)
-    WORKDIR/checkpoints/broken/ckpt-<step>-<time>/              checkpoints that failed to restore,
-                                                                with REASON.txt
 
-Restore never trusts the state file: it lists the `ckpt-*` files themselves, and walks from the
-newest step down until one restores completely (every tensor read back with its checksum, every
-object of the run matched). Newer ones that fail are moved to `broken/` with the reason and the
-state file is rewritten. Rotation keeps the `keep` newest checkpoints that were written completely
-and never deletes the newest one.
+A checkpoint restores "completely" when every tensor reads back with its checksum and every
+object of the run is matched.
 """
 
-import logging
 import os
-import re
-import shutil
-import time
 
 from keras_mixer.atomic_files import atomic_write
-
-log = logging.getLogger("keras_mixer")
+from keras_mixer.training.checkpoint_store import TF_FILE, CheckpointMismatch, CheckpointStore, reason
 
 STATE_FILE = "checkpoint"
-_NAME = re.compile(r"^ckpt-(\d+)(?:\.index|\.data-\d+-of-\d+)$")
-
-
-class NoCheckpointRestores(RuntimeError):
-    """Checkpoint files exist but none restores; the message lists each with its reason."""
-
-
-class CheckpointMismatch(ValueError):
-    """An intact checkpoint that does not fit the model being trained."""
 
 
 def checkpoint_steps(directory):
@@ -40,29 +22,10 @@ def checkpoint_steps(directory):
     found = {}
     if os.path.isdir(directory):
         for name in os.listdir(directory):
-            match = _NAME.match(name)
+            match = TF_FILE.match(name)
             if match:
                 found.setdefault(int(match.group(1)), []).append(name)
     return found
-
-
-def checkpoint_backend(directory):
-    """The Keras backend whose trainer wrote the checkpoints in `directory`: "tensorflow"
-    (ckpt-<step> files, here or in broken/), "jax" (orbax step folders, `orbax_store`) or None."""
-    if has_checkpoint_files(directory):
-        return "tensorflow"
-    if os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory)):
-        return "jax"
-    broken = os.path.join(directory, "broken")
-    return "jax" if os.path.isdir(broken) and os.listdir(broken) else None
-
-
-def has_checkpoint_files(directory):
-    """True when `directory` or its `broken/` folder holds any checkpoint file at all."""
-    if checkpoint_steps(directory):
-        return True
-    broken = os.path.join(directory, "broken")
-    return os.path.isdir(broken) and any(files for _, _, files in os.walk(broken))
 
 
 def verify(prefix):
@@ -70,7 +33,7 @@ def verify(prefix):
     Raises on a missing, truncated or corrupt index or data file."""
     if not os.path.isfile(prefix + ".index"):
         raise FileNotFoundError(f"{os.path.basename(prefix)}.index is missing")
-    import tensorflow as tf  # here: the JAX trainer uses this module's folder rules without TensorFlow
+    import tensorflow as tf  # here: `serving.trained_models` lists checkpoints without TensorFlow
 
     reader = tf.train.load_checkpoint(prefix)
     for name in reader.get_variable_to_shape_map():
@@ -86,116 +49,65 @@ def newest_intact(prefixes):
             verify(prefix)
             return prefix, failures
         except Exception as e:  # any read error makes this one unusable: try the next older one
-            failures.append((prefix, _reason(e)))
+            failures.append((prefix, reason(e)))
     return None, failures
 
 
-def _reason(error):
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
+class TfCheckpoints:
+    """`checkpoint_store.CheckpointFormat` of a `tf.train.Checkpoint`: ckpt-<step> files."""
 
-
-class CheckpointStore:
-    """Saves, rotates and restores a `tf.train.Checkpoint` in one folder.
-
-    Args:
-        checkpoint: the `tf.train.Checkpoint` of the run.
-        directory: WORKDIR/checkpoints.
-        keep: how many complete checkpoints to keep (at least 1).
-        write_dir: where this process writes; a non-chief worker of a multi-worker run must write
-            too (the save is collective) but keeps only its newest copy, in a folder of its own.
-    """
-
-    def __init__(self, checkpoint, directory, keep, write_dir=None):
+    def __init__(self, checkpoint):
         self.checkpoint = checkpoint
         checkpoint.save_counter  # created now, so every checkpoint holds it (older ones written by save() do)
-        self.directory = directory
-        self.keep = max(1, int(keep))
-        self.write_dir = write_dir or directory
-        self.chief = self.write_dir == directory
-        self.steps = sorted(checkpoint_steps(directory))  # refined by restore_newest
 
-    def prefix(self, step, directory=None):
-        return os.path.join(directory or self.directory, f"ckpt-{step}")
+    def steps(self, directory):
+        return checkpoint_steps(directory)
 
-    def restore_newest(self):
-        """Restores the newest checkpoint that restores completely; returns its step, or None when
-        the folder holds no checkpoint file. Broken newer ones are moved to `broken/` (chief).
+    def path(self, directory, step):
+        return os.path.join(directory, self.name(step))
 
-        Raises NoCheckpointRestores when checkpoint files exist but none restores (nothing is
-        moved then), CheckpointMismatch when an intact checkpoint does not fit the model."""
-        found = checkpoint_steps(self.directory)
-        newest_first = sorted(found, reverse=True)
-        intact, failed = newest_intact([self.prefix(step) for step in newest_first])
-        failures = [(step, found[step], reason) for step, (_, reason) in zip(newest_first, failed)]
-        if intact is not None:
-            try:
-                self.checkpoint.restore(intact).assert_existing_objects_matched()
-            except (AssertionError, ValueError) as e:
-                raise CheckpointMismatch(
-                    f"checkpoint {intact!r} is intact but does not fit this run's model and optimizer "
-                    f"({_reason(e)}). It was written by another recipe: give its recipe, or --restart."
-                ) from None
-            step = newest_first[len(failures)]
-            if self.chief:
-                for bad_step, names, reason in failures:
-                    self._move_aside(bad_step, names, reason)
-            self.steps = sorted(s for s in found if s <= step)
-            if self.chief and failures:
-                self._write_state()
-            return step
-        if failures:
-            listing = "; ".join(
-                f"ckpt-{step} ({', '.join(sorted(names))}): {reason}" for step, names, reason in failures
-            )
-            raise NoCheckpointRestores(
-                f"{self.directory} holds {len(failures)} checkpoint(s) and none restores: {listing}. "
-                f"Nothing was changed. Restore the files from a copy, or pass --restart to start again from "
-                f"step 0 (the current files are moved to WORKDIR/previous/, not deleted)."
-            )
-        return None
+    def name(self, step):
+        return f"ckpt-{step}"
 
-    def _move_aside(self, step, names, reason):
-        target = os.path.join(self.directory, "broken", f"ckpt-{step}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+    def verify(self, directory, step):
+        verify(self.path(directory, step))
+
+    def read(self, directory, step, target=None):
+        self.verify(directory, step)
+        try:
+            self.checkpoint.restore(self.path(directory, step)).assert_existing_objects_matched()
+        except (AssertionError, ValueError) as e:
+            raise CheckpointMismatch(reason(e)) from None
+
+    def write(self, directory, step, state=None):
+        self.checkpoint.write(self.path(directory, step))
+
+    def seal(self, directory, step):
+        pass  # the index file, written last by TensorFlow, marks it complete
+
+    def complete(self, directory, step):
+        return os.path.isfile(self.path(directory, step) + ".index")
+
+    def remove(self, directory, step):
+        for name in checkpoint_steps(directory).get(step, []):
+            os.unlink(os.path.join(directory, name))
+
+    def move(self, directory, step, target):
         os.makedirs(target, exist_ok=True)
-        for name in names:
-            os.rename(os.path.join(self.directory, name), os.path.join(target, name))
-        atomic_write(os.path.join(target, "REASON.txt"), lambda f: f.write(f"{reason}\n".encode()))
-        log.warning("Checkpoint ckpt-%d does not restore (%s); moved to %s", step, reason, target)
-        print(f"warning: checkpoint ckpt-{step} does not restore ({reason}); moved to {target}", flush=True)
+        for name in checkpoint_steps(directory).get(step, []):
+            os.rename(os.path.join(directory, name), os.path.join(target, name))
 
-    def save(self, step):
-        """Writes the checkpoint for `step`, then (chief) records it and rotates older ones out."""
-        prefix = self.prefix(step, self.write_dir)
-        self.checkpoint.write(prefix)
-        if not self.chief:  # a non-chief's copy only exists because saving is collective
-            for old, names in checkpoint_steps(self.write_dir).items():
-                for name in names if old != step else []:
-                    os.unlink(os.path.join(self.write_dir, name))
-            return prefix
-        if not os.path.isfile(prefix + ".index"):
-            raise OSError(f"checkpoint {prefix!r} was not written completely (no index file)")
-        self.steps = sorted({*self.steps, step})
-        complete = [s for s in self.steps if os.path.isfile(self.prefix(s) + ".index")]
-        for old in complete[: -self.keep]:  # never the newest: keep >= 1
-            for name in checkpoint_steps(self.directory).get(old, []):
-                os.unlink(os.path.join(self.directory, name))
-        self.steps = complete[-self.keep :]
-        self._write_state()
-        return prefix
-
-    def _write_state(self):
+    def record(self, directory, steps):
         """TensorFlow's `checkpoint` state file, with paths relative to the folder, so a copied or
         moved workdir still resolves."""
-        if not self.steps:
+        if not steps:
             return
-        lines = [f'model_checkpoint_path: "ckpt-{self.steps[-1]}"']
-        lines += [f'all_model_checkpoint_paths: "ckpt-{s}"' for s in self.steps]
-        atomic_write(os.path.join(self.directory, STATE_FILE), lambda f: f.write(("\n".join(lines) + "\n").encode()))
+        lines = [f'model_checkpoint_path: "{self.name(steps[-1])}"']
+        lines += [f'all_model_checkpoint_paths: "{self.name(s)}"' for s in steps]
+        atomic_write(os.path.join(directory, STATE_FILE), lambda f: f.write(("\n".join(lines) + "\n").encode()))
 
-    def latest(self):
-        return self.prefix(self.steps[-1]) if self.steps else None
 
-    def discard_worker_copies(self):
-        if not self.chief:
-            shutil.rmtree(self.write_dir, ignore_errors=True)
+def checkpoint_store(checkpoint, directory, keep, write_dir=None):
+    """The run's `CheckpointStore` of `checkpoint` (a tf.train.Checkpoint) in `directory`; a
+    non-chief worker of a multi-worker run passes its own `write_dir`."""
+    return CheckpointStore(TfCheckpoints(checkpoint), directory, keep, chief=write_dir is None, write_dir=write_dir)

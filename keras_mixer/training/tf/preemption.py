@@ -23,7 +23,6 @@ import tempfile
 import tensorflow as tf
 
 from keras_mixer.training.stops import TrainingStopped
-from keras_mixer.training.tf.checkpoints import checkpoint_steps, newest_intact
 from keras_mixer.training.tf.cluster import describe, unreachable
 
 # What a collective reports when a peer went away (connection reset, aborted by the health check,
@@ -49,7 +48,7 @@ class MultiWorkerStop:
     Args:
         strategy: the MultiWorkerMirroredStrategy.
         save: `save(step)` writes the run's checkpoint of `step` (collective: every worker calls it).
-        store: the run's CheckpointStore, for the message (`prefix(step)`).
+        store: the run's CheckpointStore, for the message (`path(step)`).
         total_steps: the run's length, for the message.
     """
 
@@ -90,7 +89,7 @@ class MultiWorkerStop:
         shutil.rmtree(self._folder, ignore_errors=True)
         signum = self.signalled or signal.SIGTERM
         why = signal.Signals(signum).name if self.signalled else "another worker of the cluster was preempted"
-        checkpoint = self._store.prefix(self.step)  # the chief's copy, which every worker restores
+        checkpoint = self._store.path(self.step)  # the chief's copy, which every worker restores
         stopped = TrainingStopped(
             f"{why}: every worker saved step {self.step} of {self._total} ({checkpoint}). Rerun the same command on "
             f"every worker to resume from it.",
@@ -107,8 +106,7 @@ def lost_worker(error, cluster, step, store):
     """The `WorkerLost` for a collective's `error` at `step` (the last step finished), naming the
     tasks of `cluster` that no longer answer and the newest checkpoint of `store` that restores."""
     gone = unreachable(cluster.peers()) if cluster is not None else []
-    steps = sorted(checkpoint_steps(store.directory), reverse=True)
-    newest, _ = newest_intact([store.prefix(s) for s in steps])
+    newest = store.newest_intact()
     # TensorFlow's message opens with the graph node's Python stack; its last line says what happened.
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     reason = lines[-1][:200] if lines else ""

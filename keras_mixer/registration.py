@@ -16,12 +16,36 @@ import importlib.util
 import sys
 import warnings
 
+_pending = False  # a registration that must wait until the layers' module has run
+
 
 def register():
     """Runs the modules whose classes a saved file can name (`@register_keras_serializable`): the
     layers, `MlpMixer` and the recipes' learning-rate schedule (in a compiled model's optimizer)."""
-    from keras_mixer.model import layers, mixer  # noqa: F401  (importing them registers their classes)
+    global _pending
+    try:
+        from keras_mixer.model import layers, mixer  # noqa: F401  (importing them registers their classes)
+    except ImportError:
+        layers = sys.modules.get(LAYERS)
+        if layers is None or not getattr(layers.__spec__, "_initializing", False):
+            raise
+        # Keras was first imported by the layers' own module, before its classes existed: the
+        # model (which imports them) registers once that module has run (`_WATCHED`).
+        _pending = True
+        return
     from keras_mixer.training import schedules  # noqa: F401
+
+    _pending = False
+
+
+def _register_if_pending():
+    if _pending:
+        register()
+
+
+LAYERS = "keras_mixer.model.layers"
+# What to run right after a module's first import ends.
+_WATCHED = {"keras": register, LAYERS: _register_if_pending}
 
 
 def register_when_keras_loads():
@@ -33,37 +57,46 @@ def register_when_keras_loads():
             register()
         # else Keras is importing keras_mixer from inside its own import: nothing to do before it ends.
         return
-    if not any(isinstance(finder, _KerasWatcher) for finder in sys.meta_path):
-        sys.meta_path.insert(0, _KerasWatcher())
+    if not any(isinstance(finder, _ImportWatcher) for finder in sys.meta_path):
+        watched = {name: run for name, run in _WATCHED.items() if name not in sys.modules}
+        sys.meta_path.insert(0, _ImportWatcher(watched))
 
 
-class _KerasWatcher(importlib.abc.MetaPathFinder):
-    """Finds `keras` as the other finders would, with a loader that registers once it has run.
-    It stays in place until Keras has loaded: a `find_spec("keras")` that only asks whether Keras is
-    installed (TensorFlow's import does) loads nothing."""
+class _ImportWatcher(importlib.abc.MetaPathFinder):
+    """Finds the watched modules as the other finders would, with a loader that runs their action
+    once the module has run. It stays in place until each has loaded: a `find_spec("keras")` that
+    only asks whether Keras is installed (TensorFlow's import does) loads nothing."""
 
-    def __init__(self):
+    def __init__(self, watched):
+        self.watched = dict(watched)
         self._asking = False
 
     def find_spec(self, fullname, path=None, target=None):
-        if fullname != "keras" or self._asking:
+        if fullname not in self.watched or self._asking:
             return None
         self._asking = True  # the question below goes to the other finders
         try:
-            spec = importlib.util.find_spec("keras")
+            spec = importlib.util.find_spec(fullname)
         finally:
             self._asking = False
         if spec is None or spec.loader is None:
             return None
-        spec.loader = _RegisterAfter(spec.loader, self)
+        spec.loader = _RunAfter(spec.loader, self, fullname)
         return spec
 
+    def ran(self, fullname):
+        """The action of `fullname`, once; the watcher leaves when none is left."""
+        action = self.watched.pop(fullname, None)
+        if not self.watched and self in sys.meta_path:
+            sys.meta_path.remove(self)
+        return action
 
-class _RegisterAfter(importlib.abc.Loader):
-    """Keras' own loader, then `register()`; the module keeps Keras' loader as its `__loader__`."""
 
-    def __init__(self, loader, watcher):
-        self._loader, self._watcher = loader, watcher
+class _RunAfter(importlib.abc.Loader):
+    """The module's own loader, then its action; the module keeps its own loader as `__loader__`."""
+
+    def __init__(self, loader, watcher, fullname):
+        self._loader, self._watcher, self._fullname = loader, watcher, fullname
 
     def create_module(self, spec):
         return self._loader.create_module(spec)
@@ -71,10 +104,10 @@ class _RegisterAfter(importlib.abc.Loader):
     def exec_module(self, module):
         self._loader.exec_module(module)
         module.__loader__ = module.__spec__.loader = self._loader
-        if self._watcher in sys.meta_path:
-            sys.meta_path.remove(self._watcher)
+        action = self._watcher.ran(self._fullname)
         try:
-            register()
+            if action is not None:
+                action()
         except Exception as e:  # never break the user's `import keras` over our registration
             warnings.warn(
                 f"keras_mixer could not register its Keras classes ({type(e).__name__}: {e}); saved "

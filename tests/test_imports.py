@@ -262,3 +262,45 @@ def test_each_module_in_the_code_layout_imports_only_what_is_listed_above_it():
         if entry(module) is not None and entry(target) is not None and entry(target) > entry(module)
     )
     assert upward == []
+
+
+def test_version_0_2_module_paths_import_the_same_modules_in_a_fresh_process():
+    # Every old path (`old_paths.OLD_PATHS`) gives the module at its new path, the same object, with
+    # the names the docs of version 0.2 used; neither loads TensorFlow where the module does not.
+    import subprocess
+    import sys
+
+    from runs import ENV
+
+    script = (
+        "import importlib, sys\n"
+        "from keras_mixer.old_paths import OLD_PATHS\n"
+        "import keras_mixer.layers, keras_mixer.models\n"
+        "assert 'tensorflow' not in sys.modules, 'an old path loaded TensorFlow'\n"
+        "for old, new in OLD_PATHS.items():\n"
+        "    assert importlib.import_module(old) is importlib.import_module(new), old\n"
+        "    assert sys.modules[new].__spec__.name == new, new  # the module keeps its own spec\n"
+        "from keras_mixer.training.trainer import train\n"
+        "from keras_mixer.jax_step import data_parallel\n"
+        "from keras_mixer.loader import load_weights\n"
+        "from keras_mixer.export import export_saved_model, freeze\n"
+        "from keras_mixer.training.step import make_train_steps\n"
+        "from keras_mixer.training.inference import load_keras_model\n"
+        "import keras_mixer\n"
+        "assert keras_mixer.JaxTrainStep.__module__ == 'keras_mixer.training.jax.step'\n"
+        "print(len(OLD_PATHS))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env={**ENV, "KERAS_BACKEND": "jax"}
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert int(result.stdout.split()[-1]) >= 35
+
+
+def test_a_missing_old_path_is_still_an_import_error():
+    import importlib
+
+    import pytest
+
+    with pytest.raises(ModuleNotFoundError):
+        importlib.import_module("keras_mixer.no_such_module")

@@ -19,13 +19,17 @@ V0_2 = os.path.join(ROOT, "tests", "data", "v0_2")
 
 # Loads each file, predicts the saved images and prints {file: max |difference|} as JSON. The first
 # argument says which is imported first: keras_mixer (Keras loads after it, through TensorFlow on
-# that backend) or Keras.
+# that backend), its layers' module by version 0.2's path (which imports Keras itself), or Keras.
 LOAD = """
 import json, os, sys
 import numpy as np
 if sys.argv[1] == "keras_mixer_first":
     import keras_mixer
     import keras
+elif sys.argv[1] == "layers_first":
+    from keras_mixer.layers import MixerBlock
+    import keras
+    import keras_mixer
 else:
     import keras
     import keras_mixer
@@ -91,6 +95,7 @@ def _load_fresh(files, backend="tensorflow", first="keras_mixer_first"):
         ("tensorflow", "keras_mixer_first"),
         ("tensorflow", "keras_first"),
         ("jax", "keras_mixer_first"),
+        ("jax", "layers_first"),
         ("torch", "keras_mixer_first"),
     ],
 )

@@ -71,8 +71,10 @@ class _Alias(importlib.abc.Loader):
         self._new = new
 
     def create_module(self, spec):
-        return importlib.import_module(self._new)
+        module = importlib.import_module(self._new)
+        self._spec = module.__spec__
+        return module
 
     def exec_module(self, module):
         # The import system has just pointed the module's __spec__ at the old name: give it back.
-        module.__spec__ = sys.modules[self._new].__spec__
+        module.__spec__ = self._spec

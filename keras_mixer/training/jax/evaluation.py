@@ -1,12 +1,12 @@
 """Top-1 / top-5 over a whole split on Keras' JAX backend, on every device and host at once: the
 JAX engine's evaluator, for a model whose state lives in JAX arrays (a `JaxTrainStep`'s). The
-batches are the TensorFlow engine's and the counting is the shared one (`training.evaluation`)."""
+batches are the TensorFlow engine's and the counting is the shared one (`training.accuracy`)."""
 
 import numpy as np
 
 from keras_mixer.data.numpy_streams import eval_stream
 from keras_mixer.model.pixels import EvalPreprocessing
-from keras_mixer.training.evaluation import fractions, hits, padded_steps
+from keras_mixer.training.accuracy import fractions, hits, padded_steps
 
 
 def make_jax_evaluator(model, source, batch_size, image_size, preprocessing=None, place=None):

@@ -1,12 +1,12 @@
 """Top-1 / top-5 over a whole split, on every replica at once (tf.distribute): the TensorFlow
 engine's evaluator, also used by `evaluate.py` for SavedModels and `.keras` files. The counting is
-the shared one (`training.evaluation`)."""
+the shared one (`training.accuracy`)."""
 
 import tensorflow as tf
 
 from keras_mixer import data
 from keras_mixer.model.pixels import EvalPreprocessing
-from keras_mixer.training.evaluation import fractions, hits, padded_steps
+from keras_mixer.training.accuracy import fractions, hits, padded_steps
 
 
 def make_evaluator(strategy, predict, source, batch_size, image_size, preprocessing=None, permutation=None):

@@ -28,8 +28,6 @@ import numpy as np
 from keras_mixer.atomic_files import atomic_write
 from keras_mixer.training.checkpoint_store import CheckpointMismatch, CheckpointStore
 
-log = logging.getLogger("keras_mixer")
-
 DIGESTS = "SHA256SUMS"
 
 

@@ -1,5 +1,5 @@
-"""The two ways a training run stops before its end, as exceptions the programs turn into one line,
-and the signals that stop it (`StopSignals`).
+"""The ways a training run stops before its end, as exceptions the programs turn into one line, and
+the signals that stop it (`StopSignals`).
 
 Standard library only, so the programs can tell them apart before TensorFlow is imported.
 """
@@ -18,6 +18,14 @@ class TrainingStopped(RuntimeError):
     def __init__(self, message, signum):
         super().__init__(message)
         self.signum = signum
+
+
+class WorkerLost(RuntimeError):
+    """A worker (a process of a run over several hosts) went away mid-run; the message says which,
+    when and what was kept. The process leaves at once: its cluster would wait for the lost one at
+    shutdown."""
+
+    hard_exit = True
 
 
 class StopSignals:
@@ -40,6 +48,18 @@ class StopSignals:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 self._previous[signum] = signal.signal(signum, self._handle)
         return self
+
+    def stop_at(self, step):
+        """Whether the run stops after `step` (the engine asks after each step it runs)."""
+        return self.received is not None
+
+    def stopped(self, step, total_steps, checkpoint):
+        """The TrainingStopped of a stop after `step`, once `checkpoint` was written."""
+        return TrainingStopped(
+            f"stopped by {signal.Signals(self.received).name} at step {step} of {total_steps}; checkpoint "
+            f"{checkpoint} written. Rerun the same command to resume from it.",
+            self.received,
+        )
 
     def __exit__(self, *exc):
         for signum, handler in self._previous.items():

@@ -22,8 +22,8 @@ import tempfile
 
 import tensorflow as tf
 
-from keras_mixer.training.stops import TrainingStopped
-from keras_mixer.training.tf.cluster import describe, unreachable
+from keras_mixer.training.peers import describe, unreachable
+from keras_mixer.training.stops import TrainingStopped, WorkerLost
 
 # What a collective reports when a peer went away (connection reset, aborted by the health check,
 # deadline passed); a file error or a bug keeps its own report.
@@ -34,12 +34,6 @@ PEER_ERRORS = (
     tf.errors.DeadlineExceededError,
     tf.errors.InternalError,
 )
-
-
-class WorkerLost(RuntimeError):
-    """A worker of the cluster went away mid-run; the message says which, when and what was kept."""
-
-    hard_exit = True
 
 
 class MultiWorkerStop:

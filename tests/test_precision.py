@@ -224,6 +224,8 @@ def textures_run(tmp_path_factory):
         side,
         "--steps",
         400,
+        "--seed",  # one run, always: an unseeded one agreed on only 0.990 once (6 of 615 images apart)
+        0,
         "--workdir",
         workdir,
         "--noexport",

@@ -97,7 +97,10 @@ class TrainConfig:
     checkpoint_every: int = _field(500, "Steps between checkpoints.", operational=True)
     keep_checkpoints: int = _field(3, "Checkpoints kept (the newest ones).", operational=True)
     cluster_timeout: float = _field(
-        900, "Seconds a multi-worker run waits at start for every worker to answer.", operational=True
+        900,
+        "Seconds a run over several machines (TF_CONFIG workers, or the JAX backend's processes) waits at start "
+        "for every one of them.",
+        operational=True,
     )
     log_every: int = _field(50, "Steps between TensorBoard points (and log-file progress lines).", operational=True)
     eval_every: int = _field(0, "Steps between evaluations (0: only at the end).", operational=True)

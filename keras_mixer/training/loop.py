@@ -4,7 +4,8 @@ Keras' JAX backend; `keras_mixer.training.train` picks it).
 
     run_training(config, engine)
       -> engine.start: devices and hosts, what the run runs on; the workdir checked (made)
-      -> lock the workdir (one owner), catch SIGTERM/SIGINT (`stops.StopSignals`)
+      -> lock the workdir (one owner), catch SIGTERM/SIGINT (`engine.stop_signals`: one process
+         stops on its own signal, several agree on one step)
       -> prepare: leftovers out, recipe checked against run.json, data sources, run length
       -> engine.build: model, optimizer, state, checkpoint store (`checkpoint_store`); the newest
          intact checkpoint restored (the walk-back rule); a finished run is left as it is
@@ -25,7 +26,6 @@ Nothing here imports TensorFlow or JAX: the engine does.
 import logging
 import math
 import os
-import signal
 from typing import Protocol
 
 import numpy as np
@@ -33,7 +33,7 @@ import numpy as np
 from keras_mixer.training.checkpoint_store import NoCheckpointRestores, has_broken
 from keras_mixer.training.preparation import already_finished, prepare, previous_metrics, trained_on, write_record
 from keras_mixer.training.reporting import Report, Throughput
-from keras_mixer.training.stops import StopSignals, TrainingDiverged, TrainingStopped
+from keras_mixer.training.stops import TrainingDiverged
 from keras_mixer.training.workdir import WorkdirLock, check_workdir
 from keras_mixer.weights_io.official_keys import save_keras, save_npz
 
@@ -47,8 +47,6 @@ class Engine(Protocol):
     chief: bool  # whether this process writes the workdir
     replicas: int  # the devices of a step, all hosts together
     process_index: int  # this process among the run's workers or hosts (0: the chief)
-    # False where a process cannot checkpoint on its own when signalled (saving is collective).
-    catches_signals: bool
     # True where steps queue on the devices without the host waiting (JAX's asynchronous dispatch):
     # a host call then runs to the next boundary whatever steps_per_loop says, as reading the loss
     # is the only wait, and the devices never idle while the host does its bookkeeping.
@@ -58,6 +56,13 @@ class Engine(Protocol):
     def start(self, config):
         """Devices and hosts before anything is written (the strategy; jax.distributed and
         DataParallel); the chief prints what the run runs on."""
+
+    def stop_signals(self):
+        """The context that catches SIGTERM and Ctrl-C while the run trains: `stops.StopSignals`
+        where a process stops on its own; where saving is collective, every process's agreement
+        on one step, or nothing (the engine stops the run itself, `between_calls`). It has
+        `received` (the signal, once the run is to stop), `stop_at(step)` and `stopped(step,
+        total_steps, checkpoint)` (the TrainingStopped to raise)."""
 
     def build(self, run, first_seed):
         """The model (returned), optimizer, training state and checkpoint store; `first_seed`
@@ -76,9 +81,10 @@ class Engine(Protocol):
     def open_epoch(self, epoch, skip_steps):
         """Starts epoch `epoch`'s input stream (`epoch_seed`), its first `skip_steps` steps skipped."""
 
-    def train(self, count, stopped):
-        """Runs `count` steps on the open stream, fewer where it can stop early once `stopped()` is
-        true (a signal arrived); (steps run, then their mean loss, gradient norm and top-1 as floats)."""
+    def train(self, count, stop_at):
+        """Runs `count` steps on the open stream, fewer where it can stop early once `stop_at(step)`
+        is true after a step (`stop_signals`); (steps run, then their mean loss, gradient norm and
+        top-1 as floats)."""
 
     def learning_rate(self, step):
         """The schedule's rate after `step` steps."""
@@ -114,7 +120,7 @@ def run_training(config, engine, restart=False, accept_changes=()):
     check_workdir(config.workdir)
     lock = WorkdirLock(config.workdir).acquire() if engine.chief else None
     try:
-        with StopSignals(enabled=engine.catches_signals) as signals:
+        with engine.stop_signals() as signals:
             run = prepare(config, engine.kind, engine.chief, engine.replicas, restart, tuple(accept_changes))
             return _train(run, engine, signals)
     finally:
@@ -224,7 +230,7 @@ def train_steps(run, engine, report, signals, step):
             count = min(limit, next_boundary(step, config, epoch_end) - step)
             warm = True
             speed.start()
-            count, loss, norm, top1 = engine.train(count, lambda: signals.received)
+            count, loss, norm, top1 = engine.train(count, signals.stop_at)
             rate = speed.stop(count)
             if not math.isfinite(loss):
                 diverged(f"loss is {loss} at step {step + count}", engine.store)
@@ -239,11 +245,7 @@ def train_steps(run, engine, report, signals, step):
                 engine.save(step)
                 report.save(images_per_second=speed.rate())  # progress: a resumed run continues it
             if signals.received:
-                raise TrainingStopped(
-                    f"stopped by {signal.Signals(signals.received).name} at step {step} of {run.total_steps}; "
-                    f"checkpoint {engine.store.latest()} written. Rerun the same command to resume from it.",
-                    signals.received,
-                )
+                raise signals.stopped(step, run.total_steps, engine.store.path(step))  # the chief's copy
             if config.eval_every and step % config.eval_every == 0 and step < run.total_steps:
                 report.evaluated(step, *engine.evaluate())
             if config.fewshot_every and step % config.fewshot_every == 0 and step < run.total_steps:

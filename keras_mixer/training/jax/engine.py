@@ -1,12 +1,14 @@
 """The JAX engine of the training loop (`training.loop`): Keras' JAX backend, data-parallel over
 every device of every host.
 
-    start: several hosts: keras.distribution.initialize (jax.distributed); DataParallel over every
-           device (`step.data_parallel`)
+    start: several hosts: every process met (`cluster.join`), then jax.distributed; DataParallel
+           over every device (`step.data_parallel`)
     build: model, optimizer, JaxTrainStep; its state in JAX arrays, donated to each step
     steps: host calls of up to `steps_per_loop` steps, each batch placed on the devices ahead of
            its step; the host reads the metrics once per call
     files: orbax checkpoints (`checkpoints`); the TF Serving export by TensorFlow, in a child process
+    faults: several hosts stop at one agreed step on SIGTERM / Ctrl-C, and name a lost process
+           (`preemption`)
 
 The input is the TF engine's tf.data pipeline (TensorFlow as a data library only: it is kept off
 the accelerators), each host reading its own shard of every global batch: step s sees the same
@@ -22,19 +24,28 @@ import os
 import jax
 import keras
 import numpy as np
+from jax.experimental import multihost_utils
 
 from keras_mixer.data.numpy_streams import train_stream
 from keras_mixer.data.sources import tensorflow_installed
 from keras_mixer.serving.export_process import export_in_child
 from keras_mixer.training.fewshot import features_function
 from keras_mixer.training.jax.checkpoints import orbax_store
+from keras_mixer.training.jax.cluster import Presence, check_coordinator, join, read_environment
 from keras_mixer.training.jax.evaluation import make_jax_evaluator
+from keras_mixer.training.jax.preemption import PreemptionSync, lost_process
 from keras_mixer.training.jax.step import JaxTrainStep, TrainState, data_parallel
 from keras_mixer.training.optimizer import make_optimizer
+from keras_mixer.training.peers import split_address
 from keras_mixer.training.preparation import build_model, epoch_seed, recipe_pipeline_args
+from keras_mixer.training.stops import StopSignals
 
 KIND = "jax data-parallel"
 PREFETCH = 2  # batches placed on the devices ahead of the step that takes them
+# Seconds without a heartbeat after which jax.distributed's coordination service declares a process
+# dead and ends the others (a machine that vanished or hangs; a process that dies is noticed at once
+# by the collective it leaves, `preemption.lost_process`). JAX's default is 100.
+HEARTBEAT_SECONDS = 30
 
 
 def check_jax_fields(config):
@@ -59,11 +70,49 @@ def check_jax_fields(config):
 
 
 def initialize_hosts(config):
-    """`keras.distribution.initialize` (jax.distributed) where the run spans hosts: on a TPU VM
-    (`--tpu`, which finds its hosts itself) or when KERAS_DISTRIBUTION_JOB_ADDRESSES and
-    KERAS_DISTRIBUTION_NUM_PROCESSES / _PROCESS_ID say where the others are (GPU hosts)."""
-    if config.tpu is not None or os.environ.get("KERAS_DISTRIBUTION_NUM_PROCESSES"):
-        keras.distribution.initialize()
+    """Joins the run's other hosts where it spans several; returns this process's
+    `cluster.Presence` (to keep open while it runs) and {process id: its presence's "host:port"}
+    of the others, or (None, {}) on one host.
+
+    On GPU hosts, Keras' environment says where the others are (KERAS_DISTRIBUTION_JOB_ADDRESSES,
+    _NUM_PROCESSES, _PROCESS_ID): every process meets the others first (`cluster.join`, a line every
+    30 s, --cluster_timeout), then jax.distributed connects them. On a TPU VM (`--tpu`),
+    jax.distributed finds the hosts itself and waits for them as it does (--cluster_timeout, no
+    line). As `keras.distribution.initialize` does, every process then takes one random seed
+    (Keras' initializers must draw the same weights on every host); unlike it, jax.distributed is
+    given its timeouts: the start's, and a heartbeat of `HEARTBEAT_SECONDS`."""
+    hosts = read_environment(os.environ)
+    if hosts is None and config.tpu is None:
+        return None, {}
+    timeouts = dict(heartbeat_timeout_seconds=HEARTBEAT_SECONDS)
+    if hosts is not None:
+        check_coordinator(hosts)
+        presence = Presence(towards=split_address(hosts.coordinator)[0])
+        join(hosts, config.cluster_timeout)
+        # Every process is there: connecting takes seconds, and a process that dies in between
+        # ends the others at this timeout with jax.distributed's own fatal line.
+        jax.distributed.initialize(
+            hosts.coordinator, hosts.count, hosts.process_id, initialization_timeout=60, **timeouts
+        )
+    else:
+        presence = Presence()
+        jax.distributed.initialize(initialization_timeout=int(config.cluster_timeout), **timeouts)
+    if jax.process_count() == 1:
+        return None, {}
+    keras.utils.set_random_seed(agreed(np.random.default_rng().integers(2**31 - 1)))
+    addresses = _gathered(presence.address)
+    return presence, {i: address for i, address in enumerate(addresses) if i != jax.process_index()}
+
+
+def agreed(value):
+    """Process 0's `value` (an integer below 2**31: JAX's integers are 32-bit), on every process."""
+    return int(multihost_utils.broadcast_one_to_all(np.asarray(value, np.int32)))
+
+
+def _gathered(text, size=64):
+    """Every process's `text` (at most `size` bytes of ASCII), in process order."""
+    mine = np.frombuffer(text.encode().ljust(size), np.uint8)
+    return [bytes(row).decode().strip() for row in multihost_utils.process_allgather(mine)]
 
 
 def _keep_tensorflow_off_the_accelerators():
@@ -88,12 +137,10 @@ class JaxEngine:
 
     def start(self, config):
         check_jax_fields(config)
-        initialize_hosts(config)
+        self.presence, self.presences = initialize_hosts(config)
         _keep_tensorflow_off_the_accelerators()
         devices = jax.devices()
         self.chief, self.replicas, self.process_index = jax.process_index() == 0, len(devices), jax.process_index()
-        # Several hosts save collectively: one cannot checkpoint on its own when signalled.
-        self.catches_signals = jax.process_count() == 1
         if self.chief:
             names = ", ".join(f"{d.platform}:{d.id}" for d in devices)
             print(
@@ -102,8 +149,14 @@ class JaxEngine:
             )
         self.place = data_parallel()  # before the model is built: its variables go to every device
 
+    def stop_signals(self):
+        # Several hosts save collectively: one cannot checkpoint on its own when signalled.
+        return PreemptionSync() if jax.process_count() > 1 else StopSignals()
+
     def build(self, run, first_seed):
         config, self.run = run.config, run
+        if jax.process_count() > 1:
+            first_seed = agreed(first_seed)  # every host reads its shard of one stream
         if config.seed is not None and tensorflow_installed():
             import tensorflow as tf
 
@@ -131,6 +184,7 @@ class JaxEngine:
             self.state = TrainState(saved["trainable"], saved["non_trainable"], saved["optimizer"])
             self.run_seed = int(saved["run_seed"])
         self.state = self.place.replicate(self.state)
+        self.step = step or 0
         return step
 
     def compile(self, run):
@@ -144,8 +198,15 @@ class JaxEngine:
         self.finite = jax.jit(lambda arrays: jnp.all(jnp.array([jnp.isfinite(a).all() for a in arrays])))
         return True, "XLA compiles the whole training step (Keras' JAX backend)"
 
+    @contextlib.contextmanager
     def running(self, report):
-        return contextlib.nullcontext()  # no preemption agreement on JAX: each process stops on its own signal
+        try:
+            yield
+        except jax.errors.JaxRuntimeError as e:
+            lost = lost_process(e, self.presences, report.metrics["step"], self.store) if self.presences else None
+            if lost is None:
+                raise
+            raise lost from None
 
     def between_calls(self, step):
         pass
@@ -153,11 +214,14 @@ class JaxEngine:
     def open_epoch(self, epoch, skip_steps):
         self.batches = _on_devices(_host_batches(self.run, self.run_seed, epoch, skip_steps), self.place)
 
-    def train(self, count, stopped):
+    def train(self, count, stop_at):
         queued = []
-        while len(queued) < count and not (queued and stopped()):  # a signal ends the call at the step in flight
+        while len(queued) < count:
             self.state, metrics = self.train_step(self.state, *next(self.batches))
             queued.append(metrics)
+            self.step += 1
+            if stop_at(self.step):  # asked after every step: hosts agree on a step by its number
+                break
         # Read once, after the last step was dispatched: an operation on a step's metrics in
         # between (summing them as they come) makes the host wait for that step and drains the
         # queue of dispatched steps, which cost 7-8 % of a step on a 2-core CPU.

@@ -15,6 +15,7 @@ from keras_mixer import data
 from keras_mixer.training.fewshot import features_function
 from keras_mixer.training.optimizer import make_optimizer
 from keras_mixer.training.preparation import build_model, epoch_seed, recipe_pipeline_args
+from keras_mixer.training.stops import StopSignals
 from keras_mixer.training.tf.checkpoints import checkpoint_store
 from keras_mixer.training.tf.cluster import read_tf_config
 from keras_mixer.training.tf.evaluation import make_evaluator
@@ -42,11 +43,13 @@ class TfEngine:
             self.kind = type(self.strategy).__name__
         self.chief, self.replicas = is_chief(self.strategy), self.strategy.num_replicas_in_sync
         self.process_index = task_id(self.strategy)
-        # Multi-worker: a signal stops every worker at one step (`running`).
-        self.catches_signals = not self._multi_worker()
         if self.chief:
             devices = ", ".join(replica_devices(self.strategy))
             print(f"Keras on tensorflow, {self.kind} strategy, {self.replicas} replica(s): {devices}", flush=True)
+
+    def stop_signals(self):
+        # Multi-worker: TensorFlow's preemption handler stops every worker at one step (`running`).
+        return StopSignals(enabled=not self._multi_worker())
 
     def _multi_worker(self):
         return getattr(self.strategy.extended, "_in_multi_worker_mode", lambda: False)()
@@ -126,7 +129,7 @@ class TfEngine:
             recipe_stream(self.strategy, source, config, seed, cache=config.cache, skip_steps=skip_steps)
         )
 
-    def train(self, count, stopped):
+    def train(self, count, stop_at):
         return count, *(float(v) for v in self.steps(self.iterator, tf.constant(count)))
 
     def learning_rate(self, step):

@@ -120,21 +120,26 @@ class Presence:
     """A listening port kept open while the process runs: the kernel answers a probe of it as long
     as the process lives, and refuses it once the process is gone (`peers.unreachable`). Its
     `address` ("host:port") is what the other hosts reach it by: this machine's address on the
-    route to `towards` (the coordinator's host), else the address its name resolves to."""
+    route to `towards` (the coordinator's host), else on its default route."""
 
     def __init__(self, towards=None):
         self.socket = socket.socket()
         self.socket.bind(("", 0))
         self.socket.listen(64)
-        host = socket.gethostbyname(socket.gethostname())
-        if towards:
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as route:  # sends nothing
-                try:
-                    route.connect((towards, 9))
-                    host = route.getsockname()[0]
-                except OSError:
-                    pass
-        self.address = f"{host}:{self.socket.getsockname()[1]}"
+        self.address = f"{_route_address(towards or '192.0.2.1')}:{self.socket.getsockname()[1]}"
+
+
+def _route_address(destination):
+    """This machine's address on the route to `destination` (a UDP socket's connect sends nothing)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as route:
+        try:
+            route.connect((destination, 9))
+            return route.getsockname()[0]
+        except OSError:  # no route: the address the machine's name resolves to
+            try:
+                return socket.gethostbyname(socket.gethostname())
+            except OSError:
+                return "127.0.0.1"
 
 
 def join(hosts, timeout, report_every=None, poll=0.5):

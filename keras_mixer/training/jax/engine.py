@@ -137,6 +137,7 @@ class JaxEngine:
 
     def start(self, config):
         check_jax_fields(config)
+        # The presence stays open while the process runs: the other hosts probe it (`running`).
         self.presence, self.presences = initialize_hosts(config)
         _keep_tensorflow_off_the_accelerators()
         devices = jax.devices()

@@ -140,3 +140,54 @@ def test_a_presence_answers_while_open_and_is_refused_once_closed():
     assert host == "127.0.0.1" and unreachable([("process 1", presence.address)]) == []
     presence.socket.close()
     assert unreachable([("process 1", presence.address)]) == [("process 1", presence.address)]
+
+
+class _Store:
+    def newest_intact(self):
+        return "/runs/r/checkpoints/20"
+
+
+def _engine(presences):
+    from keras_mixer.training.jax.engine import JaxEngine
+
+    engine = JaxEngine()
+    engine.presences, engine.store = presences, _Store()
+    return engine
+
+
+def _running(engine, error):
+    """What leaves the engine's `running` context when `error` is raised inside it."""
+    report = type("Report", (), {"metrics": {"step": 37}})()
+    try:
+        with engine.running(report):
+            raise error
+    except BaseException as e:  # noqa: BLE001 (the test looks at whatever comes out)
+        return e
+
+
+def test_an_error_while_a_peer_is_gone_names_it_whatever_its_type_and_a_muted_save_keeps_its_stream():
+    from keras_mixer.training.stops import TrainingStopped, WorkerLost
+
+    gone, alive = Presence(towards="localhost"), Presence(towards="localhost")
+    gone.socket.close()
+    engine = _engine({1: gone.address, 2: alive.address})
+    # As a save that failed on a collective reaches the loop: orbax muted standard error (stderr_fd).
+    failed_save = ValueError("UNKNOWN: Gloo AllGather failed: [pair.cc:538] Read error: Connection reset by peer")
+    failed_save.stderr_fd = 7
+    lost = _running(engine, failed_save)
+    assert isinstance(lost, WorkerLost) and lost.hard_exit and lost.stderr_fd == 7
+    assert str(lost).startswith("lost process 1 (127.0.0.1) after step 37 (ValueError: UNKNOWN: Gloo AllGather failed")
+    assert "Newest checkpoint that restores: /runs/r/checkpoints/20. Start every process again" in str(lost)
+    assert isinstance(_running(engine, RuntimeError("DEADLINE_EXCEEDED: barrier")), WorkerLost)
+    # Every process stops together on these: a peer already gone is no lost process.
+    stopped = TrainingStopped("stopped", 15)
+    assert _running(engine, stopped) is stopped
+
+
+def test_an_error_while_every_peer_answers_is_the_error_itself():
+    alive = Presence(towards="localhost")
+    bug = KeyError("a bug")
+    started = time.monotonic()
+    assert _running(_engine({1: alive.address}), bug) is bug
+    assert time.monotonic() - started < 5  # the probes settle for 2 s at most
+    assert _running(_engine({}), bug) is bug  # one host: nothing to probe

@@ -162,8 +162,9 @@ def test_a_lost_process_stops_the_other_in_seconds_and_both_resume_to_the_uninte
     output = hosts.output(0)
     [error] = _lines(output, "error: ")
     assert codes == {0: 1, 1: -signal.SIGKILL} and "Traceback" not in output, output[-3000:]
-    # Measured: 1.8-2.5 s (the collective fails at once; the line waits for the lost port to close).
-    assert took < 20 and "error: lost process 1 (127.0.0.1) after step " in error
+    # Measured by hand: the line 0.1 s after a kill that lands in a step, the process gone 1.2-1.9 s
+    # after it; 21-24 s where the kill lands in a checkpoint save (orbax's barrier times out).
+    assert took < 40 and "error: lost process 1 (127.0.0.1) after step " in error
     newest = error.split("Newest checkpoint that restores: ")[1].split(". ")[0]
     assert newest in (str(run / "checkpoints" / "20"), str(run / "checkpoints" / "40"))
 

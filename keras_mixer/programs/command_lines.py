@@ -67,18 +67,15 @@ def user_errors():
         sys.stdout.flush()
         prefix = "stopped" if hasattr(e, "signum") else "error"
         text = f"\n{prefix}: {line}\n"  # on a line of its own after a progress bar
-        if getattr(e, "hard_exit", False):
-            # A multi-worker run that lost a worker or stopped: TensorFlow's cluster would wait for
-            # the other tasks at shutdown, so leave at once (checkpoints and metrics.json are written).
-            print(text, end="", file=sys.stderr, flush=True)
-            os._exit(128 + e.signum if hasattr(e, "signum") else 1)
         real = getattr(e, "stderr_fd", None)
-        if real is not None:
-            # A failed orbax save muted standard error for its pending writes' reports, which can
-            # come until the process ends: say the line on the real one and leave at once (files
-            # and the workdir lock were closed on the way here).
-            os.write(real, text.encode())
-            os._exit(1)
+        if getattr(e, "hard_exit", False) or real is not None:
+            # Leave at once (files and the workdir lock were closed on the way here): a run over
+            # several machines that lost one or stopped, whose cluster would wait for the others
+            # at shutdown; or a failed orbax save, which muted standard error for its pending
+            # writes' reports, which can come until the process ends: the line goes to the real one.
+            sys.stderr.flush()
+            os.write(real if real is not None else sys.stderr.fileno(), text.encode())
+            os._exit(128 + e.signum if hasattr(e, "signum") else 1)
         print(text, end="", file=sys.stderr, flush=True)
         sys.exit(128 + e.signum if hasattr(e, "signum") else 1)  # 143 after SIGTERM, as a shell reports it
 

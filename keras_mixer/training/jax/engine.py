@@ -38,7 +38,7 @@ from keras_mixer.training.jax.step import JaxTrainStep, TrainState, data_paralle
 from keras_mixer.training.optimizer import make_optimizer
 from keras_mixer.training.peers import split_address
 from keras_mixer.training.preparation import build_model, epoch_seed, recipe_pipeline_args
-from keras_mixer.training.stops import StopSignals
+from keras_mixer.training.stops import StopSignals, TrainingDiverged, TrainingStopped
 
 KIND = "jax data-parallel"
 PREFETCH = 2  # batches placed on the devices ahead of the step that takes them
@@ -203,10 +203,17 @@ class JaxEngine:
     def running(self, report):
         try:
             yield
-        except jax.errors.JaxRuntimeError as e:
+        except (TrainingStopped, TrainingDiverged):
+            raise  # every process stops there together
+        except Exception as e:
+            # A lost process surfaces wherever the others meet it: a step's collective (a
+            # JaxRuntimeError), reading a result (a ValueError), an orbax save (orbax's errors).
+            # Whatever the type, the probe of the others decides.
             lost = lost_process(e, self.presences, report.metrics["step"], self.store) if self.presences else None
             if lost is None:
                 raise
+            if getattr(e, "stderr_fd", None) is not None:  # a failed save muted standard error
+                lost.stderr_fd = e.stderr_fd
             raise lost from None
 
     def between_calls(self, step):

@@ -28,6 +28,16 @@ class WorkerLost(RuntimeError):
     hard_exit = True
 
 
+def worker_lost(lost, step, error, reason, newest, advice):
+    """The `WorkerLost` of an `error` after `step` (the last step finished): `lost` names who went
+    away, `reason` is the line of the error that says what happened, `newest` the newest checkpoint
+    that restores (or None), `advice` how to resume."""
+    return WorkerLost(
+        f"lost {lost} after step {step} ({type(error).__name__}: {reason[:200]}). Newest checkpoint that restores: "
+        f"{newest or 'none yet (the run starts again)'}. {advice}"
+    )
+
+
 class StopSignals:
     """While active, SIGTERM (what schedulers and preemptible VMs send before killing) and SIGINT
     (Ctrl-C) only set `received`; the loop then checkpoints the step it is at and stops. A second

@@ -23,7 +23,7 @@ import time
 from jax.experimental import multihost_utils
 
 from keras_mixer.training.peers import describe, unreachable
-from keras_mixer.training.stops import TrainingStopped, WorkerLost
+from keras_mixer.training.stops import TrainingStopped, worker_lost
 
 
 class PreemptionSync:
@@ -77,12 +77,13 @@ def lost_process(error, presences, step, store, settle=2.0):
         time.sleep(0.2)
     if not gone:
         return None
-    newest = store.newest_intact()
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    reason = lines[0][:200] if lines else ""
     hosts = [(name, address.rpartition(":")[0]) for name, address in gone]
-    return WorkerLost(
-        f"lost {describe(hosts)} after step {step} ({type(error).__name__}: {reason}). Newest checkpoint that "
-        f"restores: {newest or 'none yet (the run starts again)'}. Start every process again (the same command) "
-        f"to resume from it."
+    return worker_lost(
+        describe(hosts),
+        step,
+        error,
+        lines[0] if lines else "",
+        store.newest_intact(),
+        "Start every process again (the same command) to resume from it.",
     )

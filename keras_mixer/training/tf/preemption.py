@@ -23,7 +23,7 @@ import tempfile
 import tensorflow as tf
 
 from keras_mixer.training.peers import describe, unreachable
-from keras_mixer.training.stops import TrainingStopped, WorkerLost
+from keras_mixer.training.stops import TrainingStopped, WorkerLost, worker_lost  # noqa: F401 (WorkerLost: v0.2 had it here)
 
 # What a collective reports when a peer went away (connection reset, aborted by the health check,
 # deadline passed); a file error or a bug keeps its own report.
@@ -100,12 +100,13 @@ def lost_worker(error, cluster, step, store):
     """The `WorkerLost` for a collective's `error` at `step` (the last step finished), naming the
     tasks of `cluster` that no longer answer and the newest checkpoint of `store` that restores."""
     gone = unreachable(cluster.peers()) if cluster is not None else []
-    newest = store.newest_intact()
     # TensorFlow's message opens with the graph node's Python stack; its last line says what happened.
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    reason = lines[-1][:200] if lines else ""
-    return WorkerLost(
-        f"lost {describe(gone) if gone else 'a worker of the cluster'} after step {step} ({type(error).__name__}: "
-        f"{reason}). Newest checkpoint that restores: {newest or 'none yet (the run starts again)'}. Restart the "
-        f"lost worker and rerun the same command on every other one to resume from it."
+    return worker_lost(
+        describe(gone) if gone else "a worker of the cluster",
+        step,
+        error,
+        lines[-1] if lines else "",
+        store.newest_intact(),
+        "Restart the lost worker and rerun the same command on every other one to resume from it.",
     )
